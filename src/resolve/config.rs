@@ -1,0 +1,115 @@
+//! Settings of the resolution stage.
+
+use std::time::Duration;
+
+use crate::{BackoffConfig, Error};
+
+/// How a [`Resolver`](super::Resolver) asks DNS. Setters take `self` by value;
+/// each states its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use healthlb::resolve::ResolveConfig;
+///
+/// let config = ResolveConfig::default()
+///     .min_refresh(Duration::from_millis(500))
+///     .max_endpoints(256);
+/// ```
+#[derive(Clone, Debug)]
+pub struct ResolveConfig {
+    pub(crate) min_refresh: Duration,
+    pub(crate) max_refresh: Duration,
+    pub(crate) max_endpoints: usize,
+    pub(crate) dns_timeout: Duration,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) subset_seed: Option<u64>,
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        Self {
+            min_refresh: Duration::from_secs(1),
+            max_refresh: Duration::from_secs(30),
+            max_endpoints: 1024,
+            dns_timeout: Duration::from_secs(5),
+            backoff: BackoffConfig::default(),
+            subset_seed: None,
+        }
+    }
+}
+
+// === impl ResolveConfig ===
+
+impl ResolveConfig {
+    /// The shortest time between two lookups: a record's TTL below it is
+    /// raised to it, and [`resolve_now`](super::Resolver::resolve_now) is
+    /// honoured at most once per this interval. Default: 1 s.
+    pub fn min_refresh(mut self, d: Duration) -> Self {
+        self.min_refresh = d;
+        self
+    }
+
+    /// The longest time between two lookups: a TTL above it is lowered to it,
+    /// and retries after failures back off no further. Default: 30 s, the TTL
+    /// kubeadm's CoreDNS serves.
+    pub fn max_refresh(mut self, d: Duration) -> Self {
+        self.max_refresh = d;
+        self
+    }
+
+    /// The most endpoints a resolution publishes. Past it, a stable subset is
+    /// kept and a warning is logged. Default: 1024.
+    pub fn max_endpoints(mut self, n: usize) -> Self {
+        self.max_endpoints = n;
+        self
+    }
+
+    /// How long one resolution round may take, all queries included, before
+    /// it counts as failed. Default: 5 s.
+    pub fn dns_timeout(mut self, d: Duration) -> Self {
+        self.dns_timeout = d;
+        self
+    }
+
+    /// Retry delays after failed lookups; they never exceed `max_refresh`.
+    /// Default: [`BackoffConfig::default`] (1 s, × 1.6, ± 20 %).
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The seed that picks which endpoints stay when an answer exceeds
+    /// `max_endpoints`. Default: random per resolver, so different clients
+    /// keep different subsets.
+    pub fn subset_seed(mut self, seed: u64) -> Self {
+        self.subset_seed = Some(seed);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.min_refresh.is_zero() {
+            return Err(Error::invalid_config("min_refresh must be above zero"));
+        }
+        if self.max_refresh < self.min_refresh {
+            return Err(Error::invalid_config(format!(
+                "max_refresh ({:?}) is below min_refresh ({:?})",
+                self.max_refresh, self.min_refresh
+            )));
+        }
+        if self.max_endpoints == 0 {
+            return Err(Error::invalid_config("max_endpoints must be at least 1"));
+        }
+        if self.dns_timeout.is_zero() {
+            return Err(Error::invalid_config("dns_timeout must be above zero"));
+        }
+        self.backoff.validate()
+    }
+
+    /// The retry backoff, capped at `max_refresh`.
+    pub(crate) fn retry_backoff(&self) -> BackoffConfig {
+        let max = self.backoff.get_max().min(self.max_refresh);
+        self.backoff
+            .max(max)
+            .initial(self.backoff.get_initial().min(max))
+    }
+}
