@@ -141,6 +141,11 @@ impl Backoff {
         jittered(base, self.config.jitter).min(self.config.max)
     }
 
+    /// The next delay, before jitter.
+    pub(crate) fn current(&self) -> Duration {
+        self.current
+    }
+
     /// After a success: the next failure waits `initial` again.
     pub(crate) fn reset(&mut self) {
         self.current = self.config.initial;

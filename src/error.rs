@@ -1,5 +1,6 @@
 //! The crate's one public error type.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -20,6 +21,8 @@ struct Inner {
     kind: ErrorKind,
     target: Option<Arc<str>>,
     message: String,
+    /// A few words for summaries, such as "connect refused".
+    label: Option<Cow<'static, str>>,
     source: Option<BoxError>,
 }
 
@@ -54,25 +57,42 @@ impl Error {
                 kind,
                 target,
                 message: message.into(),
+                label: None,
                 source: None,
             }),
         }
     }
 
-    #[allow(dead_code)]
-    pub(crate) fn with_source(
-        kind: ErrorKind,
-        target: Option<Arc<str>>,
+    /// A connection-level failure with a short `label` for summaries.
+    pub(crate) fn connect(
+        label: impl Into<Cow<'static, str>>,
         message: impl Into<String>,
-        source: impl Into<BoxError>,
+        source: Option<BoxError>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                kind,
-                target,
+                kind: ErrorKind::Connect,
+                target: None,
                 message: message.into(),
-                source: Some(source.into()),
+                label: Some(label.into()),
+                source,
             }),
+        }
+    }
+
+    /// A few words that name the failure, for summaries such as
+    /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
+    pub fn label(&self) -> &str {
+        match &self.inner.label {
+            Some(label) => label,
+            None => match self.inner.kind {
+                ErrorKind::InvalidTarget => "invalid target",
+                ErrorKind::InvalidConfig => "invalid configuration",
+                ErrorKind::NoRuntime => "no runtime",
+                ErrorKind::Resolve => "resolution failed",
+                ErrorKind::Connect => "connect failed",
+                ErrorKind::Unavailable => "unavailable",
+            },
         }
     }
 

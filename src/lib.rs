@@ -13,6 +13,8 @@
 //!
 //! - [`target`]: gRPC's target syntax (`dns:`, `srv:`, `ipv4:`, `ipv6:`).
 //! - [`resolve`]: a live endpoint set from DNS, refreshed on the record's TTL.
+//! - [`subchannel`]: one health-checked, kept-alive, age-recycled connection
+//!   per endpoint.
 //! - [`BackoffConfig`]: gRPC's retry backoff, shared by the stages.
 
 #![forbid(unsafe_code)]
@@ -21,9 +23,11 @@
 mod backoff;
 mod error;
 pub mod resolve;
+pub mod subchannel;
 pub mod target;
 
 pub use crate::backoff::BackoffConfig;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::resolve::{Endpoint, Endpoints};
+pub use crate::subchannel::{ResponseFuture, Subchannel, SubchannelConfig, SubchannelState};
 pub use crate::target::Target;

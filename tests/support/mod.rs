@@ -1,8 +1,11 @@
-//! Shared test servers and helpers: a real DNS server (hickory-server) and,
-//! later, echo backends with tonic-health, all on loopback.
+//! Shared test servers and helpers, all on loopback: a real DNS server
+//! (hickory-server), echo backends (tonic with tonic-health), and a TCP proxy
+//! that can go silent or inject a GOAWAY.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod dns;
+pub mod echo;
+pub mod proxy;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

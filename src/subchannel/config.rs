@@ -1,0 +1,242 @@
+//! Settings of the subchannel stage.
+
+use std::time::Duration;
+
+use crate::{BackoffConfig, Error};
+
+/// The HTTP/2 keepalive interval gRPC allows at the least (gRFC A8).
+pub(crate) const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How each endpoint's connection is made, checked and recycled. Setters take
+/// `self` by value; each states its default and why.
+///
+/// # Keepalive and dead peers
+///
+/// Two promises pull against each other. A balancer that sits idle, with only
+/// its health streams open, must not be cut off with `too_many_pings`:
+/// grpc-go and C-core servers allow a client ping only every 5 minutes by
+/// default, and an idle Watch stream doesn't earn more. Yet a black-holed
+/// peer must leave rotation within a bound.
+///
+/// healthlb keeps both with a **liveness probe**: every `liveness_interval`
+/// (15 s) it sends one unary `grpc.health.v1.Health/Check` on the connection.
+/// Any answer at all, even UNIMPLEMENTED, proves the peer alive. No answer
+/// within `liveness_timeout` (15 s) closes the connection. A silent peer is
+/// out of rotation at most `liveness_interval + liveness_timeout` (30 s)
+/// after it went silent. A call is not a ping, so no server counts it as a
+/// strike. HTTP/2 keepalive pings are off by default, as gRFC A8 advises, and
+/// can be turned on with
+/// [`http2_keep_alive_interval`](Self::http2_keep_alive_interval). A server
+/// that answers them with GOAWAY `too_many_pings` gets half as many: the
+/// interval doubles for that endpoint's next connections.
+#[derive(Clone, Debug)]
+pub struct SubchannelConfig {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) http2_keep_alive_interval: Option<Duration>,
+    pub(crate) http2_keep_alive_timeout: Duration,
+    pub(crate) http2_keep_alive_while_idle: bool,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) health_check: bool,
+    pub(crate) health_service: String,
+    pub(crate) liveness_interval: Option<Duration>,
+    pub(crate) liveness_timeout: Duration,
+    pub(crate) max_connection_age: Option<Duration>,
+    pub(crate) max_connection_age_grace: Duration,
+    pub(crate) authority: Option<String>,
+    pub(crate) user_agent: Option<String>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::subchannel::TlsConfig>,
+}
+
+impl Default for SubchannelConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(20),
+            backoff: BackoffConfig::default(),
+            http2_keep_alive_interval: None,
+            http2_keep_alive_timeout: Duration::from_secs(20),
+            http2_keep_alive_while_idle: false,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            health_check: true,
+            health_service: String::new(),
+            liveness_interval: Some(Duration::from_secs(15)),
+            liveness_timeout: Duration::from_secs(15),
+            max_connection_age: None,
+            max_connection_age_grace: Duration::from_secs(30),
+            authority: None,
+            user_agent: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+}
+
+// === impl SubchannelConfig ===
+
+impl SubchannelConfig {
+    /// How long one attempt may take: TCP, TLS, the HTTP/2 handshake and the
+    /// first health answer. An attempt gets at least this, or the current
+    /// backoff delay if that is longer, as gRPC's connection-backoff spec
+    /// says. Default: 20 s, the spec's MIN_CONNECT_TIMEOUT.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Delays between failed connects, and between health streams that end
+    /// before delivering anything. Default: gRPC's, 1 s × 1.6 ± 20 %, at
+    /// most 120 s.
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sends HTTP/2 PINGs this often and closes the connection when one goes
+    /// unanswered. Default: off, as gRFC A8 advises: default grpc-go and
+    /// C-core servers answer pings more often than every 5 minutes with
+    /// GOAWAY `too_many_pings`. The liveness probe covers dead peers instead.
+    /// Values below 10 s are refused, as in gRPC.
+    pub fn http2_keep_alive_interval(mut self, d: Option<Duration>) -> Self {
+        self.http2_keep_alive_interval = d;
+        self
+    }
+
+    /// How long to wait for a PING's answer. Default: 20 s (gRFC A8).
+    pub fn http2_keep_alive_timeout(mut self, d: Duration) -> Self {
+        self.http2_keep_alive_timeout = d;
+        self
+    }
+
+    /// Whether to PING with no call open. The health stream counts as a
+    /// call, so this rarely matters. Default: false (gRFC A8).
+    pub fn http2_keep_alive_while_idle(mut self, on: bool) -> Self {
+        self.http2_keep_alive_while_idle = on;
+        self
+    }
+
+    /// TCP keepalive idle time, a kernel-level backstop that no server
+    /// counts. `None` turns it off. Default: 60 s.
+    pub fn tcp_keepalive(mut self, d: Option<Duration>) -> Self {
+        self.tcp_keepalive = d;
+        self
+    }
+
+    /// Whether to watch `grpc.health.v1.Health`. Off, a connected endpoint
+    /// counts as serving. Default: on.
+    pub fn health_check(mut self, on: bool) -> Self {
+        self.health_check = on;
+        self
+    }
+
+    /// The service name sent in health requests. Default: `""`, which means
+    /// the whole server.
+    pub fn health_service(mut self, name: impl Into<String>) -> Self {
+        self.health_service = name.into();
+        self
+    }
+
+    /// How often the liveness probe asks; `None` turns it off. Default: 15 s.
+    pub fn liveness_interval(mut self, d: Option<Duration>) -> Self {
+        self.liveness_interval = d;
+        self
+    }
+
+    /// How long the liveness probe waits for an answer. Default: 15 s.
+    pub fn liveness_timeout(mut self, d: Duration) -> Self {
+        self.liveness_timeout = d;
+        self
+    }
+
+    /// Replaces each connection after this age, ±10 % per connection,
+    /// make-before-break: the new one takes calls once its health says
+    /// SERVING. Default: off.
+    pub fn max_connection_age(mut self, d: Option<Duration>) -> Self {
+        self.max_connection_age = d;
+        self
+    }
+
+    /// How long calls on a replaced connection may run before it is closed
+    /// under them. Default: 30 s.
+    pub fn max_connection_age_grace(mut self, d: Duration) -> Self {
+        self.max_connection_age_grace = d;
+        self
+    }
+
+    /// The `:authority` of calls. Default: the endpoint's address.
+    pub fn authority(mut self, authority: impl Into<String>) -> Self {
+        self.authority = Some(authority.into());
+        self
+    }
+
+    /// A `user-agent` prefix; `healthlb/VERSION` follows it. Default: none.
+    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
+        self.user_agent = Some(agent.into());
+        self
+    }
+
+    /// Connects with TLS. Default: plaintext.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::subchannel::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether TLS is configured.
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            self.tls.is_some()
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            false
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.connect_timeout.is_zero() {
+            return Err(Error::invalid_config("connect_timeout must be above zero"));
+        }
+        if let Some(d) = self.http2_keep_alive_interval {
+            if d < MIN_KEEP_ALIVE_INTERVAL {
+                return Err(Error::invalid_config(format!(
+                    "http2_keep_alive_interval must be at least {MIN_KEEP_ALIVE_INTERVAL:?} (gRFC A8), got {d:?}"
+                )));
+            }
+        }
+        if self.http2_keep_alive_timeout.is_zero() {
+            return Err(Error::invalid_config(
+                "http2_keep_alive_timeout must be above zero",
+            ));
+        }
+        if self.liveness_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::invalid_config(
+                "liveness_interval must be above zero",
+            ));
+        }
+        if self.liveness_timeout.is_zero() {
+            return Err(Error::invalid_config("liveness_timeout must be above zero"));
+        }
+        if self.max_connection_age.is_some_and(|d| d.is_zero()) {
+            return Err(Error::invalid_config(
+                "max_connection_age must be above zero",
+            ));
+        }
+        if let Some(authority) = &self.authority {
+            http::uri::Authority::try_from(authority.as_str()).map_err(|e| {
+                Error::invalid_config(format!("authority {authority:?} is not valid: {e}"))
+            })?;
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        if let Some(agent) = &self.user_agent {
+            http::HeaderValue::try_from(agent.as_str()).map_err(|_| {
+                Error::invalid_config(format!("user_agent {agent:?} is not a valid header value"))
+            })?;
+        }
+        self.backoff.validate()
+    }
+}

@@ -1,0 +1,236 @@
+//! Health: a `grpc.health.v1.Health/Watch` stream per connection (gRFC A17),
+//! and the liveness probe that notices a silent peer.
+//!
+//! The Watch stream runs on the very connection that carries the calls, so
+//! its answer describes that connection. Its rules:
+//!
+//! - Until the first answer the endpoint is CONNECTING. Only SERVING is
+//!   serving; NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN and values this client
+//!   doesn't know are not.
+//! - UNIMPLEMENTED: the server has no health service. The endpoint counts as
+//!   serving, one error-level line is logged, and the stream isn't retried.
+//! - Any other end: not serving at once, and the stream is retried with
+//!   backoff. The backoff resets when the ended stream had delivered a
+//!   message, so a stream that worked and then broke is retried at once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::Stream;
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio::time::{Sleep, sleep};
+use tonic::body::Body;
+use tonic::codec::Streaming;
+use tonic::{Code, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+use super::call::Sent;
+use super::connect::Conn;
+use crate::backoff::{Backoff, BackoffConfig};
+
+/// What the health stream said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HealthEvent {
+    /// An answer: the raw `ServingStatus` value.
+    Status(i32),
+    /// The server has no health service.
+    Unimplemented,
+    /// The stream ended or failed; a retry is scheduled.
+    Ended(String),
+}
+
+/// `ServingStatus::ServiceUnknown`.
+const SERVICE_UNKNOWN: i32 = 3;
+
+/// One connection's Watch stream, retried as gRFC A17 says. Polled, not
+/// awaited, so the subchannel can drop it at any point.
+pub(crate) struct HealthWatch {
+    conn: Arc<Conn>,
+    service: String,
+    state: WatchState,
+    backoff: Backoff,
+    delivered: bool,
+}
+
+enum WatchState {
+    Starting(BoxFuture<'static, Result<Streaming<HealthCheckResponse>, Status>>),
+    Streaming(Box<Streaming<HealthCheckResponse>>),
+    Waiting(Pin<Box<Sleep>>),
+    Off,
+}
+
+// === impl HealthWatch ===
+
+impl HealthWatch {
+    pub(crate) fn start(conn: Arc<Conn>, service: String, backoff: BackoffConfig) -> Self {
+        let mut watch = Self {
+            conn,
+            service,
+            state: WatchState::Off,
+            backoff: Backoff::new(backoff),
+            delivered: false,
+        };
+        watch.open();
+        watch
+    }
+
+    fn open(&mut self) {
+        let mut client = HealthClient::new(Internal(self.conn.clone()));
+        let request = HealthCheckRequest {
+            service: self.service.clone(),
+        };
+        self.delivered = false;
+        self.state = WatchState::Starting(Box::pin(async move {
+            client.watch(request).await.map(tonic::Response::into_inner)
+        }));
+    }
+
+    fn retry(&mut self) {
+        if self.delivered {
+            self.backoff.reset();
+            self.open();
+        } else {
+            self.state = WatchState::Waiting(Box::pin(sleep(self.backoff.next_delay())));
+        }
+    }
+
+    fn ended(&mut self, status: &Status) -> HealthEvent {
+        if status.code() == Code::Unimplemented {
+            self.state = WatchState::Off;
+            return HealthEvent::Unimplemented;
+        }
+        self.retry();
+        if status.code() == Code::NotFound {
+            // tonic-health ends the stream with NOT_FOUND where A17 sends
+            // SERVICE_UNKNOWN; the service may be registered later, so retry.
+            return HealthEvent::Status(SERVICE_UNKNOWN);
+        }
+        HealthEvent::Ended(format!("{:?}: {}", status.code(), status.message()))
+    }
+
+    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<HealthEvent> {
+        loop {
+            match &mut self.state {
+                WatchState::Starting(fut) => match ready!(fut.as_mut().poll(cx)) {
+                    Ok(stream) => self.state = WatchState::Streaming(Box::new(stream)),
+                    Err(status) => return Poll::Ready(self.ended(&status)),
+                },
+                WatchState::Streaming(stream) => {
+                    match ready!(Pin::new(&mut **stream).poll_next(cx)) {
+                        Some(Ok(answer)) => {
+                            self.delivered = true;
+                            return Poll::Ready(HealthEvent::Status(answer.status));
+                        }
+                        Some(Err(status)) => return Poll::Ready(self.ended(&status)),
+                        None => {
+                            self.retry();
+                            return Poll::Ready(HealthEvent::Ended(
+                                "the server ended the health stream".into(),
+                            ));
+                        }
+                    }
+                }
+                WatchState::Waiting(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    self.open();
+                }
+                WatchState::Off => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The outcome of one liveness probe.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// The peer answered.
+    Alive,
+    /// The connection had closed: it takes no new calls (after a GOAWAY).
+    Closed,
+    /// No answer, or the transport failed.
+    Dead(String),
+}
+
+/// Sends one unary `Health/Check`. Any answer at all, whatever its status,
+/// proves the peer alive; only silence or a broken transport doesn't.
+pub(crate) async fn probe(conn: &Conn, service: &str, timeout: Duration) -> Probe {
+    let request = grpc_request(
+        "/grpc.health.v1.Health/Check",
+        &HealthCheckRequest {
+            service: service.to_owned(),
+        },
+    );
+    let exchange = async {
+        match conn.send_internal(request).await {
+            Sent::Response(response) => {
+                // Read to the end, so the stream closes cleanly.
+                let _ = response.into_body().collect().await;
+                Probe::Alive
+            }
+            Sent::Unsent(_) => Probe::Closed,
+            Sent::Failed(status) => Probe::Dead(status.message().to_owned()),
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(outcome) => outcome,
+        Err(_) => Probe::Dead(format!(
+            "no answer to the liveness probe within {timeout:?}"
+        )),
+    }
+}
+
+/// A unary gRPC request with `message` as its body.
+fn grpc_request(path: &'static str, message: &impl Message) -> Request<Body> {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    // Encoding into a buffer with enough room cannot fail.
+    let _ = message.encode(&mut buf);
+    let body = http_body_util::Full::new(Bytes::from(buf));
+    let mut request = Request::new(Body::new(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from_static(path);
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    request
+}
+
+/// The connection as a tower service for tonic's generated health client.
+#[derive(Clone)]
+struct Internal(Arc<Conn>);
+
+impl tower::Service<Request<Body>> for Internal {
+    type Response = Response<Body>;
+    type Error = Status;
+    type Future = BoxFuture<'static, Result<Response<Body>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let conn = self.0.clone();
+        Box::pin(async move {
+            match conn.send_internal(request).await {
+                Sent::Response(response) => Ok(response),
+                Sent::Unsent(_) => Err(Status::unavailable(format!(
+                    "the connection to {} has closed",
+                    conn.addr
+                ))),
+                Sent::Failed(status) => Err(status),
+            }
+        })
+    }
+}

@@ -1,0 +1,185 @@
+//! A subchannel as a [`tower::Service`] on its own connection.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::{HeaderMap, Request, Response};
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::{Conn, Sent, Subchannel, SubchannelStatus};
+
+/// The error type of healthlb's services: a boxed [`tonic::Status`], which
+/// tonic's generated clients hand to the caller as it is.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How many times a call that never left the client is sent again.
+pub(crate) const MAX_UNSENT_RETRIES: usize = 8;
+
+/// The response future of [`Subchannel`] and [`LbChannel`](crate::LbChannel).
+pub struct ResponseFuture {
+    inner: BoxFuture<'static, Result<Response<Body>, BoxError>>,
+}
+
+impl ResponseFuture {
+    pub(crate) fn new(
+        fut: impl Future<Output = Result<Response<Body>, Status>> + Send + 'static,
+    ) -> Self {
+        Self {
+            inner: Box::pin(async move { fut.await.map_err(BoxError::from) }),
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Waits until `status` shows a serving, ready connection; returns it.
+pub(crate) async fn serving(status: &mut watch::Receiver<SubchannelStatus>) -> Option<Arc<Conn>> {
+    loop {
+        if let Some(conn) = status.borrow_and_update().serving_conn() {
+            if conn.is_ready() {
+                return Some(conn.clone());
+            }
+        }
+        status.changed().await.ok()?;
+    }
+}
+
+impl tower::Service<Request<Body>> for Subchannel {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    /// Always ready: the wait for a serving connection happens in `call`,
+    /// bounded by the ready timeout, so a caller never hangs. Never an
+    /// error either: tower's balancers evict a service for good on error,
+    /// and a subchannel recovers by itself.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        let mut status = self.status.clone();
+        let ready_timeout = self.ready_timeout;
+        let addr = self.shared.endpoint.addr();
+        let deadline = grpc_timeout(request.headers());
+        ResponseFuture::new(with_deadline(deadline, async move {
+            let mut request = request;
+            for _ in 0..=MAX_UNSENT_RETRIES {
+                let conn = tokio::time::timeout(ready_timeout, serving(&mut status))
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        Status::unavailable(format!(
+                            "{addr} is not serving ({}) after waiting {ready_timeout:?}",
+                            status.borrow().state()
+                        ))
+                    })?;
+                match conn.send(request).await {
+                    Sent::Response(response) => return Ok(response),
+                    Sent::Failed(status) => return Err(status),
+                    // The connection closed before the call left: wait for
+                    // the next one.
+                    Sent::Unsent(unsent) => request = unsent,
+                }
+            }
+            Err(Status::unavailable(format!(
+                "{addr} closed {MAX_UNSENT_RETRIES} connections in a row"
+            )))
+        }))
+    }
+}
+
+impl tower::load::Load for Subchannel {
+    type Metric = usize;
+
+    /// Calls in flight on this endpoint: a real load for p2c, where tonic's
+    /// balancer always says 0.
+    fn load(&self) -> usize {
+        self.calls_in_flight()
+    }
+}
+
+/// Fails `fut` with DEADLINE_EXCEEDED after `deadline`, as a gRPC client
+/// enforces its own deadline. It bounds the wait for response headers, as
+/// tonic's `Channel` does; the server enforces the rest.
+pub(crate) async fn with_deadline<T>(
+    deadline: Option<Duration>,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline {
+        None => fut.await,
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the call's deadline of {limit:?} passed before the response began"
+            ))),
+        },
+    }
+}
+
+/// The `grpc-timeout` header: up to 8 digits and a unit.
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let cases = [
+            ("5S", Some(Duration::from_secs(5))),
+            ("100m", Some(Duration::from_millis(100))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("3M", Some(Duration::from_secs(180))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("9n", Some(Duration::from_nanos(9))),
+            ("99999999S", Some(Duration::from_secs(99_999_999))),
+            ("999999999S", None),
+            ("S", None),
+            ("5x", None),
+            ("-5S", None),
+        ];
+        for (value, expected) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", value.parse().unwrap());
+            assert_eq!(grpc_timeout(&headers), expected, "{value}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+}

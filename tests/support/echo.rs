@@ -1,0 +1,335 @@
+//! Echo backends: real tonic servers with tonic-health, each in its own
+//! runtime on its own thread, so a kill drops every connection at once, like
+//! a crashed pod.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::oneshot;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub mod pb {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("echo");
+}
+
+use pb::echo_server::{Echo, EchoServer};
+use pb::{EchoReply, EchoRequest, StreamRequest};
+
+/// The service name the echo service registers under.
+pub const ECHO_SERVICE: &str = "echo.Echo";
+
+/// What a backend saw.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub unary: AtomicU64,
+    pub streams: AtomicU64,
+    pub bidi: AtomicU64,
+    /// Headers of the last unary call.
+    pub last_headers: Mutex<HashMap<String, String>>,
+}
+
+impl Counters {
+    /// Calls of every kind.
+    pub fn total(&self) -> u64 {
+        self.unary.load(Ordering::SeqCst)
+            + self.streams.load(Ordering::SeqCst)
+            + self.bidi.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct EchoImpl {
+    name: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoImpl {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.counters.unary.fetch_add(1, Ordering::SeqCst);
+        let headers = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect();
+        *self.counters.last_headers.lock().unwrap() = headers;
+        Ok(Response::new(EchoReply {
+            message: request.into_inner().message,
+            backend: self.name.to_string(),
+            seq: 0,
+        }))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        self.counters.streams.fetch_add(1, Ordering::SeqCst);
+        let StreamRequest {
+            message,
+            count,
+            interval_ms,
+        } = request.into_inner();
+        let name = self.name.clone();
+        let stream = futures::stream::unfold(0u64, move |seq| {
+            let (message, name) = (message.clone(), name.clone());
+            async move {
+                if seq >= u64::from(count) {
+                    return None;
+                }
+                if seq > 0 {
+                    tokio::time::sleep(Duration::from_millis(u64::from(interval_ms))).await;
+                }
+                let reply = EchoReply {
+                    message,
+                    backend: name.to_string(),
+                    seq,
+                };
+                Some((Ok(reply), seq + 1))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        self.counters.bidi.fetch_add(1, Ordering::SeqCst);
+        let name = self.name.clone();
+        let stream = request.into_inner().enumerate().map(move |(seq, item)| {
+            item.map(|req| EchoReply {
+                message: req.message,
+                backend: name.to_string(),
+                seq: seq as u64,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// How a backend is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Register tonic-health (default true).
+    pub health: bool,
+    /// Start SERVING (default true).
+    pub serving: bool,
+    /// tonic's `max_connection_age`: GOAWAY after this long.
+    pub max_connection_age: Option<Duration>,
+    /// Serve TLS with this identity.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            health: true,
+            serving: true,
+            max_connection_age: None,
+            tls: None,
+        }
+    }
+}
+
+pub struct Backend {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+    reporter: Option<HealthReporter>,
+    shutdown: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl Backend {
+    /// A SERVING backend named `name` on `addr` (port 0 picks one).
+    pub async fn start(name: &str, addr: SocketAddr) -> Self {
+        Self::start_with(name, addr, Options::default()).await
+    }
+
+    pub async fn start_with(name: &str, addr: SocketAddr, options: Options) -> Self {
+        let name: Arc<str> = name.into();
+        let counters = Arc::new(Counters::default());
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let status = if options.serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(ECHO_SERVICE, status).await;
+
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let (kill, kill_rx) = oneshot::channel::<()>();
+        let (done_tx, done) = oneshot::channel();
+        let echo = EchoImpl {
+            name: name.clone(),
+            counters: counters.clone(),
+        };
+        let thread_name = format!("backend-{name}");
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("backend runtime");
+                runtime.block_on(async move {
+                    let listener = match bind(addr) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = bound_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = bound_tx.send(Ok(listener.local_addr().expect("local addr")));
+                    let mut builder = Server::builder();
+                    if let Some(age) = options.max_connection_age {
+                        builder = builder.max_connection_age(age);
+                    }
+                    if let Some(tls) = options.tls {
+                        builder = builder.tls_config(tls).expect("server TLS config");
+                    }
+                    let mut router = builder.add_service(EchoServer::new(echo));
+                    if options.health {
+                        router = router.add_service(health_service);
+                    }
+                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let serve = router.serve_with_incoming_shutdown(incoming, async {
+                        let _ = shutdown_rx.await;
+                    });
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = kill_rx => {}
+                    }
+                });
+                // Drops every connection task: their sockets close at once.
+                runtime.shutdown_background();
+                let _ = done_tx.send(());
+            })
+            .expect("backend thread");
+        let addr = bound_rx
+            .await
+            .expect("backend thread reports")
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self {
+            name,
+            addr,
+            counters,
+            reporter: Some(reporter),
+            shutdown: Some(shutdown),
+            kill: Some(kill),
+            done: Some(done),
+        }
+    }
+
+    /// Sets the whole server and `echo.Echo` SERVING or NOT_SERVING.
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.set_status("", status).await;
+        self.set_status(ECHO_SERVICE, status).await;
+    }
+
+    pub async fn set_status(&self, service: &str, status: ServingStatus) {
+        if let Some(reporter) = &self.reporter {
+            reporter.set_service_status(service, status).await;
+        }
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.counters.total()
+    }
+
+    /// Graceful: GOAWAY, then calls finish. Killed if it takes over 10 s.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let done = self.done.take().expect("not stopped twice");
+        if tokio::time::timeout(Duration::from_secs(10), done)
+            .await
+            .is_err()
+        {
+            if let Some(kill) = self.kill.take() {
+                let _ = kill.send(());
+            }
+            panic!("backend {} did not stop gracefully within 10 s", self.name);
+        }
+    }
+
+    /// Abrupt: every connection drops, with no GOAWAY.
+    pub async fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// `127.0.0.N:port`
+pub fn loopback(n: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, n], port))
+}
+
+/// A free port on 127.0.0.1, for tests that put backends on 127.0.0.N with
+/// one port like pods behind a headless Service.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}

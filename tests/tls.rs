@@ -1,0 +1,132 @@
+//! TLS to a real tonic server: the certificate names the service, not the
+//! pod IP, and a wrong name fails the handshake with a clear error.
+#![cfg(feature = "tls")]
+
+mod support;
+
+use std::time::Duration;
+
+use healthlb::subchannel::{SubchannelConfig, SubchannelState, TlsConfig};
+use healthlb::{BackoffConfig, Endpoint, ErrorKind, Subchannel};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use support::echo::pb::EchoRequest;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::{Backend, Options, loopback};
+use tonic::transport::{Identity, ServerTlsConfig};
+
+/// A CA, and a server certificate it signed for `name`: (CA PEM, identity).
+fn pki(name: &str) -> (String, Identity) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    (
+        ca.pem(),
+        Identity::from_pem(server.pem(), server_key.serialize_pem()),
+    )
+}
+
+async fn tls_backend(n: u8, name: &str) -> (Backend, String) {
+    let (ca, identity) = pki(name);
+    let options = Options {
+        tls: Some(ServerTlsConfig::new().identity(identity)),
+        ..Options::default()
+    };
+    (
+        Backend::start_with("tls", loopback(n, 0), options).await,
+        ca,
+    )
+}
+
+fn fast() -> BackoffConfig {
+    BackoffConfig::default()
+        .initial(Duration::from_millis(100))
+        .max(Duration::from_secs(1))
+}
+
+#[tokio::test]
+async fn the_certificate_is_checked_against_the_service_name_not_the_pod_ip() {
+    let (backend, ca) = tls_backend(20, "echo.test.local").await;
+    // As the balancer does: the target's host is the authority.
+    let config = SubchannelConfig::default()
+        .authority(format!("echo.test.local:{}", backend.addr.port()))
+        .tls(TlsConfig::from_ca_pem(ca.as_bytes()).unwrap());
+    let sub = Subchannel::spawn(Endpoint::new(backend.addr), config).unwrap();
+    let mut client = EchoClient::new(sub.clone());
+    let reply = client
+        .unary(EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().backend, "tls");
+    assert!(sub.state().is_serving());
+}
+
+#[tokio::test]
+async fn a_wrong_name_fails_the_handshake_with_a_clear_error() {
+    let (backend, ca) = tls_backend(21, "echo.test.local").await;
+    let config = SubchannelConfig::default()
+        .authority(format!("echo.test.local:{}", backend.addr.port()))
+        .tls(
+            TlsConfig::from_ca_pem(ca.as_bytes())
+                .unwrap()
+                .server_name("other.test.local"),
+        )
+        .backoff(fast());
+    let sub = Subchannel::spawn(Endpoint::new(backend.addr), config).unwrap();
+    let mut rx = sub.subscribe();
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let SubchannelState::TransientFailure(error) = rx.borrow_and_update().state() {
+                return error.clone();
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the handshake fails within 5 s");
+    assert_eq!(failed.label(), "TLS handshake failed");
+    let message = failed.to_string();
+    assert!(message.contains("other.test.local"), "{message}");
+    assert!(message.contains(&backend.addr.to_string()), "{message}");
+}
+
+#[test]
+fn bad_pem_is_refused_with_a_clear_error() {
+    let err = TlsConfig::from_ca_pem(b"not a certificate").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(
+        err.to_string().contains("the CA holds no PEM certificate"),
+        "{err}"
+    );
+
+    let (ca, _) = pki("x.test");
+    let err =
+        TlsConfig::from_ca_pem_with_identity(ca.as_bytes(), ca.as_bytes(), b"no key").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the client key is not a PEM private key"),
+        "{err}"
+    );
+
+    let tls = TlsConfig::from_ca_pem(ca.as_bytes())
+        .unwrap()
+        .server_name("bad name!");
+    let err = Subchannel::spawn(
+        Endpoint::new(loopback(1, 1)),
+        SubchannelConfig::default().tls(tls),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("TLS server name \"bad name!\" is not valid"),
+        "{err}"
+    );
+}
