@@ -15,19 +15,32 @@
 //! - [`resolve`]: a live endpoint set from DNS, refreshed on the record's TTL.
 //! - [`subchannel`]: one health-checked, kept-alive, age-recycled connection
 //!   per endpoint.
+//! - `picker`: round robin over the SERVING endpoints, read lock-free.
+//! - [`LbChannel`]: the tower service tonic clients use, and [`Discover`]
+//!   for tower's own balancers.
 //! - [`BackoffConfig`]: gRPC's retry backoff, shared by the stages.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod backoff;
+mod balancer;
+mod builder;
+mod channel;
+mod discover;
 mod error;
+mod picker;
 pub mod resolve;
+mod status;
 pub mod subchannel;
 pub mod target;
 
 pub use crate::backoff::BackoffConfig;
+pub use crate::builder::Builder;
+pub use crate::channel::LbChannel;
+pub use crate::discover::Discover;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::resolve::{Endpoint, Endpoints};
+pub use crate::status::EndpointStatus;
 pub use crate::subchannel::{ResponseFuture, Subchannel, SubchannelConfig, SubchannelState};
 pub use crate::target::Target;

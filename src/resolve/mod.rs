@@ -195,9 +195,20 @@ impl Resolver {
         self.status.borrow().clone()
     }
 
+    /// A receiver of every status change.
+    pub(crate) fn status_receiver(&self) -> watch::Receiver<ResolveStatus> {
+        self.status.clone()
+    }
+
     /// Asks to resolve again soon, without waiting for the TTL. Requests are
     /// coalesced, and honoured at most once per `min_refresh`.
     pub fn resolve_now(&self) {
         self.now.notify_one();
+    }
+
+    /// The notifier behind [`resolve_now`](Self::resolve_now), for the
+    /// subchannels, which must not keep the resolution alive.
+    pub(crate) fn resolve_now_handle(&self) -> Arc<Notify> {
+        self.now.clone()
     }
 }

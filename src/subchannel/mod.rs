@@ -37,7 +37,7 @@ mod config;
 mod connect;
 mod health;
 mod max_age;
-mod service;
+pub(crate) mod service;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;

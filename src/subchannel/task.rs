@@ -32,22 +32,32 @@ pub(crate) struct Ctx {
 
 pub(crate) async fn run(ctx: Arc<Ctx>, stopped: oneshot::Receiver<()>) {
     let addr = ctx.shared.endpoint.addr();
+    let grace = ctx.config.max_connection_age_grace;
     let mut task = Task {
         backoff: Backoff::new(ctx.config.backoff),
         ctx,
+        active: None,
         drains: JoinSet::new(),
     };
     tokio::select! {
         _ = stopped => {}
         _ = task.run() => {}
     }
-    // Dropping the connection lets hyper close it once its calls are done.
+    // Removed or dropped: no new calls come, and the calls in flight finish
+    // within the grace period before the connection closes.
+    if let Some(active) = task.active.take() {
+        task.drains.spawn(drain(active, Some(grace)));
+    }
+    let drained = async { while task.drains.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(grace, drained).await;
     debug!(endpoint = %addr, "subchannel stopped");
 }
 
 struct Task {
     ctx: Arc<Ctx>,
     backoff: Backoff,
+    /// The connection calls go to, once established.
+    active: Option<Active>,
     /// Replaced connections finishing their calls.
     drains: JoinSet<()>,
 }
@@ -111,7 +121,7 @@ impl Task {
     }
 
     /// Runs an established connection until it is lost.
-    async fn serve(&mut self, mut active: Active, first: HealthEvent) -> Lost {
+    async fn serve(&mut self, active: Active, first: HealthEvent) -> Lost {
         let shared = self.ctx.shared.clone();
         let health = |event: &HealthEvent| match event {
             HealthEvent::Status(value) => Some(*value),
@@ -122,15 +132,22 @@ impl Task {
             Some(active.conn.clone()),
             health(&first),
         );
+        self.active = Some(active);
         let mut recycle = Recycle::new(self.ctx.clone());
         loop {
+            let Some(active) = self.active.as_mut() else {
+                return Lost::Closed;
+            };
             tokio::select! {
                 event = active.next_event() => match event {
                     ConnEvent::Health(event) => {
                         let state = shared.health_state(&event);
                         shared.publish(state, Some(active.conn.clone()), health(&event));
                     }
-                    ConnEvent::Lost(lost) => return lost,
+                    ConnEvent::Lost(lost) => {
+                        self.active = None;
+                        return lost;
+                    }
                     ConnEvent::GoingAway(goaway) => {
                         info!(
                             endpoint = %shared.endpoint.addr(),
@@ -144,12 +161,14 @@ impl Task {
                             message: goaway.to_string(),
                         };
                         // Calls the server accepted finish, under the server's own grace.
-                        self.drains.spawn(drain(active, None));
+                        if let Some(old) = self.active.take() {
+                            self.drains.spawn(drain(old, None));
+                        }
                         return lost;
                     }
                 },
                 next = recycle.next() => {
-                    let old = std::mem::replace(&mut active, next);
+                    let old = std::mem::replace(active, next);
                     shared.stats.recycles.fetch_add(1, Ordering::Relaxed);
                     shared.publish(SubchannelState::Serving, Some(active.conn.clone()), Some(1));
                     info!(

@@ -1,0 +1,146 @@
+//! The balancer task: keeps one subchannel per resolved endpoint and
+//! publishes the picker's snapshot whenever anything changes.
+//!
+//! It runs whether or not calls flow, so a new pod is connected and
+//! health-checked before the first call that could use it. It owns its state;
+//! the request path only reads what it publishes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+use tokio::sync::{Notify, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::picker::{Picker, Snapshot};
+use crate::resolve::{Endpoints, ResolveStatus, Resolver};
+use crate::subchannel::{Hooks, Subchannel, SubchannelConfig};
+
+/// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
+pub(crate) type ServingSet = Arc<BTreeMap<SocketAddr, Subchannel>>;
+
+/// What the balancer publishes to.
+pub(crate) struct Outputs {
+    pub(crate) picker: Arc<Picker>,
+    pub(crate) endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
+    pub(crate) serving: watch::Sender<ServingSet>,
+}
+
+pub(crate) struct Balancer {
+    pub(crate) target: Arc<str>,
+    pub(crate) resolver: Resolver,
+    pub(crate) config: Arc<SubchannelConfig>,
+    pub(crate) authority: Option<Authority>,
+    pub(crate) ready_timeout: std::time::Duration,
+    pub(crate) outputs: Outputs,
+}
+
+impl Balancer {
+    /// Runs until `stopped` fires (the last `LbChannel` clone is gone) or
+    /// resolution ends. Dropping the subchannels then closes their
+    /// connections once their calls are done.
+    pub(crate) async fn run(self, mut stopped: oneshot::Receiver<()>) {
+        let changed = Arc::new(Notify::new());
+        let mut subchannels: BTreeMap<SocketAddr, Subchannel> = BTreeMap::new();
+        let mut resolved = self.resolver.subscribe();
+        let mut status = self.resolver.status_receiver();
+        let first = resolved.borrow_and_update().clone();
+        self.apply(&mut subchannels, &first, &changed);
+        self.publish(&subchannels);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                result = resolved.changed() => {
+                    if result.is_err() {
+                        break;
+                    }
+                    let set = resolved.borrow_and_update().clone();
+                    self.apply(&mut subchannels, &set, &changed);
+                    self.publish(&subchannels);
+                }
+                _ = changed.notified() => self.publish(&subchannels),
+                result = status.changed() => {
+                    if result.is_err() {
+                        break;
+                    }
+                    // Only the error summary depends on it.
+                    self.publish(&subchannels);
+                }
+            }
+        }
+        debug!(target = %self.target, "balancer stopped");
+    }
+
+    /// Starts subchannels for new endpoints and drops those that left.
+    fn apply(
+        &self,
+        subchannels: &mut BTreeMap<SocketAddr, Subchannel>,
+        set: &Endpoints,
+        changed: &Arc<Notify>,
+    ) {
+        let before = subchannels.len();
+        subchannels.retain(|addr, _| set.contains(*addr));
+        let removed = before - subchannels.len();
+        let mut added = 0;
+        for endpoint in set.iter() {
+            let addr = endpoint.addr();
+            if subchannels.contains_key(&addr) {
+                continue;
+            }
+            let hooks = Hooks {
+                changed: Some(changed.clone()),
+                resolve_now: Some(self.resolver.resolve_now_handle()),
+                authority: self.authority.clone(),
+            };
+            match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
+                Ok(sub) => {
+                    subchannels.insert(addr, sub.with_ready_timeout(self.ready_timeout));
+                    added += 1;
+                }
+                Err(error) => {
+                    warn!(target = %self.target, endpoint = %addr, %error, "cannot start a subchannel")
+                }
+            }
+        }
+        if added + removed > 0 {
+            info!(target = %self.target, added, removed, endpoints = subchannels.len(), "endpoint set changed");
+        }
+    }
+
+    /// Publishes the picker's snapshot, the endpoint list and the SERVING set.
+    fn publish(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>) {
+        let mut ready = Vec::new();
+        let mut labels = Vec::with_capacity(subchannels.len());
+        let mut serving = BTreeMap::new();
+        for (addr, sub) in subchannels {
+            let status = sub.status();
+            if let Some(conn) = status.serving_conn() {
+                if conn.is_ready() {
+                    ready.push(conn.clone());
+                }
+                serving.insert(*addr, sub.clone());
+            }
+            labels.push(status.state().label().to_owned());
+        }
+        let note = match self.resolver.status() {
+            ResolveStatus::Pending => Some("the first resolution has not finished".to_owned()),
+            ResolveStatus::Failing { error, .. } => Some(format!("resolution is failing: {error}")),
+            _ if subchannels.is_empty() => Some("the resolver found no address".to_owned()),
+            _ => None,
+        };
+        let summary = Snapshot::summarize(labels.iter().map(String::as_str), note.as_deref());
+        self.outputs.picker.publish(Snapshot { ready, summary });
+        self.outputs
+            .endpoints
+            .store(Arc::new(subchannels.values().cloned().collect()));
+        self.outputs.serving.send_if_modified(|current| {
+            if current.keys().eq(serving.keys()) {
+                return false;
+            }
+            *current = Arc::new(serving);
+            true
+        });
+    }
+}

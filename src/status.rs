@@ -1,0 +1,64 @@
+//! [`EndpointStatus`]: what the client thinks of one endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::subchannel::{Subchannel, SubchannelState};
+
+/// One endpoint as [`LbChannel::endpoints`](crate::LbChannel::endpoints)
+/// reports it. The counters are atomics kept per endpoint, so reading them
+/// costs the calls nothing.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct EndpointStatus {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// The DNS name it was found under, where known (SRV targets).
+    pub hostname: Option<String>,
+    /// Its state. Only [`SubchannelState::Serving`] gets calls.
+    pub state: SubchannelState,
+    /// How long the state has held.
+    pub state_for: Duration,
+    /// The last `grpc.health.v1` `ServingStatus` value the endpoint sent.
+    pub last_health: Option<i32>,
+    /// The age of the connection calls go to, when there is one.
+    pub connection_age: Option<Duration>,
+    /// Connections established, counting the first.
+    pub connects: u64,
+    /// Connections replaced because of `max_connection_age`.
+    pub recycles: u64,
+    /// Calls sent to it.
+    pub calls_started: u64,
+    /// Calls whose response has not ended.
+    pub calls_in_flight: usize,
+    /// Calls that failed in transport after they were sent.
+    pub calls_failed: u64,
+    /// The last connection failure.
+    pub last_error: Option<Error>,
+}
+
+impl EndpointStatus {
+    pub(crate) fn of(sub: &Subchannel) -> Self {
+        let status = sub.status();
+        let stats = &sub.shared.stats;
+        let now = Instant::now();
+        Self {
+            addr: sub.endpoint().addr(),
+            hostname: sub.endpoint().hostname().map(str::to_owned),
+            state: status.state().clone(),
+            state_for: now.saturating_duration_since(status.since()),
+            last_health: status.last_health(),
+            connection_age: status
+                .connected_at()
+                .map(|at| now.saturating_duration_since(at)),
+            connects: stats.connects.load(Ordering::Relaxed),
+            recycles: stats.recycles.load(Ordering::Relaxed),
+            calls_started: stats.calls_started.load(Ordering::Relaxed),
+            calls_in_flight: stats.calls_in_flight.load(Ordering::Relaxed),
+            calls_failed: stats.calls_failed.load(Ordering::Relaxed),
+            last_error: sub.last_error(),
+        }
+    }
+}

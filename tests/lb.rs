@@ -1,0 +1,508 @@
+//! LbChannel end to end: hickory DNS in-process, tonic echo backends with
+//! tonic-health on 127.0.0.x sharing one port, like pods behind a headless
+//! Service.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use healthlb::{LbChannel, SubchannelState};
+use support::dns::TestDns;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::pb::{EchoRequest, StreamRequest};
+use support::echo::{Backend, Options, free_port, loopback};
+use support::proxy::Proxy;
+use support::{wait_for, within};
+
+const HOST: &str = "echo.test.local";
+
+/// Backends `first..first+n` on 127.0.0.x:`port`.
+async fn backends(first: u8, n: u8, port: u16) -> Vec<Backend> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(Backend::start(&format!("b{}", first + i), loopback(first + i, port)).await);
+    }
+    all
+}
+
+fn ips(backends: &[Backend]) -> Vec<Ipv4Addr> {
+    backends
+        .iter()
+        .map(|b| match b.addr {
+            SocketAddr::V4(v4) => *v4.ip(),
+            SocketAddr::V6(_) => unreachable!("backends are IPv4"),
+        })
+        .collect()
+}
+
+/// A DNS server with `HOST` pointing at `backends`, TTL 1 s.
+async fn dns_for(backends: &[Backend]) -> TestDns {
+    let dns = TestDns::start().await;
+    dns.zone().set_a(HOST, &ips(backends), 1);
+    dns
+}
+
+async fn all_serving(channel: &LbChannel, n: usize) {
+    let done = wait_for(Duration::from_secs(10), || {
+        let eps = channel.endpoints();
+        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
+    })
+    .await;
+    assert!(done.is_some(), "not all {n} SERVING: {:?}", states(channel));
+}
+
+fn states(channel: &LbChannel) -> Vec<String> {
+    channel
+        .endpoints()
+        .iter()
+        .map(|e| format!("{} {}", e.addr, e.state))
+        .collect()
+}
+
+async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Status> {
+    let reply = client
+        .unary(EchoRequest {
+            message: "x".into(),
+        })
+        .await?;
+    Ok(reply.into_inner().backend)
+}
+
+#[tokio::test]
+async fn round_robin_is_even_over_serving_backends() {
+    support::init_tracing();
+    let port = free_port();
+    let backends = backends(30, 4, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+
+    let mut client = EchoClient::new(channel.clone());
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for _ in 0..400 {
+        *seen.entry(unary(&mut client).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 4, "every backend got calls: {seen:?}");
+    let (min, max) = (seen.values().min().unwrap(), seen.values().max().unwrap());
+    assert!(
+        max - min <= 1,
+        "even to within one call per round: {seen:?}"
+    );
+    let started: u64 = channel.endpoints().iter().map(|e| e.calls_started).sum();
+    assert_eq!(started, 400, "the endpoint counters saw every call");
+}
+
+#[tokio::test]
+async fn a_not_serving_backend_gets_no_new_calls() {
+    let port = free_port();
+    let backends = backends(34, 3, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 3).await;
+
+    backends[0].set_serving(false).await;
+    let out = wait_for(Duration::from_secs(2), || {
+        channel.endpoints().iter().any(|e| {
+            e.addr == backends[0].addr && matches!(e.state, SubchannelState::NotServing(_))
+        })
+    })
+    .await;
+    assert!(out.is_some(), "NOT_SERVING seen: {:?}", states(&channel));
+    let before = backends[0].calls();
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..200 {
+        let backend = unary(&mut client).await.unwrap();
+        assert_ne!(backend, "b34");
+    }
+    assert_eq!(
+        backends[0].calls(),
+        before,
+        "no call reached the NOT_SERVING backend"
+    );
+
+    backends[0].set_serving(true).await;
+    all_serving(&channel, 3).await;
+    let back = wait_for(Duration::from_secs(2), || backends[0].calls() > before).await;
+    let mut spins = 0;
+    while backends[0].calls() == before && spins < 30 {
+        unary(&mut client).await.unwrap();
+        spins += 1;
+    }
+    assert!(
+        back.is_some() || backends[0].calls() > before,
+        "SERVING again gets calls"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_added_to_dns_gets_calls_within_ttl_plus_one_second() {
+    let port = free_port();
+    let mut all = backends(37, 2, port).await;
+    let dns = dns_for(&all).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 2).await;
+
+    all.push(Backend::start("b39", loopback(39, port)).await);
+    dns.zone().set_a(HOST, &ips(&all), 1);
+    let added = Instant::now();
+    let mut client = EchoClient::new(channel.clone());
+    let mut reached = None;
+    for _ in 0..1000 {
+        if unary(&mut client).await.unwrap() == "b39" {
+            reached = Some(added.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = reached.expect("the new backend got a call");
+    assert!(
+        took <= Duration::from_secs(2),
+        "new backend reached after {took:?}, over TTL + 1 s"
+    );
+}
+
+#[tokio::test]
+async fn with_nothing_serving_calls_wait_then_fail_with_a_summary() {
+    let port = free_port();
+    let options = Options {
+        serving: false,
+        ..Options::default()
+    };
+    let a = Backend::start_with("a", loopback(40, port), options.clone()).await;
+    let b = Backend::start_with("b", loopback(41, port), options).await;
+    // 127.0.0.42 has no server: connect refused.
+    let dns = TestDns::start().await;
+    let ips = [
+        Ipv4Addr::new(127, 0, 0, 40),
+        Ipv4Addr::new(127, 0, 0, 41),
+        Ipv4Addr::new(127, 0, 0, 42),
+    ];
+    dns.zone().set_a(HOST, &ips, 1);
+    let target = dns.target(HOST, port);
+    let channel = LbChannel::builder(target.clone())
+        .ready_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let settled = wait_for(Duration::from_secs(5), || {
+        let eps = channel.endpoints();
+        eps.len() == 3
+            && eps.iter().all(|e| {
+                matches!(
+                    e.state,
+                    SubchannelState::NotServing(_) | SubchannelState::TransientFailure(_)
+                )
+            })
+    })
+    .await;
+    assert!(settled.is_some(), "{:?}", states(&channel));
+
+    let mut client = EchoClient::new(channel.clone());
+    let started = Instant::now();
+    let status = unary(&mut client).await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "it waited the ready timeout"
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        status.message(),
+        format!(
+            "{target}: no endpoint is SERVING after waiting 400ms; 3 endpoints: 2 NOT_SERVING, 1 connect refused"
+        )
+    );
+
+    let fast = LbChannel::builder(target.clone())
+        .fail_fast(true)
+        .build()
+        .unwrap();
+    let mut client = EchoClient::new(fast.clone());
+    let status = within(
+        Duration::from_secs(2),
+        "a fail_fast call",
+        unary(&mut client),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("fail_fast"),
+        "{}",
+        status.message()
+    );
+
+    // A waiting call is served as soon as an endpoint comes up.
+    let channel = LbChannel::builder(target.clone())
+        .ready_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let waiting = tokio::spawn(async move { unary(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.set_serving(true).await;
+    let served = within(Duration::from_secs(5), "the waiting call", waiting)
+        .await
+        .unwrap();
+    assert_eq!(served.unwrap(), "a");
+
+    let err = LbChannel::builder(target)
+        .connect_deadline(Duration::from_millis(300))
+        .health_service("no.such.Service")
+        .connect()
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("no endpoint became SERVING within 300ms"),
+        "{message}"
+    );
+    assert!(
+        message.contains("127.0.0.40"),
+        "every endpoint is named: {message}"
+    );
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_stream_on_a_removed_backend_completes() {
+    let port = free_port();
+    let backends = backends(43, 2, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 2).await;
+
+    let mut client = EchoClient::new(channel.clone());
+    let request = StreamRequest {
+        message: "s".into(),
+        count: 20,
+        interval_ms: 50,
+    };
+    let mut stream = client.server_stream(request).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let (_removed, keep): (Vec<Backend>, Vec<Backend>) =
+        backends.into_iter().partition(|b| *b.name == first.backend);
+    dns.zone().set_a(HOST, &ips(&keep), 1);
+    let gone = wait_for(Duration::from_secs(3), || channel.endpoints().len() == 1).await;
+    assert!(gone.is_some(), "the backend left: {:?}", states(&channel));
+
+    let mut count = 1;
+    while let Some(reply) = within(Duration::from_secs(5), "the stream", stream.next()).await {
+        let reply = reply.expect("the stream on the removed backend goes on");
+        assert_eq!(reply.backend, first.backend);
+        count += 1;
+    }
+    assert_eq!(count, 20, "every message arrived");
+    // New calls go to the remaining backend only.
+    for _ in 0..10 {
+        assert_eq!(unary(&mut client).await.unwrap(), *keep[0].name);
+    }
+}
+
+#[tokio::test]
+async fn unary_server_streaming_and_bidi_work() {
+    let port = free_port();
+    let backends = backends(45, 2, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+
+    let reply = client
+        .unary(EchoRequest {
+            message: "one".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.message, "one");
+
+    let request = StreamRequest {
+        message: "many".into(),
+        count: 5,
+        interval_ms: 1,
+    };
+    let replies: Vec<_> = client
+        .server_stream(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let seqs: Vec<u64> = replies.into_iter().map(|r| r.unwrap().seq).collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+
+    let outbound = futures::stream::iter((0..3).map(|i| EchoRequest {
+        message: format!("m{i}"),
+    }));
+    let replies: Vec<_> = client
+        .bidi(outbound)
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let messages: Vec<String> = replies.into_iter().map(|r| r.unwrap().message).collect();
+    assert_eq!(messages, vec!["m0", "m1", "m2"]);
+}
+
+#[tokio::test]
+async fn discover_drives_towers_p2c_balancer() {
+    let port = free_port();
+    let backends = backends(47, 3, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 3).await;
+
+    let balance = tower::balance::p2c::Balance::new(channel.discover());
+    let mut client = EchoClient::new(balance);
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for _ in 0..150 {
+        let reply = client
+            .unary(EchoRequest {
+                message: "p2c".into(),
+            })
+            .await
+            .unwrap();
+        *seen.entry(reply.into_inner().backend).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "p2c used every SERVING endpoint: {seen:?}");
+
+    // A NOT_SERVING endpoint is removed from tower's balancer too.
+    backends[0].set_serving(false).await;
+    let out = wait_for(Duration::from_secs(2), || {
+        !channel
+            .endpoints()
+            .iter()
+            .any(|e| e.addr == backends[0].addr && e.state.is_serving())
+    })
+    .await;
+    assert!(out.is_some());
+    let before = backends[0].calls();
+    for _ in 0..60 {
+        client
+            .unary(EchoRequest {
+                message: "p2c".into(),
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        backends[0].calls(),
+        before,
+        "no call reached the removed endpoint"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_clone_ends_every_task_and_connection() {
+    let port = free_port();
+    let backends = backends(50, 2, port).await;
+    let proxies = [
+        Proxy::start(loopback(52, 0), backends[0].addr).await,
+        Proxy::start(loopback(53, 0), backends[1].addr).await,
+    ];
+    let target = format!("ipv4:{},{}", proxies[0].addr, proxies[1].addr);
+
+    // The client lives in its own runtime, so its tasks can be counted.
+    let (alive_before, alive_during, alive_after) = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let before = runtime.metrics().num_alive_tasks();
+        let during = runtime.block_on(async {
+            let channel = LbChannel::builder(target).connect().await.unwrap();
+            let mut client = EchoClient::new(channel.clone());
+            for _ in 0..20 {
+                unary(&mut client).await.unwrap();
+            }
+            let clone = channel.clone();
+            drop(channel);
+            // One clone still holds everything up.
+            unary(&mut EchoClient::new(clone.clone())).await.unwrap();
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        });
+        let metrics = runtime.metrics();
+        let start = Instant::now();
+        while metrics.num_alive_tasks() > before && start.elapsed() < Duration::from_secs(10) {
+            runtime.block_on(tokio::time::sleep(Duration::from_millis(20)));
+        }
+        (before, during, metrics.num_alive_tasks())
+    })
+    .await
+    .unwrap();
+    assert!(
+        alive_during > alive_before,
+        "the channel ran tasks: {alive_during}"
+    );
+    assert_eq!(
+        alive_after, alive_before,
+        "every task ended after the last clone was dropped"
+    );
+
+    let closed = wait_for(Duration::from_secs(5), || {
+        proxies
+            .iter()
+            .all(|p| p.state.open.load(Ordering::SeqCst) == 0)
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the backends saw their connections closed"
+    );
+    assert!(
+        proxies
+            .iter()
+            .all(|p| p.state.accepted.load(Ordering::SeqCst) >= 1)
+    );
+}
+
+#[tokio::test]
+async fn bad_targets_and_settings_are_refused_at_build() {
+    let err = LbChannel::builder("dns:///no-port.test")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), healthlb::ErrorKind::InvalidTarget);
+    assert!(err.to_string().contains("dns:///no-port.test"), "{err}");
+
+    let err = LbChannel::builder("ipv4:127.0.0.1:1")
+        .ready_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), healthlb::ErrorKind::InvalidConfig);
+
+    let err = LbChannel::builder("ipv4:127.0.0.1:1")
+        .http2_keep_alive_interval(Some(Duration::from_secs(1)))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at least 10s"), "{err}");
+}
+
+#[test]
+fn building_outside_a_runtime_is_an_error_not_a_panic() {
+    let err = LbChannel::builder("ipv4:127.0.0.1:1").build().unwrap_err();
+    assert_eq!(err.kind(), healthlb::ErrorKind::NoRuntime);
+}
