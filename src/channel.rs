@@ -32,21 +32,20 @@ use crate::{Error, ErrorKind};
 /// target, connect to each endpoint and watch its health whether or not
 /// calls flow; the last clone's drop ends them all.
 ///
+/// See the crate's quickstart for use with a generated client. With
+/// [`Builder::connect`] the channel waits for a SERVING endpoint first, and
+/// [`discover`](Self::discover) feeds tower's own balancers:
+///
 /// ```no_run
-/// # mod pb { tonic::include_proto!("echo"); }
-/// # use pb::{EchoRequest, echo_client::EchoClient};
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn run() -> Result<(), healthlb::Error> {
 /// use std::time::Duration;
 ///
-/// let channel = healthlb::LbChannel::builder("dns:///echo.default.svc.cluster.local:50051")
-///     .health_service("echo.Echo")                    // default "": whole-server health
-///     .max_connection_age(Duration::from_secs(300))   // default: off
-///     .build()?;                                      // sync; needs a Tokio runtime
-/// let mut client = EchoClient::new(channel.clone());
-/// let reply = client.unary(EchoRequest { message: "hi".into() }).await?;
-/// for endpoint in channel.endpoints() {
-///     println!("{} {}", endpoint.addr, endpoint.state);
-/// }
+/// let channel = healthlb::LbChannel::builder("srv:_grpc._tcp.echo.default.svc.cluster.local")
+///     .ready_timeout(Duration::from_secs(2)) // default 5 s
+///     .connect() // waits up to connect_deadline (20 s) for one SERVING endpoint
+///     .await?;
+/// let p2c = tower::balance::p2c::Balance::new(channel.discover());
+/// # drop(p2c);
 /// # Ok(())
 /// # }
 /// ```

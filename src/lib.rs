@@ -19,6 +19,33 @@
 //! - [`LbChannel`]: the tower service tonic clients use, and [`Discover`]
 //!   for tower's own balancers.
 //! - [`BackoffConfig`]: gRPC's retry backoff, shared by the stages.
+//!
+//! # Quickstart
+//!
+//! Swap `tonic::transport::Channel` for [`LbChannel`] in any generated
+//! client:
+//!
+//! ```no_run
+//! # mod pb { tonic::include_proto!("echo"); }
+//! use std::time::Duration;
+//!
+//! use pb::{EchoRequest, echo_client::EchoClient};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let channel = healthlb::LbChannel::builder("dns:///echo.default.svc.cluster.local:50051")
+//!     .health_service("echo.Echo") // default "": whole-server health
+//!     .max_connection_age(Duration::from_secs(300)) // default: off
+//!     .build()?; // sync; needs a Tokio runtime; never blocks
+//! let mut client = EchoClient::new(channel.clone());
+//! let reply = client.unary(EchoRequest { message: "hi".into() }).await?;
+//! println!("served by {}", reply.into_inner().backend);
+//!
+//! for endpoint in channel.endpoints() {
+//!     println!("{} {} ({} calls)", endpoint.addr, endpoint.state, endpoint.calls_started);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
