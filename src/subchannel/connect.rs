@@ -193,7 +193,32 @@ pub(crate) async fn connect(
         draining: AtomicBool::new(false),
         idle: Notify::new(),
     });
-    Ok((conn, Box::pin(driver)))
+    // The connection runs in a task of its own, as in tonic, so a call's
+    // dispatch wakes only it, not the subchannel's health and probe work.
+    // Dropping the driver aborts it, which closes the connection.
+    let task = AbortOnDrop(tokio::spawn(driver));
+    Ok((conn, Box::pin(task)))
+}
+
+/// A spawned connection that stops when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Future for AbortOnDrop {
+    type Output = Result<(), hyper::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A panicked or aborted connection task counts as a clean end; the
+        // subchannel reconnects either way.
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|joined| joined.unwrap_or(Ok(())))
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Byte streams a connection may run over.
