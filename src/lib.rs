@@ -56,7 +56,8 @@ mod builder;
 mod channel;
 mod discover;
 mod error;
-mod picker;
+#[doc(hidden)]
+pub mod picker;
 pub mod resolve;
 mod status;
 pub mod subchannel;

@@ -16,12 +16,24 @@ use tokio::sync::watch;
 
 use crate::subchannel::Conn;
 
+/// Something a call can be routed to.
+pub(crate) trait Candidate: Clone {
+    /// Whether it can take a new call right now.
+    fn can_take_call(&self) -> bool;
+}
+
+impl Candidate for Arc<Conn> {
+    fn can_take_call(&self) -> bool {
+        self.is_ready()
+    }
+}
+
 /// What the request path sees: the connections calls may go to, and a
 /// summary of every endpoint for error messages.
-#[derive(Debug, Default)]
-pub(crate) struct Snapshot {
+#[derive(Debug)]
+pub(crate) struct Snapshot<T = Arc<Conn>> {
     /// The serving connections, in address order.
-    pub(crate) ready: Vec<Arc<Conn>>,
+    pub(crate) ready: Vec<T>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
 }
@@ -57,14 +69,14 @@ impl Snapshot {
 
 /// The picker state one `LbChannel` and its clones share.
 #[derive(Debug)]
-pub(crate) struct Picker {
-    snapshot: ArcSwap<Snapshot>,
+pub(crate) struct Picker<T = Arc<Conn>> {
+    snapshot: ArcSwap<Snapshot<T>>,
     /// Bumped after every publish, to wake calls waiting for an endpoint.
     published: watch::Sender<u64>,
     next: AtomicUsize,
 }
 
-impl Picker {
+impl<T: Candidate> Picker<T> {
     /// A picker starting at a random offset, so that many clients don't all
     /// begin with the same endpoint.
     pub(crate) fn new(summary: String) -> Self {
@@ -78,13 +90,13 @@ impl Picker {
         }
     }
 
-    pub(crate) fn publish(&self, snapshot: Snapshot) {
+    pub(crate) fn publish(&self, snapshot: Snapshot<T>) {
         self.snapshot.store(Arc::new(snapshot));
         self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The next serving connection that can take a call, if any.
-    pub(crate) fn pick(&self) -> Option<Arc<Conn>> {
+    pub(crate) fn pick(&self) -> Option<T> {
         let snapshot = self.snapshot.load();
         let n = snapshot.ready.len();
         if n == 0 {
@@ -92,14 +104,14 @@ impl Picker {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
-            let conn = &snapshot.ready[start.wrapping_add(i) % n];
-            if conn.is_ready() {
+            let candidate = &snapshot.ready[start.wrapping_add(i) % n];
+            if candidate.can_take_call() {
                 if i > 0 {
                     // Skip the closed ones next time too.
                     self.next.fetch_add(i, Ordering::Relaxed);
                 }
-                tracing::trace!(endpoint = %conn.addr, "picked");
-                return Some(conn.clone());
+                tracing::trace!(index = start.wrapping_add(i) % n, of = n, "picked");
+                return Some(candidate.clone());
             }
         }
         None
@@ -113,6 +125,71 @@ impl Picker {
     /// Wakes on every publish from now on.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
+    }
+}
+
+/// The picker behind a generic service, so benchmarks can measure the
+/// request path's routing cost against no-op endpoints. Not part of the API.
+#[doc(hidden)]
+pub mod bench {
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use super::{Candidate, Picker, Snapshot};
+
+    #[derive(Clone)]
+    struct Ready<S>(S);
+
+    impl<S: Clone> Candidate for Ready<S> {
+        fn can_take_call(&self) -> bool {
+            true
+        }
+    }
+
+    /// Round robin over `services` through healthlb's picker, with
+    /// `poll_ready` picking and `call` using the pick, as `LbChannel` does.
+    #[allow(missing_debug_implementations)]
+    pub struct RoundRobin<S> {
+        picker: Arc<Picker<Ready<S>>>,
+        picked: Option<Ready<S>>,
+        first: Ready<S>,
+    }
+
+    impl<S: Clone> RoundRobin<S> {
+        /// A picker over `services`, all SERVING; `None` if there are none.
+        pub fn new(services: Vec<S>) -> Option<Self> {
+            let first = Ready(services.first()?.clone());
+            let picker = Picker::new(String::new());
+            picker.publish(Snapshot {
+                ready: services.into_iter().map(Ready).collect(),
+                summary: String::new(),
+            });
+            Some(Self {
+                picker: Arc::new(picker),
+                picked: None,
+                first,
+            })
+        }
+    }
+
+    impl<S, R> tower::Service<R> for RoundRobin<S>
+    where
+        S: tower::Service<R> + Clone,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.picked = self.picker.pick();
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: R) -> S::Future {
+            // Without a poll_ready first, the first service takes it.
+            let mut service = self.picked.take().unwrap_or_else(|| self.first.clone());
+            service.0.call(request)
+        }
     }
 }
 

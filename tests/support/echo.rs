@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
@@ -36,6 +36,9 @@ pub struct Counters {
     pub bidi: AtomicU64,
     /// Headers of the last unary call.
     pub last_headers: Mutex<HashMap<String, String>>,
+    /// When the first and the last unary call arrived.
+    pub first_unary: Mutex<Option<Instant>>,
+    pub last_unary: Mutex<Option<Instant>>,
 }
 
 impl Counters {
@@ -59,6 +62,9 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>
 impl Echo for EchoImpl {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.counters.unary.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        self.counters.first_unary.lock().unwrap().get_or_insert(now);
+        *self.counters.last_unary.lock().unwrap() = Some(now);
         let headers = request
             .metadata()
             .clone()

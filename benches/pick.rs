@@ -1,0 +1,75 @@
+//! Pick cost: `poll_ready` + `call` through healthlb's picker over 1, 10, 100
+//! and 1000 SERVING endpoints, against no-op services, next to tower's
+//! `p2c::Balance` (the balancer under tonic's `balance_list`) over the same
+//! services. healthlb's cost must be flat in the number of endpoints.
+//!
+//! `cargo bench --bench pick`
+
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::hint::black_box;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use healthlb::picker::bench::RoundRobin;
+use tower::Service;
+use tower::discover::ServiceList;
+
+/// A service that does nothing.
+#[derive(Clone, Copy)]
+struct Noop;
+
+impl Service<u32> for Noop {
+    type Response = u32;
+    type Error = Infallible;
+    type Future = Ready<Result<u32, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: u32) -> Self::Future {
+        ready(Ok(request))
+    }
+}
+
+impl tower::load::Load for Noop {
+    type Metric = u32;
+    fn load(&self) -> u32 {
+        0
+    }
+}
+
+/// One routed call: poll_ready, then call, as a tonic client does.
+fn route<S: Service<u32>>(service: &mut S, cx: &mut Context<'_>) -> Option<S::Future> {
+    match service.poll_ready(cx) {
+        Poll::Ready(Ok(())) => Some(service.call(black_box(7))),
+        _ => None,
+    }
+}
+
+fn pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    let mut cx = Context::from_waker(Waker::noop());
+    for n in [1usize, 10, 100, 1000] {
+        let mut healthlb = RoundRobin::new(vec![Noop; n]).expect("at least one endpoint");
+        group.bench_with_input(BenchmarkId::new("healthlb", n), &n, |b, _| {
+            b.iter(|| black_box(route(&mut healthlb, &mut cx)))
+        });
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let mut p2c = tower::balance::p2c::Balance::new(ServiceList::new(vec![Noop; n]));
+        // Let p2c discover and ready every service first.
+        let _ = p2c.poll_ready(&mut cx);
+        group.bench_with_input(BenchmarkId::new("tower_p2c", n), &n, |b, _| {
+            b.iter(|| black_box(route(&mut p2c, &mut cx)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick);
+criterion_main!(benches);

@@ -1,0 +1,179 @@
+//! Scale: for 100, 500 and 1000 endpoints, the time from `build()` to all
+//! SERVING, the client's resident memory per endpoint, and the CPU time the
+//! idle balancer spends per minute (health streams and liveness probes).
+//!
+//! The servers (one tonic server with tonic-health per listening address,
+//! all in one runtime) run in a child process, the same binary, so the
+//! figures are the client's alone.
+//!
+//! `cargo bench --bench scale` (`HEALTHLB_SCALE_IDLE_SECS`, default 30, is
+//! the idle measurement's length.)
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use healthlb::LbChannel;
+use support::echo::free_port;
+
+const SIZES: [usize; 3] = [100, 500, 1000];
+
+fn addr(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8], port))
+}
+
+/// The child: serve `n` tonic servers with tonic-health, one per address,
+/// all in one runtime; say READY; live until stdin closes.
+fn serve(n: usize, port: u16) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        for i in 0..n {
+            let listener = tokio::net::TcpListener::bind(addr(i, port))
+                .await
+                .expect("bind");
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let router = tonic::transport::Server::builder().add_service(health.clone());
+            tokio::spawn(router.serve_with_incoming(incoming));
+        }
+        println!("READY");
+        // The parent closes stdin when done, or dies.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        })
+        .await;
+    });
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// CPU time (user + system) of this process.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15; here 11 and 12 after ')'.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if let Ok(spec) = std::env::var("HEALTHLB_SCALE_SERVE") {
+        let (n, port) = spec.split_once(':').expect("N:PORT");
+        serve(n.parse().expect("N"), port.parse().expect("PORT"));
+        return;
+    }
+    let idle = Duration::from_secs(
+        std::env::var("HEALTHLB_SCALE_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30u64)
+            .clamp(1, 600),
+    );
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "| endpoints | build → all SERVING | client RSS per endpoint | idle CPU per minute |"
+    );
+    let _ = writeln!(report, "| ---: | ---: | ---: | ---: |");
+    for n in SIZES {
+        let port = free_port();
+        let mut child = Command::new(std::env::current_exe().expect("this binary"))
+            .env("HEALTHLB_SCALE_SERVE", format!("{n}:{port}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("server process");
+        let mut ready = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        let _ = BufReader::new(stdout).read_line(&mut ready);
+        assert_eq!(ready.trim(), "READY", "the server process started");
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (took, per_endpoint, cpu_per_min, serving) = runtime.block_on(async {
+            let list: Vec<String> = (0..n).map(|i| addr(i, port).to_string()).collect();
+            let target = format!("ipv4:{}", list.join(","));
+            let rss_before = rss();
+            let start = Instant::now();
+            let channel = LbChannel::builder(target).build().expect("builds");
+            let limit = Duration::from_secs(60);
+            let mut serving = 0;
+            while start.elapsed() < limit {
+                serving = channel
+                    .endpoints()
+                    .iter()
+                    .filter(|e| e.state.is_serving())
+                    .count();
+                if serving == n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let took = start.elapsed();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let per_endpoint = rss().saturating_sub(rss_before) / n as u64;
+            let cpu_before = cpu_time();
+            tokio::time::sleep(idle).await;
+            let cpu = cpu_time().saturating_sub(cpu_before);
+            drop(channel);
+            (
+                took,
+                per_endpoint,
+                cpu.mul_f64(60.0 / idle.as_secs_f64()),
+                serving,
+            )
+        });
+        let _ = writeln!(
+            report,
+            "| {n} | {:.2} s{} | {:.1} KiB | {:.2} s |",
+            took.as_secs_f64(),
+            if serving == n {
+                String::new()
+            } else {
+                format!(" ({serving} SERVING)")
+            },
+            per_endpoint as f64 / 1024.0,
+            cpu_per_min.as_secs_f64()
+        );
+        drop(runtime);
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    println!("\n{report}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("scale.md"), &report);
+}
