@@ -14,14 +14,16 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::connect::{Conn, Origin};
+use super::replay::{Replay, refused_unprocessed};
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
 pub(crate) enum Sent {
     /// The server answered; the body is tracked until it ends.
     Response(Response<Body>),
-    /// The request never left the client, because the connection had closed.
-    /// It is safe to send it elsewhere.
+    /// The request never left the client, because the connection had closed,
+    /// or the server refused it unprocessed (GOAWAY, REFUSED_STREAM). It is
+    /// safe to send it elsewhere.
     Unsent(Request<Body>),
     /// The call failed in transport, after it may have reached the server.
     Failed(Status),
@@ -32,10 +34,14 @@ pub(crate) enum Sent {
 impl Conn {
     /// Sends a caller's request. It counts as in flight, on the connection and
     /// the endpoint, until its response body ends.
-    pub(crate) async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Sent {
+    pub(crate) async fn send(self: &Arc<Self>, req: Request<Body>) -> Sent {
+        let Some(guard) = CallGuard::new(self.clone()) else {
+            // Draining since it was picked.
+            return Sent::Unsent(req);
+        };
+        let (mut req, replay) = Replay::wrap(req);
         prepare(&mut req, &self.origin);
         let stats = &self.stats;
-        let guard = CallGuard::new(self.clone());
         let mut send = self.send.clone();
         match send.try_send_request(req).await {
             Ok(response) => {
@@ -47,14 +53,24 @@ impl Conn {
                     })
                 }))
             }
-            Err(mut e) => match e.take_message() {
-                Some(req) => Sent::Unsent(req),
-                None => {
-                    stats.calls_started.fetch_add(1, Ordering::Relaxed);
-                    stats.calls_failed.fetch_add(1, Ordering::Relaxed);
-                    Sent::Failed(transport_status(self.addr, e.into_error()))
+            Err(mut e) => {
+                if e.take_message().is_some() {
+                    // Never sent: the recorded body is untouched.
+                    if let Some(again) = replay.rebuild() {
+                        return Sent::Unsent(again);
+                    }
                 }
-            },
+                let err = e.into_error();
+                if refused_unprocessed(&err) {
+                    if let Some(again) = replay.rebuild() {
+                        tracing::debug!(endpoint = %self.addr, error = %err, "the server refused the call unprocessed; sending it again");
+                        return Sent::Unsent(again);
+                    }
+                }
+                stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                stats.calls_failed.fetch_add(1, Ordering::Relaxed);
+                Sent::Failed(transport_status(self.addr, err))
+            }
         }
     }
 
@@ -134,10 +150,13 @@ struct CallGuard {
 }
 
 impl CallGuard {
-    fn new(conn: Arc<Conn>) -> Self {
-        conn.call_started();
+    /// `None` when the connection is draining.
+    fn new(conn: Arc<Conn>) -> Option<Self> {
+        if !conn.call_started() {
+            return None;
+        }
         conn.stats.calls_in_flight.fetch_add(1, Ordering::Relaxed);
-        Self { conn }
+        Some(Self { conn })
     }
 }
 

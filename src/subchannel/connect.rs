@@ -76,7 +76,9 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     /// Whether the connection may take a new call: open, and no GOAWAY seen.
     pub(crate) fn is_ready(&self) -> bool {
-        !self.send.is_closed() && !self.signals.going_away.load(Ordering::Acquire)
+        !self.send.is_closed()
+            && !self.signals.going_away.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
     }
 
     /// Closes the connection at once, failing whatever is still on it.
@@ -100,13 +102,23 @@ impl Conn {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    pub(crate) fn call_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    /// Counts a call in. False, and not counted, once the connection is
+    /// draining: a call picked just before must go elsewhere, or the drain
+    /// could close the connection under it.
+    pub(crate) fn call_started(&self) -> bool {
+        // SeqCst pairs with `drained`: either the drain sees this call, or
+        // this call sees the drain.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            self.call_ended();
+            return false;
+        }
+        true
     }
 
     pub(crate) fn call_ended(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.draining.load(Ordering::Acquire)
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.draining.load(Ordering::SeqCst)
         {
             self.idle.notify_waiters();
         }
@@ -115,7 +127,7 @@ impl Conn {
     /// Waits until no call is left on the connection. New calls must already
     /// have stopped coming.
     pub(crate) async fn drained(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
         loop {
             let idle = self.idle.notified();
             if self.in_flight() == 0 {

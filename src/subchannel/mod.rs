@@ -37,6 +37,7 @@ mod config;
 mod connect;
 mod health;
 mod max_age;
+mod replay;
 pub(crate) mod service;
 mod task;
 #[cfg(feature = "tls")]
