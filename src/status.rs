@@ -37,6 +37,9 @@ pub struct EndpointStatus {
     pub calls_failed: u64,
     /// The last connection failure.
     pub last_error: Option<Error>,
+    /// The HTTP/2 keepalive interval of its next connection: the configured
+    /// one, doubled after each GOAWAY `too_many_pings`. `None` when off.
+    pub http2_keep_alive_interval: Option<Duration>,
 }
 
 impl EndpointStatus {
@@ -59,6 +62,7 @@ impl EndpointStatus {
             calls_in_flight: stats.calls_in_flight.load(Ordering::Relaxed),
             calls_failed: stats.calls_failed.load(Ordering::Relaxed),
             last_error: sub.last_error(),
+            http2_keep_alive_interval: sub.http2_keep_alive_interval(),
         }
     }
 }
