@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
+use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::Message;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::rdata::{CNAME, SRV};
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use hickory_resolver::{TokioResolver, lookup::Lookup};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 use super::endpoint::{Endpoint, keep_ranked};
 
@@ -151,17 +152,18 @@ impl Dns {
                 return Ok(empty.into_empty_answer());
             }
         };
-        let (records, ttl) = typed_records(&qname, &lookup, RecordType::SRV, |d| match d {
-            RData::SRV(srv) => Some(srv.clone()),
-            _ => None,
-        })?;
+        let (records, ttl) =
+            typed_records(&qname, lookup.answers(), RecordType::SRV, |d| match d {
+                RData::SRV(srv) => Some(srv.clone()),
+                _ => None,
+            })?;
         if records.is_empty() {
             return Ok(Answer::Empty {
                 nxdomain: false,
                 ttl: None,
             });
         }
-        let glue = glue(&lookup);
+        let glue = glue(lookup.additionals());
         let mut groups: BTreeMap<u16, Vec<SRV>> = BTreeMap::new();
         for srv in records {
             // A target of "." means "no service here".
@@ -284,7 +286,7 @@ impl Dns {
     async fn family(&self, name: Name, rtype: RecordType) -> Result<Family, Failure> {
         match self.resolver.lookup(name.clone(), rtype).await {
             Ok(lookup) => {
-                let (ips, ttl) = typed_records(&name, &lookup, rtype, |d| d.ip_addr())?;
+                let (ips, ttl) = typed_records(&name, lookup.answers(), rtype, |d| d.ip_addr())?;
                 if ips.is_empty() {
                     Ok(Family::Empty {
                         nxdomain: false,
@@ -353,14 +355,14 @@ fn tune(opts: &mut ResolverOpts, timeout: Duration) {
 /// Only CNAMEs and no records of the type means the chain never ended.
 fn typed_records<T>(
     name: &Name,
-    lookup: &Lookup,
+    answers: &[Record],
     rtype: RecordType,
     pick: impl Fn(&RData) -> Option<T>,
 ) -> Result<(Vec<T>, Duration), Failure> {
     let mut out = Vec::new();
     let mut ttl = u32::MAX;
     let mut cname = false;
-    for record in lookup.answers() {
+    for record in answers {
         if record.record_type() == rtype {
             if let Some(item) = pick(&record.data) {
                 out.push(item);
@@ -379,9 +381,9 @@ fn typed_records<T>(
 }
 
 /// A and AAAA records of the additional section, by owner name.
-fn glue(lookup: &Lookup) -> HashMap<String, (Vec<IpAddr>, Duration)> {
+fn glue(additionals: &[Record]) -> HashMap<String, (Vec<IpAddr>, Duration)> {
     let mut glue: HashMap<String, (Vec<IpAddr>, Duration)> = HashMap::new();
-    for record in lookup.additionals() {
+    for record in additionals {
         if let Some(ip) = record.data.ip_addr() {
             let entry = glue
                 .entry(key(&record.name))
@@ -419,4 +421,44 @@ fn classify(name: &Name, rtype: RecordType, err: NetError) -> Result<Family, Fai
         other => other.to_string(),
     };
     Err(Failure(format!("{rtype} {name}: {why}")))
+}
+
+/// Runs the answer handling on a raw DNS message, as the resolver does on
+/// each answer: the typed records of A, AAAA and SRV (with the CNAME check),
+/// the additional section's glue, and the capped endpoint set. Returns how
+/// many endpoints were kept. For the fuzzer; not part of the API.
+pub(crate) fn fuzz_answer(bytes: &[u8]) -> usize {
+    let Ok(message) = Message::from_vec(bytes) else {
+        return 0;
+    };
+    let name = message
+        .queries
+        .first()
+        .map(|q| q.name().clone())
+        .unwrap_or_else(Name::root);
+    let mut ips = Vec::new();
+    for rtype in [RecordType::A, RecordType::AAAA] {
+        if let Ok((found, _)) = typed_records(&name, &message.answers, rtype, |d| d.ip_addr()) {
+            ips.extend(found);
+        }
+    }
+    let mut list: Vec<Endpoint> = ips
+        .into_iter()
+        .map(|ip| Endpoint::new(SocketAddr::new(ip, 443)))
+        .collect();
+    if let Ok((records, _)) = typed_records(&name, &message.answers, RecordType::SRV, |d| match d {
+        RData::SRV(srv) => Some(srv.clone()),
+        _ => None,
+    }) {
+        let glue = glue(&message.additionals);
+        for srv in records {
+            if let Some((addrs, _)) = glue.get(&key(&srv.target)) {
+                list.extend(addrs.iter().map(|ip| {
+                    Endpoint::new(SocketAddr::new(*ip, srv.port)).with_srv(srv.priority, srv.weight)
+                }));
+            }
+        }
+    }
+    let (set, _) = super::Endpoints::normalize(list, 1024, 7);
+    set.len()
 }

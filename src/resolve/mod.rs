@@ -92,6 +92,13 @@ pub enum ResolveStatus {
     },
 }
 
+/// Runs the resolver's answer handling on a raw DNS message and returns how
+/// many endpoints it kept. For the fuzzer only; not part of the API.
+#[doc(hidden)]
+pub fn fuzz_answer(bytes: &[u8]) -> usize {
+    dns::fuzz_answer(bytes)
+}
+
 /// A handle to one target's resolution.
 ///
 /// Cloning is cheap. The background task ends when the last handle and the

@@ -1,0 +1,721 @@
+//! Reliability under failure: each scenario runs 32 concurrent callers
+//! through one `LbChannel` against 4 echo backends with tonic-health, with
+//! DNS from hickory-server in-process, on real time, bounded. Each counts
+//! calls sent, succeeded and failed, and which backend served each one, and
+//! prints a `RELIABILITY` line with its figures (see RELIABILITY.md).
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use healthlb::{BackoffConfig, LbChannel, SubchannelState};
+use support::dns::{TestDns, Zone};
+use support::echo::pb::EchoRequest;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::{Backend, Options, free_port, loopback};
+use support::proxy::Proxy;
+use support::wait_for;
+
+const HOST: &str = "echo.test.local";
+const CALLERS: usize = 32;
+
+fn fast_backoff() -> BackoffConfig {
+    BackoffConfig::default()
+        .initial(Duration::from_millis(100))
+        .max(Duration::from_secs(1))
+}
+
+fn ip(addr: SocketAddr) -> Ipv4Addr {
+    match addr {
+        SocketAddr::V4(v4) => *v4.ip(),
+        SocketAddr::V6(_) => unreachable!("backends are IPv4"),
+    }
+}
+
+fn publish(zone: &Zone, addrs: &[SocketAddr]) {
+    let ips: Vec<Ipv4Addr> = addrs.iter().map(|a| ip(*a)).collect();
+    zone.set_a(HOST, &ips, 1);
+}
+
+/// Calls from `CALLERS` tasks, counted.
+struct Load {
+    stats: Arc<LoadStats>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct LoadStats {
+    stop: AtomicBool,
+    sent: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    by_backend: Mutex<HashMap<String, u64>>,
+    errors: Mutex<Vec<String>>,
+}
+
+#[derive(Debug)]
+struct Report {
+    sent: u64,
+    ok: u64,
+    failed: u64,
+    by_backend: HashMap<String, u64>,
+    errors: Vec<String>,
+    elapsed: Duration,
+}
+
+impl Load {
+    /// Starts the callers; each call carries `deadline` when given.
+    fn start(channel: &LbChannel, deadline: Option<Duration>) -> Self {
+        let stats = Arc::new(LoadStats::default());
+        let tasks = (0..CALLERS)
+            .map(|_| {
+                let (channel, stats) = (channel.clone(), stats.clone());
+                tokio::spawn(async move {
+                    let mut client = EchoClient::new(channel);
+                    // Bounded in count as well as time.
+                    for _ in 0..5_000_000u64 {
+                        if stats.stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                        let mut request = tonic::Request::new(EchoRequest {
+                            message: "r".into(),
+                        });
+                        if let Some(d) = deadline {
+                            request.set_timeout(d);
+                        }
+                        match client.unary(request).await {
+                            Ok(reply) => {
+                                stats.ok.fetch_add(1, Ordering::Relaxed);
+                                let backend = reply.into_inner().backend;
+                                *stats.by_backend.lock().unwrap().entry(backend).or_default() += 1;
+                            }
+                            Err(status) => {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                                let mut errors = stats.errors.lock().unwrap();
+                                if errors.len() < 20 {
+                                    errors.push(format!(
+                                        "{:?}: {}",
+                                        status.code(),
+                                        status.message()
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stats,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    fn failed(&self) -> u64 {
+        self.stats.failed.load(Ordering::Relaxed)
+    }
+
+    fn served_by(&self, backend: &str) -> u64 {
+        self.stats
+            .by_backend
+            .lock()
+            .unwrap()
+            .get(backend)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    async fn finish(self) -> Report {
+        self.stats.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        let s = &self.stats;
+        Report {
+            sent: s.sent.load(Ordering::Relaxed),
+            ok: s.ok.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            by_backend: s.by_backend.lock().unwrap().clone(),
+            errors: s.errors.lock().unwrap().clone(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Report {
+    fn print(&self, scenario: &str, extra: &str) {
+        let mut backends: Vec<_> = self.by_backend.iter().collect();
+        backends.sort();
+        eprintln!(
+            "RELIABILITY {scenario}: sent={} ok={} failed={} in {:.1}s; by backend {:?}; {extra}; first errors {:?}",
+            self.sent,
+            self.ok,
+            self.failed,
+            self.elapsed.as_secs_f64(),
+            backends,
+            &self.errors[..self.errors.len().min(3)]
+        );
+    }
+}
+
+/// 4 backends on 127.0.0.`first`.. with one port, DNS, and a channel.
+async fn cluster(first: u8, options: Options) -> (Vec<Backend>, TestDns, u16) {
+    let port = free_port();
+    let mut backends = Vec::new();
+    for i in 0..4 {
+        let n = first + i;
+        backends
+            .push(Backend::start_with(&format!("b{n}"), loopback(n, port), options.clone()).await);
+    }
+    let dns = TestDns::start().await;
+    publish(
+        &dns.zone(),
+        &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+    );
+    (backends, dns, port)
+}
+
+async fn all_serving(channel: &LbChannel, n: usize) {
+    let ok = wait_for(Duration::from_secs(10), || {
+        let eps = channel.endpoints();
+        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
+    })
+    .await;
+    assert!(ok.is_some(), "all {n} SERVING: {:?}", channel.endpoints());
+}
+
+fn is_serving(channel: &LbChannel, addr: SocketAddr) -> bool {
+    channel
+        .endpoints()
+        .iter()
+        .any(|e| e.addr == addr && e.state.is_serving())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_fails_no_call() {
+    let (mut backends, dns, port) = cluster(60, Options::default()).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .backoff(fast_backoff())
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let load = Load::start(&channel, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for i in 0..4u8 {
+        let old = backends.remove(0);
+        old.set_serving(false).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = 70 + i;
+        backends.push(Backend::start(&format!("b{n}"), loopback(n, port)).await);
+        publish(
+            &dns.zone(),
+            &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+        );
+        old.stop().await;
+        let joined = wait_for(Duration::from_secs(3), || {
+            is_serving(&channel, loopback(n, port))
+        })
+        .await;
+        assert!(joined.is_some(), "b{n} joined");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.finish().await;
+    report.print("rolling deploy", "4 of 4 backends replaced");
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(
+        report.by_backend.keys().any(|b| b == "b73"),
+        "the last new backend served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_fails_at_most_the_calls_in_flight() {
+    let (mut backends, dns, port) = cluster(80, Options::default()).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .backoff(fast_backoff())
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let load = Load::start(&channel, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let victim = backends.remove(0);
+    let addr = victim.addr;
+    let in_flight = channel
+        .endpoints()
+        .iter()
+        .find(|e| e.addr == addr)
+        .map(|e| e.calls_in_flight)
+        .unwrap_or(0);
+    let failed_before = load.failed();
+    victim.kill().await;
+    let out = wait_for(Duration::from_secs(3), || !is_serving(&channel, addr)).await;
+    assert!(out.is_some(), "the crashed backend left rotation");
+    let failed_at_crash = load.failed() - failed_before;
+    let after = load.failed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed_after = load.failed() - after;
+    let report = load.finish().await;
+    report.print(
+        "crash",
+        &format!("in flight at the kill {in_flight}, failed at the kill {failed_at_crash}, failed afterwards {failed_after}"),
+    );
+    // In flight was read just before the kill; allow the callers' next pick.
+    assert!(
+        failed_at_crash <= in_flight as u64 + CALLERS as u64 / 4,
+        "failed {failed_at_crash} with {in_flight} in flight: {:?}",
+        report.errors
+    );
+    assert_eq!(
+        failed_after, 0,
+        "no failure once it left rotation: {:?}",
+        report.errors
+    );
+}
+
+/// Scenario 3 with a given liveness setting: (time out of rotation, report).
+async fn silent_peer(first: u8, interval: Duration, timeout: Duration) -> (Duration, Report) {
+    let port = free_port();
+    let mut backends = Vec::new();
+    for i in 0..4 {
+        backends.push(Backend::start(&format!("b{}", first + i), loopback(first + i, port)).await);
+    }
+    // The first backend is reached through a proxy that can black-hole it.
+    let proxy = Proxy::start(loopback(first + 10, port), backends[0].addr).await;
+    let mut addrs: Vec<SocketAddr> = backends[1..].iter().map(|b| b.addr).collect();
+    addrs.push(proxy.addr);
+    let dns = TestDns::start().await;
+    publish(&dns.zone(), &addrs);
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .liveness_interval(Some(interval))
+        .liveness_timeout(timeout)
+        .backoff(fast_backoff())
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    // Callers carry a deadline, as production callers do.
+    let load = Load::start(&channel, Some(Duration::from_millis(500)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.go_silent(true);
+    let silenced = Instant::now();
+    let bound = interval + timeout + Duration::from_secs(2);
+    let out = wait_for(bound, || !is_serving(&channel, proxy.addr)).await;
+    let took = silenced.elapsed();
+    assert!(out.is_some(), "out of rotation within {bound:?}");
+    let ok_before = load.stats.ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        load.stats.ok.load(Ordering::Relaxed) > ok_before + 100,
+        "calls go on via the others"
+    );
+    drop(proxy);
+    (took, load.finish().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_leaves_rotation_within_the_bound_shortened() {
+    let (took, report) =
+        silent_peer(90, Duration::from_millis(500), Duration::from_millis(500)).await;
+    report.print(
+        "silent peer (liveness 0.5 s + 0.5 s)",
+        &format!("out of rotation after {took:?}"),
+    );
+    assert!(took <= Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_leaves_rotation_within_the_default_bound() {
+    let defaults = healthlb::SubchannelConfig::default();
+    let _ = defaults;
+    let (took, report) = silent_peer(110, Duration::from_secs(15), Duration::from_secs(15)).await;
+    report.print(
+        "silent peer (defaults 15 s + 15 s)",
+        &format!("out of rotation after {took:?}"),
+    );
+    assert!(
+        took <= Duration::from_secs(32),
+        "within the documented 30 s: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_client_max_age_under_load_fail_no_call() {
+    let options = Options {
+        max_connection_age: Some(Duration::from_secs(1)),
+        ..Options::default()
+    };
+    let (backends, dns, port) = cluster(130, options).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .max_connection_age(Duration::from_millis(1500))
+        .backoff(fast_backoff())
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let connects_before: u64 = channel
+        .endpoints()
+        .iter()
+        .map(|e| e.connects + e.recycles)
+        .sum();
+    let load = Load::start(&channel, None);
+    let recycled = wait_for(Duration::from_secs(20), || {
+        let now: u64 = channel
+            .endpoints()
+            .iter()
+            .map(|e| e.connects + e.recycles)
+            .sum();
+        now >= connects_before + 20
+    })
+    .await;
+    let report = load.finish().await;
+    let recycles: u64 = channel
+        .endpoints()
+        .iter()
+        .map(|e| e.connects + e.recycles)
+        .sum::<u64>()
+        - connects_before;
+    // Known gap (RELIABILITY.md): now and then tonic's server closes a
+    // connection it sent GOAWAY on while calls it accepted are still open;
+    // the client sees them end in a broken pipe and cannot know whether the
+    // server ran them, so it doesn't retry. Every other failure is a bug.
+    let broken_pipe = report
+        .errors
+        .iter()
+        .filter(|e| e.contains("connection error"))
+        .count();
+    report.print(
+        "server GOAWAY + client max age",
+        &format!("{recycles} new connections; failures from a server close under open calls: {broken_pipe}"),
+    );
+    assert!(recycled.is_some(), "20 recycles happened: {recycles}");
+    assert!(
+        report.errors.iter().all(|e| e.contains("connection error")),
+        "only server closes under open calls fail: {:?}",
+        report.errors
+    );
+    assert!(
+        report.failed <= CALLERS as u64,
+        "at most one connection's calls: {:?}",
+        report.errors
+    );
+    drop(backends);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_outage_keeps_the_set_and_the_restart_is_picked_up() {
+    let (backends, dns, port) = cluster(140, Options::default()).await;
+    let spare = Backend::start("b150", loopback(150, port)).await;
+    let dns_addr = dns.addr();
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let load = Load::start(&channel, None);
+
+    let zone = dns.stop().await;
+    let outage = Instant::now();
+    let mut kept = true;
+    while outage.elapsed() < Duration::from_secs(10) {
+        kept &= channel
+            .endpoints()
+            .iter()
+            .filter(|e| e.state.is_serving())
+            .count()
+            == 4;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back, with a changed set: the spare replaces the first backend.
+    let mut addrs: Vec<SocketAddr> = backends[1..].iter().map(|b| b.addr).collect();
+    addrs.push(spare.addr);
+    publish(&zone, &addrs);
+    let dns = TestDns::serve(dns_addr, zone).await;
+    let restarted = Instant::now();
+    let picked = wait_for(Duration::from_secs(5), || load.served_by("b150") > 0).await;
+    let took = restarted.elapsed();
+    let report = load.finish().await;
+    report.print(
+        "DNS outage 10 s",
+        &format!("set kept during the outage: {kept}; change served {took:?} after the restart"),
+    );
+    assert!(kept, "the last good set was kept");
+    assert!(
+        picked.is_some() && took <= Duration::from_secs(2),
+        "picked up within TTL + 1 s: {took:?}"
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    drop(dns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_settles_without_leaks() {
+    let (backends, dns, port) = cluster(160, Options::default()).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // Baselines without load: the load's own tasks come and go.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tasks_before = metrics.num_alive_tasks();
+    let load = Load::start(&channel, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss();
+
+    let flapper = &backends[0];
+    let start = Instant::now();
+    let mut serving = true;
+    let mut flips = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        serving = !serving;
+        flapper.set_serving(serving).await;
+        flips += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // End NOT_SERVING: from then on it must get no call.
+    flapper.set_serving(false).await;
+    let settled = wait_for(Duration::from_secs(2), || {
+        !is_serving(&channel, flapper.addr)
+    })
+    .await;
+    assert!(settled.is_some(), "it ends NOT_SERVING");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let calls_at_rest = flapper.calls();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leaked_calls = flapper.calls() - calls_at_rest;
+    let rss_after = rss();
+    let report = load.finish().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tasks_after = metrics.num_alive_tasks();
+    report.print(
+        "flapping every 5 ms for 5 s",
+        &format!(
+            "{flips} flips; calls after it settled NOT_SERVING {leaked_calls}; tasks {tasks_before} → {tasks_after}; RSS {} → {} KiB",
+            rss_before / 1024,
+            rss_after / 1024
+        ),
+    );
+    assert_eq!(leaked_calls, 0, "no call while NOT_SERVING");
+    assert!(
+        tasks_after <= tasks_before,
+        "tasks back to baseline: {tasks_before} → {tasks_after}"
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024 * 1024,
+        "memory flat: {rss_before} → {rss_after}"
+    );
+    assert!(
+        channel
+            .endpoints()
+            .iter()
+            .filter(|e| e.state.is_serving())
+            .count()
+            == 3,
+        "the final state is right"
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+}
+
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
+    let port = free_port();
+    let backend = Backend::start("b170", loopback(170, port)).await;
+    let others = [
+        Backend::start("b171", loopback(171, port)).await,
+        Backend::start("b172", loopback(172, port)).await,
+    ];
+    let proxy = Proxy::start(loopback(173, port), backend.addr).await;
+    let dns = TestDns::start().await;
+    publish(&dns.zone(), &[proxy.addr, others[0].addr, others[1].addr]);
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+        .backoff(fast_backoff())
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 3).await;
+    let interval = |c: &LbChannel| {
+        c.endpoints()
+            .into_iter()
+            .find(|e| e.addr == proxy.addr)
+            .and_then(|e| e.http2_keep_alive_interval)
+    };
+    assert_eq!(interval(&channel), Some(Duration::from_secs(10)));
+    let load = Load::start(&channel, None);
+    proxy.send_too_many_pings();
+    let doubled = wait_for(Duration::from_secs(3), || {
+        interval(&channel) == Some(Duration::from_secs(20))
+    })
+    .await;
+    assert!(doubled.is_some(), "doubled: {:?}", interval(&channel));
+    let back = wait_for(Duration::from_secs(3), || is_serving(&channel, proxy.addr)).await;
+    let before = load.served_by("b170");
+    let served_again = wait_for(Duration::from_secs(3), || {
+        load.served_by("b170") > before + 10
+    })
+    .await;
+    let report = load.finish().await;
+    report.print("too_many_pings", "interval 10 s → 20 s");
+    assert!(
+        back.is_some() && served_again.is_some(),
+        "it keeps serving after reconnecting"
+    );
+    // The test proxy claims no stream was processed (last stream 0) and
+    // closes at once: calls not yet answered are sent again, but one whose
+    // response had begun fails, as it would against grpc-go.
+    assert!(
+        report.failed <= CALLERS as u64,
+        "at most the calls in flight: {:?}",
+        report.errors
+    );
+    assert!(
+        report
+            .errors
+            .iter()
+            .all(|e| e.starts_with("ResourceExhausted")),
+        "{:?}",
+        report.errors
+    );
+}
+
+#[tokio::test]
+async fn a_dns_answer_of_ten_thousand_records_is_capped_without_hanging() {
+    let dns = TestDns::start().await;
+    dns.zone().set_a(HOST, &support::dns::many_ips(10_000), 1);
+    let channel = LbChannel::builder(dns.target(HOST, 50051)).build().unwrap();
+    let settled = wait_for(Duration::from_secs(10), || {
+        !channel.endpoints().is_empty()
+            || channel
+                .endpoints()
+                .iter()
+                .any(|e| matches!(e.state, SubchannelState::TransientFailure(_)))
+    })
+    .await;
+    let n = channel.endpoints().len();
+    eprintln!("RELIABILITY 10k records: {n} endpoints after {settled:?}");
+    assert!(n <= 1024, "the cap holds: {n}");
+    // An answer that large doesn't fit a DNS message (64 KiB): it fails as a
+    // DNS error or is cut; either way the channel answers at once.
+    let mut client = EchoClient::new(
+        LbChannel::builder(dns.target(HOST, 50051))
+            .fail_fast(true)
+            .build()
+            .unwrap(),
+    );
+    let status = support::within(
+        Duration::from_secs(5),
+        "a call",
+        client.unary(EchoRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test]
+async fn garbage_overlong_and_looping_names_give_clear_errors() {
+    let long_label = "a".repeat(64);
+    let long_name = format!("{}.test", ["abcdefghij"; 30].join("."));
+    for (target, what) in [
+        (format!("dns:///{long_label}.test:50051"), "label"),
+        (format!("dns:///{long_name}:50051"), "at most 253"),
+        ("dns:///bad_char$.test:50051".to_owned(), "bad_char$"),
+        ("dns:///:50051".to_owned(), "host"),
+    ] {
+        let err = LbChannel::builder(target.clone()).build().unwrap_err();
+        assert!(err.to_string().contains(&target), "{err}");
+        assert!(err.to_string().contains(what), "{target}: {err}");
+    }
+    // A CNAME loop: not a hang, an empty channel that says why.
+    let dns = TestDns::start().await;
+    dns.zone()
+        .set_cname("loop-a.test.local", "loop-b.test.local", 1);
+    dns.zone()
+        .set_cname("loop-b.test.local", "loop-a.test.local", 1);
+    let channel = LbChannel::builder(dns.target("loop-a.test.local", 50051))
+        .ready_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    let status = support::within(
+        Duration::from_secs(5),
+        "a call",
+        client.unary(EchoRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("CNAME"), "{}", status.message());
+}
+
+/// Ten minutes of load with a backend flapping every second and DNS
+/// changing every 5 s; RSS and task count sampled every 10 s stay flat.
+/// `cargo test --test reliability -- --ignored soak`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs for 10 minutes"]
+async fn soak() {
+    let minutes = std::env::var("HEALTHLB_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10u64);
+    let (backends, dns, port) = cluster(180, Options::default()).await;
+    let extra = Backend::start("b190", loopback(190, port)).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, 4).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let load = Load::start(&channel, None);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    let mut tick = 0u64;
+    while start.elapsed() < Duration::from_secs(60 * minutes) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        backends[0].set_serving(tick % 2 == 0).await;
+        if tick % 5 == 0 {
+            let mut addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+            if tick % 10 == 0 {
+                addrs.push(extra.addr);
+            }
+            publish(&dns.zone(), &addrs);
+        }
+        if tick % 10 == 0 {
+            samples.push((metrics.num_alive_tasks(), rss()));
+        }
+    }
+    let report = load.finish().await;
+    report.print("soak", &format!("(tasks, RSS) every 10 s: {samples:?}"));
+    let (first_tasks, first_rss) = samples[1];
+    let (last_tasks, last_rss) = samples[samples.len() - 1];
+    assert!(last_tasks <= first_tasks + 4, "tasks flat: {samples:?}");
+    assert!(
+        last_rss < first_rss + 32 * 1024 * 1024,
+        "RSS flat: {samples:?}"
+    );
+}
