@@ -93,6 +93,7 @@ impl Balancer {
                 changed: Some(changed.clone()),
                 resolve_now: Some(self.resolver.resolve_now_handle()),
                 authority: self.authority.clone(),
+                target: Some(self.target.clone()),
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
                 Ok(sub) => {
@@ -114,8 +115,20 @@ impl Balancer {
         let mut ready = Vec::new();
         let mut labels = Vec::with_capacity(subchannels.len());
         let mut serving = BTreeMap::new();
+        let mut states = [
+            ("serving", 0),
+            ("not_serving", 0),
+            ("connecting", 0),
+            ("transient_failure", 0),
+        ];
         for (addr, sub) in subchannels {
             let status = sub.status();
+            if let Some(slot) = states
+                .iter_mut()
+                .find(|(s, _)| *s == status.state().metric_label())
+            {
+                slot.1 += 1;
+            }
             if let Some(conn) = status.serving_conn() {
                 if conn.is_ready() {
                     ready.push(conn.clone());
@@ -130,6 +143,7 @@ impl Balancer {
             _ if subchannels.is_empty() => Some("the resolver found no address".to_owned()),
             _ => None,
         };
+        crate::metrics::endpoints(&self.target, states);
         let summary = Snapshot::summarize(labels.iter().map(String::as_str), note.as_deref());
         self.outputs.picker.publish(Snapshot { ready, summary });
         self.outputs

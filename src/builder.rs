@@ -143,6 +143,9 @@ impl Builder {
         fn max_connection_age_grace(d: Duration);
         /// A `user-agent` prefix. Default: none.
         fn user_agent(agent: impl Into<String>);
+        /// A `method` label on request and message metrics (feature
+        /// `metrics`). Default: off, to keep cardinality bounded.
+        fn metrics_method_label(on: bool);
     }
 
     /// TLS to every endpoint; the certificate is checked against the

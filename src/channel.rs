@@ -214,10 +214,16 @@ impl ChannelShared {
     /// A serving connection, waiting until `until` for one.
     async fn wait_pick(&self, until: Instant) -> Result<Arc<Conn>, Status> {
         let mut published = self.picker.subscribe();
+        let started = Instant::now();
+        let mut waited = false;
         loop {
             if let Some(conn) = self.picker.pick() {
+                if waited {
+                    crate::metrics::pick_wait(&self.target, started.elapsed());
+                }
                 return Ok(conn);
             }
+            waited = true;
             if self.fail_fast {
                 return Err(Status::unavailable(format!(
                     "{}: no endpoint is SERVING (fail_fast); {}",
@@ -234,6 +240,7 @@ impl ChannelShared {
                     )));
                 }
                 Err(_) => {
+                    crate::metrics::pick_wait(&self.target, started.elapsed());
                     return Err(Status::unavailable(format!(
                         "{}: no endpoint is SERVING after waiting {:?}; {}",
                         self.target,

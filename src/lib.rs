@@ -56,6 +56,7 @@ mod builder;
 mod channel;
 mod discover;
 mod error;
+mod metrics;
 #[doc(hidden)]
 pub mod picker;
 pub mod resolve;

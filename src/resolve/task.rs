@@ -194,6 +194,14 @@ impl Resolution {
         if self.parts.iter().any(Option::is_some) {
             self.publish(nxdomain);
         }
+        let result = if !failures.is_empty() {
+            "error"
+        } else if self.publisher.endpoints.borrow().is_empty() {
+            "empty"
+        } else {
+            "ok"
+        };
+        crate::metrics::resolution(&self.target, result);
 
         if failures.is_empty() {
             if let Some(outage) = self.outage.take() {

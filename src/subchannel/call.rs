@@ -14,7 +14,8 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::connect::{Conn, Origin};
-use super::replay::{Replay, refused_unprocessed};
+use super::replay::{Counting, Replay, refused_unprocessed};
+use crate::metrics::GrpcFrames;
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -39,17 +40,37 @@ impl Conn {
             // Draining since it was picked.
             return Sent::Unsent(req);
         };
-        let (mut req, replay) = Replay::wrap(req);
-        prepare(&mut req, &self.origin);
         let stats = &self.stats;
+        // Metrics: the method, and counting of the request's messages.
+        let method: Option<Arc<str>> = stats.metrics.enabled().then(|| req.uri().path().into());
+        let counting = method.clone().map(|method| Counting {
+            stats: stats.clone(),
+            method,
+            frames: GrpcFrames::default(),
+        });
+        let (mut req, replay) = Replay::wrap(req, counting);
+        prepare(&mut req, &self.origin);
         let mut send = self.send.clone();
         match send.try_send_request(req).await {
             Ok(response) => {
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                let mut counting = method.map(|method| ResponseCounting {
+                    method,
+                    frames: GrpcFrames::default(),
+                    done: false,
+                });
+                if let Some(counting) = &mut counting {
+                    // A trailers-only response carries its status in the headers.
+                    if let Some(code) = grpc_status(response.headers()) {
+                        stats.metrics.request_done(code, &counting.method);
+                        counting.done = true;
+                    }
+                }
                 Sent::Response(response.map(|body| {
                     Body::new(TrackedBody {
                         body,
-                        _guard: guard,
+                        counting,
+                        guard,
                     })
                 }))
             }
@@ -69,7 +90,11 @@ impl Conn {
                 }
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 stats.calls_failed.fetch_add(1, Ordering::Relaxed);
-                Sent::Failed(transport_status(self.addr, err))
+                let status = transport_status(self.addr, err);
+                if let Some(method) = &method {
+                    stats.metrics.request_done(status.code(), method);
+                }
+                Sent::Failed(status)
             }
         }
     }
@@ -170,10 +195,42 @@ impl Drop for CallGuard {
     }
 }
 
-/// A response body that keeps its call counted until it ends or is dropped.
+/// A response body that keeps its call counted until it ends or is dropped,
+/// and, with metrics on, counts its messages and records its status.
 struct TrackedBody {
     body: Incoming,
-    _guard: CallGuard,
+    counting: Option<ResponseCounting>,
+    guard: CallGuard,
+}
+
+struct ResponseCounting {
+    method: Arc<str>,
+    frames: GrpcFrames,
+    /// The status was recorded.
+    done: bool,
+}
+
+/// The `grpc-status` of a header or trailer map.
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(value))
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if let Some(counting) = &self.counting {
+            if !counting.done {
+                // Dropped before its status: the caller gave up on it.
+                let metrics = &self.guard.conn.stats.metrics;
+                metrics.request_done(tonic::Code::Cancelled, &counting.method);
+            }
+        }
+    }
 }
 
 impl HttpBody for TrackedBody {
@@ -184,7 +241,32 @@ impl HttpBody for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {
+            let metrics = &this.guard.conn.stats.metrics;
+            match result {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let n = counting.frames.feed(data);
+                        if n > 0 {
+                            metrics.messages_received(n, &counting.method);
+                        }
+                    } else if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                        if !counting.done {
+                            metrics.request_done(code, &counting.method);
+                            counting.done = true;
+                        }
+                    }
+                }
+                Some(Err(_)) if !counting.done => {
+                    metrics.request_done(tonic::Code::Unavailable, &counting.method);
+                    counting.done = true;
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -45,6 +45,7 @@ pub struct SubchannelConfig {
     pub(crate) max_connection_age_grace: Duration,
     pub(crate) authority: Option<String>,
     pub(crate) user_agent: Option<String>,
+    pub(crate) metrics_method_label: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::subchannel::TlsConfig>,
 }
@@ -66,6 +67,7 @@ impl Default for SubchannelConfig {
             max_connection_age_grace: Duration::from_secs(30),
             authority: None,
             user_agent: None,
+            metrics_method_label: false,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -172,6 +174,14 @@ impl SubchannelConfig {
     /// A `user-agent` prefix; `healthlb/VERSION` follows it. Default: none.
     pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
         self.user_agent = Some(agent.into());
+        self
+    }
+
+    /// Adds a `method` label (the gRPC path) to the request and message
+    /// metrics (feature `metrics`). Default: off, since every method then
+    /// makes a series per endpoint.
+    pub fn metrics_method_label(mut self, on: bool) -> Self {
+        self.metrics_method_label = on;
         self
     }
 

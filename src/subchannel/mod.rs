@@ -112,6 +112,17 @@ impl SubchannelState {
         }
     }
 
+    /// The state's name in metrics: serving, not_serving, connecting or
+    /// transient_failure.
+    pub(crate) fn metric_label(&self) -> &'static str {
+        match self {
+            SubchannelState::Connecting => "connecting",
+            SubchannelState::Serving => "serving",
+            SubchannelState::NotServing(_) => "not_serving",
+            SubchannelState::TransientFailure(_) => "transient_failure",
+        }
+    }
+
     /// The same state, ignoring the details of errors.
     fn same_as(&self, other: &SubchannelState) -> bool {
         match (self, other) {
@@ -194,6 +205,7 @@ impl SubchannelStatus {
 /// relaxed add per call.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    pub(crate) metrics: crate::metrics::EndpointMetrics,
     pub(crate) calls_started: AtomicU64,
     pub(crate) calls_in_flight: AtomicUsize,
     pub(crate) calls_failed: AtomicU64,
@@ -248,6 +260,7 @@ impl Shared {
                 return false;
             }
             if !same_state {
+                self.stats.metrics.transition(state.metric_label());
                 let from = current.state.label().to_owned();
                 match &state {
                     SubchannelState::Serving | SubchannelState::NotServing(_) => {
@@ -345,6 +358,8 @@ pub(crate) struct Hooks {
     pub(crate) changed: Option<Arc<Notify>>,
     pub(crate) resolve_now: Option<Arc<Notify>>,
     pub(crate) authority: Option<Authority>,
+    /// The target, for metrics labels.
+    pub(crate) target: Option<Arc<str>>,
 }
 
 // === impl Subchannel ===
@@ -396,10 +411,18 @@ impl Subchannel {
             last_health: None,
             conn: None,
         });
+        let endpoint_addr = endpoint.addr();
         let shared = Arc::new(Shared {
             endpoint,
             status: status_tx,
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(Stats {
+                metrics: crate::metrics::EndpointMetrics::new(
+                    hooks.target,
+                    endpoint_addr,
+                    config.metrics_method_label,
+                ),
+                ..Stats::default()
+            }),
             keep_alive_ms: AtomicU64::new(0),
             unimplemented_logged: AtomicBool::new(false),
             last_error: Mutex::new(None),

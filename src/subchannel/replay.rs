@@ -46,10 +46,19 @@ pub(crate) struct Replay {
 struct Recording {
     /// The body not yet read; `None` once it ended.
     inner: Option<Body>,
+    /// Messages counted for metrics, on the first read only.
+    counting: Option<Counting>,
     frames: Vec<Recorded>,
     size: usize,
     /// Over the limit: no replay.
     overflow: bool,
+}
+
+/// What the request's messages are counted into.
+pub(crate) struct Counting {
+    pub(crate) stats: Arc<super::Stats>,
+    pub(crate) method: Arc<str>,
+    pub(crate) frames: crate::metrics::GrpcFrames,
 }
 
 enum Recorded {
@@ -60,10 +69,14 @@ enum Recorded {
 impl Replay {
     /// Splits `request` into the request to send, whose body records itself,
     /// and what it takes to send it again.
-    pub(crate) fn wrap(request: Request<Body>) -> (Request<Body>, Replay) {
+    pub(crate) fn wrap(
+        request: Request<Body>,
+        counting: Option<Counting>,
+    ) -> (Request<Body>, Replay) {
         let (parts, body) = request.into_parts();
         let recording = Arc::new(Mutex::new(Recording {
             inner: Some(body),
+            counting,
             frames: Vec::new(),
             size: 0,
             overflow: false,
@@ -128,6 +141,12 @@ impl HttpBody for ReplayBody {
         };
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let (Some(counting), Some(data)) = (rec.counting.as_mut(), frame.data_ref()) {
+                    let n = counting.frames.feed(data);
+                    if n > 0 {
+                        counting.stats.metrics.messages_sent(n, &counting.method);
+                    }
+                }
                 if !rec.overflow {
                     let recorded = match frame.data_ref() {
                         Some(data) if rec.size + data.len() <= REPLAY_LIMIT => {

@@ -145,6 +145,7 @@ impl Task {
                         shared.publish(state, Some(active.conn.clone()), health(&event));
                     }
                     ConnEvent::Lost(lost) => {
+                        shared.stats.metrics.recycle("lost");
                         self.active = None;
                         return lost;
                     }
@@ -155,6 +156,7 @@ impl Task {
                             in_flight = active.conn.in_flight(),
                             "the server is closing the connection; new calls wait for a new one"
                         );
+                        shared.stats.metrics.recycle(if goaway.is_too_many_pings() { "too_many_pings" } else { "goaway" });
                         let lost = Lost::GoAway {
                             too_many_pings: goaway.is_too_many_pings(),
                             graceful: goaway.code == h2::Reason::NO_ERROR,
@@ -170,6 +172,7 @@ impl Task {
                 next = recycle.next() => {
                     let old = std::mem::replace(active, next);
                     shared.stats.recycles.fetch_add(1, Ordering::Relaxed);
+                    shared.stats.metrics.recycle("max_age");
                     shared.publish(SubchannelState::Serving, Some(active.conn.clone()), Some(1));
                     info!(
                         endpoint = %shared.endpoint.addr(),

@@ -1,0 +1,304 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade, with the
+//! feature `metrics` (off by default). Without it every function here is
+//! empty and compiles away. The application installs a recorder (for
+//! example metrics-exporter-prometheus); healthlb never exports.
+//!
+//! | name | kind | labels |
+//! | --- | --- | --- |
+//! | `healthlb_endpoints` | gauge | `target`, `state` (serving, not_serving, connecting, transient_failure) |
+//! | `healthlb_requests_total` | counter | `target`, `endpoint`, `code` (the gRPC status, from trailers) |
+//! | `healthlb_stream_messages_sent_total` | counter | `target`, `endpoint` |
+//! | `healthlb_stream_messages_received_total` | counter | `target`, `endpoint` |
+//! | `healthlb_health_transitions_total` | counter | `target`, `endpoint`, `to` |
+//! | `healthlb_resolutions_total` | counter | `target`, `result` (ok, empty, error) |
+//! | `healthlb_connection_recycles_total` | counter | `target`, `endpoint`, `reason` (max_age, goaway, too_many_pings, lost) |
+//! | `healthlb_pick_wait_seconds` | histogram | `target`; calls that had to wait for a SERVING endpoint |
+//!
+//! Messages are counted from the 5-byte gRPC length prefixes in request and
+//! response bodies as they pass, so a long-lived stream's messages show up
+//! live. A `method` label on the request and message counters is opt-in
+//! (`metrics_method_label`), to keep cardinality bounded.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The handles of one endpoint, registered once so the request path only
+/// adds to atomics.
+pub(crate) struct EndpointMetrics {
+    #[cfg(feature = "metrics")]
+    inner: Option<Handles>,
+}
+
+#[cfg(feature = "metrics")]
+struct Handles {
+    target: Arc<str>,
+    endpoint: Arc<str>,
+    method_label: bool,
+    sent: metrics::Counter,
+    received: metrics::Counter,
+    codes: [std::sync::OnceLock<metrics::Counter>; 17],
+}
+
+impl std::fmt::Debug for EndpointMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointMetrics")
+            .field("enabled", &self.enabled())
+            .finish()
+    }
+}
+
+impl Default for EndpointMetrics {
+    /// Off: a subchannel outside an `LbChannel` has no target to label.
+    fn default() -> Self {
+        Self {
+            #[cfg(feature = "metrics")]
+            inner: None,
+        }
+    }
+}
+
+impl EndpointMetrics {
+    pub(crate) fn new(target: Option<Arc<str>>, endpoint: SocketAddr, method_label: bool) -> Self {
+        #[cfg(feature = "metrics")]
+        {
+            let Some(target) = target else {
+                return Self::default();
+            };
+            let endpoint: Arc<str> = endpoint.to_string().into();
+            let labels = [
+                ("target", target.to_string()),
+                ("endpoint", endpoint.to_string()),
+            ];
+            Self {
+                inner: Some(Handles {
+                    sent: metrics::counter!("healthlb_stream_messages_sent_total", &labels),
+                    received: metrics::counter!("healthlb_stream_messages_received_total", &labels),
+                    codes: Default::default(),
+                    target,
+                    endpoint,
+                    method_label,
+                }),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = (target, endpoint, method_label);
+            Self::default()
+        }
+    }
+
+    /// Whether anything is recorded: the request path skips frame counting
+    /// otherwise.
+    pub(crate) fn enabled(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        {
+            self.inner.is_some()
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            false
+        }
+    }
+
+    pub(crate) fn messages_sent(&self, n: u64, method: &str) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            match h.method_label {
+                false => h.sent.increment(n),
+                true => metrics::counter!(
+                    "healthlb_stream_messages_sent_total",
+                    "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "method" => method.to_owned()
+                )
+                .increment(n),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (n, method);
+    }
+
+    pub(crate) fn messages_received(&self, n: u64, method: &str) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            match h.method_label {
+                false => h.received.increment(n),
+                true => metrics::counter!(
+                    "healthlb_stream_messages_received_total",
+                    "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "method" => method.to_owned()
+                )
+                .increment(n),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (n, method);
+    }
+
+    /// A finished call and its gRPC status.
+    pub(crate) fn request_done(&self, code: tonic::Code, method: &str) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            let name = code_name(code);
+            if h.method_label {
+                metrics::counter!(
+                    "healthlb_requests_total",
+                    "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(),
+                    "code" => name, "method" => method.to_owned()
+                )
+                .increment(1);
+                return;
+            }
+            let slot = (code as usize).min(16);
+            h.codes[slot]
+                .get_or_init(|| {
+                    metrics::counter!(
+                        "healthlb_requests_total",
+                        "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "code" => name
+                    )
+                })
+                .increment(1);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (code, method);
+    }
+
+    pub(crate) fn transition(&self, to: &'static str) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            metrics::counter!(
+                "healthlb_health_transitions_total",
+                "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "to" => to
+            )
+            .increment(1);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = to;
+    }
+
+    pub(crate) fn recycle(&self, reason: &'static str) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            metrics::counter!(
+                "healthlb_connection_recycles_total",
+                "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "reason" => reason
+            )
+            .increment(1);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = reason;
+    }
+}
+
+/// `healthlb_endpoints{target,state}`: how many endpoints are in each state.
+pub(crate) fn endpoints(target: &str, counts: [(&'static str, usize); 4]) {
+    #[cfg(feature = "metrics")]
+    for (state, n) in counts {
+        metrics::gauge!("healthlb_endpoints", "target" => target.to_owned(), "state" => state)
+            .set(n as f64);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, counts);
+}
+
+/// `healthlb_resolutions_total{target,result}`.
+pub(crate) fn resolution(target: &str, result: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_resolutions_total", "target" => target.to_owned(), "result" => result).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, result);
+}
+
+/// `healthlb_pick_wait_seconds{target}`.
+pub(crate) fn pick_wait(target: &str, waited: std::time::Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("healthlb_pick_wait_seconds", "target" => target.to_owned())
+        .record(waited.as_secs_f64());
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, waited);
+}
+
+#[cfg(feature = "metrics")]
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Counts gRPC messages in a body from their 5-byte length prefixes, across
+/// chunk boundaries. A message counts as soon as its prefix has passed.
+#[derive(Debug, Default)]
+pub(crate) struct GrpcFrames {
+    /// Prefix bytes seen of the next message (0–4).
+    prefix: u8,
+    len: [u8; 4],
+    /// Bytes left of the current message.
+    remaining: u64,
+}
+
+impl GrpcFrames {
+    /// Feeds one chunk; returns how many messages began in it.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut messages = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= take as u64;
+                data = &data[take..];
+                continue;
+            }
+            let byte = data[0];
+            data = &data[1..];
+            if self.prefix > 0 {
+                self.len[usize::from(self.prefix) - 1] = byte;
+            }
+            self.prefix += 1;
+            if self.prefix == 5 {
+                messages += 1;
+                self.prefix = 0;
+                self.remaining = u64::from(u32::from_be_bytes(self.len));
+            }
+        }
+        messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GrpcFrames;
+
+    fn message(body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn counts_messages_across_chunk_boundaries() {
+        let mut stream = Vec::new();
+        for body in [&b"hello"[..], b"", b"a longer message body", b"x"] {
+            stream.extend(message(body));
+        }
+        // Whole, and cut into every chunk size.
+        for chunk in 1..=stream.len() {
+            let mut frames = GrpcFrames::default();
+            let n: u64 = stream.chunks(chunk).map(|c| frames.feed(c)).sum();
+            assert_eq!(n, 4, "chunk size {chunk}");
+        }
+    }
+}
