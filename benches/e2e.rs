@@ -4,7 +4,9 @@
 //! 1. a direct tonic `Channel` to one backend (the reference: no balancing),
 //! 2. tonic's `Channel::balance_list` over the 4,
 //! 3. ginepro over the 4 (tonic 0.13, via a renamed dependency),
-//! 4. healthlb's `LbChannel` over the 4.
+//! 4. healthlb's `LbChannel` over the 4,
+//! 5. the same with a Prometheus recorder installed (the `metrics` feature's
+//!    cost).
 //!
 //! Criterion measures the time per call at concurrency 64. Then a table pass
 //! measures calls/s and p50/p99 latency at concurrency 1, 16, 64 and 256,
@@ -44,6 +46,9 @@ enum Contender {
     BalanceList(EchoClient<Channel>),
     Ginepro(ginepro::LoadBalancedChannel),
     Healthlb(EchoClient<LbChannel>),
+    /// healthlb with a Prometheus recorder installed: the `metrics`
+    /// feature's cost.
+    HealthlbMetrics(EchoClient<LbChannel>),
 }
 
 impl Contender {
@@ -53,6 +58,7 @@ impl Contender {
             Contender::BalanceList(_) => "tonic balance_list",
             Contender::Ginepro(_) => "ginepro",
             Contender::Healthlb(_) => "healthlb",
+            Contender::HealthlbMetrics(_) => "healthlb + metrics",
         }
     }
 
@@ -66,7 +72,7 @@ impl Contender {
                 .await
                 .map(drop)
                 .map_err(|s| s.to_string()),
-            Contender::Healthlb(client) => client
+            Contender::Healthlb(client) | Contender::HealthlbMetrics(client) => client
                 .unary(request)
                 .await
                 .map(drop)
@@ -146,11 +152,20 @@ async fn contenders(addrs: &[SocketAddr]) -> Vec<Contender> {
         .await
         .expect("healthlb connects");
     healthlb_all_serving(&healthlb, addrs.len()).await;
+    // Channels built from here on record into Prometheus; the one above
+    // registered its per-endpoint counters with no recorder.
+    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    let measured = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .connect()
+        .await
+        .expect("healthlb connects");
+    healthlb_all_serving(&measured, addrs.len()).await;
     let mut all = vec![
         Contender::Direct(EchoClient::new(direct)),
         Contender::BalanceList(EchoClient::new(balanced)),
         Contender::Ginepro(ginepro),
         Contender::Healthlb(EchoClient::new(healthlb)),
+        Contender::HealthlbMetrics(EchoClient::new(measured)),
     ];
     // Warm every contender up, and let ginepro's and tonic's discovery run.
     for contender in &mut all {
@@ -332,7 +347,11 @@ fn main() {
     let mut series: Vec<Vec<(usize, f64)>> = vec![Vec::new(); contenders.len()];
     for (ci, &concurrency) in CONCURRENCY.iter().enumerate() {
         let row = |k: usize| median(&results[ci * contenders.len() + k]);
-        let healthlb = row(contenders.len() - 1);
+        let base = contenders
+            .iter()
+            .position(|c| matches!(c, Contender::Healthlb(_)))
+            .unwrap_or(0);
+        let healthlb = row(base);
         for (k, contender) in contenders.iter().enumerate() {
             let s = row(k);
             series[k].push((concurrency, s.calls_per_sec));
@@ -397,7 +416,7 @@ fn plot(
         .x_desc("concurrent callers")
         .y_desc("calls/s")
         .draw()?;
-    let colors = [BLUE, RED, GREEN, BLACK];
+    let colors = [BLUE, RED, GREEN, BLACK, MAGENTA];
     for (k, points) in series.iter().enumerate() {
         let color = colors[k % colors.len()];
         let line = points.iter().enumerate().map(|(i, p)| (i as f64, p.1));
