@@ -56,7 +56,8 @@ mod builder;
 mod channel;
 mod discover;
 mod error;
-mod metrics;
+#[doc(hidden)]
+pub mod metrics;
 #[doc(hidden)]
 pub mod picker;
 pub mod resolve;
