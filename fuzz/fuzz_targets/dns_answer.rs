@@ -1,0 +1,11 @@
+//! The resolver's answer handling, fed raw DNS messages: records of every
+//! type, CNAMEs, SRV, additional sections. It never panics, and the
+//! endpoint cap holds.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let kept = healthlb::resolve::fuzz_answer(data);
+    assert!(kept <= 1024);
+});
