@@ -78,7 +78,9 @@ fn metrics_per_call(c: &mut Criterion) {
     let per_call = healthlb::metrics::bench::PerCall::new("dns:///echo.bench.local:50051");
     // An echo request and reply as they go over the wire: prefix + message.
     let request = [0u8, 0, 0, 0, 7, 10, 5, b'b', b'e', b'n', b'c', b'h'];
-    let response = [0u8, 0, 0, 0, 11, 10, 5, b'b', b'e', b'n', b'c', b'h', 18, 2, b'b', b'2'];
+    let response = [
+        0u8, 0, 0, 0, 11, 10, 5, b'b', b'e', b'n', b'c', b'h', 18, 2, b'b', b'2',
+    ];
     c.bench_function("metrics_per_unary_call", |b| {
         b.iter(|| per_call.call(black_box(&request), black_box(&response)))
     });

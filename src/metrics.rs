@@ -308,7 +308,8 @@ pub mod bench {
             self.metrics.messages_sent(sent, "/echo.Echo/Unary");
             let received = GrpcFrames::default().feed(response);
             self.metrics.messages_received(received, "/echo.Echo/Unary");
-            self.metrics.request_done(tonic::Code::Ok, "/echo.Echo/Unary");
+            self.metrics
+                .request_done(tonic::Code::Ok, "/echo.Echo/Unary");
         }
     }
 }
