@@ -38,10 +38,10 @@
 //!     .build()?; // sync; needs a Tokio runtime; never blocks
 //! let mut client = EchoClient::new(channel.clone());
 //! let reply = client.unary(EchoRequest { message: "hi".into() }).await?;
-//! println!("served by {}", reply.into_inner().backend);
+//! tracing::info!(backend = %reply.into_inner().backend, "served");
 //!
 //! for endpoint in channel.endpoints() {
-//!     println!("{} {} ({} calls)", endpoint.addr, endpoint.state, endpoint.calls_started);
+//!     tracing::info!(addr = %endpoint.addr, state = %endpoint.state, calls = endpoint.calls_started);
 //! }
 //! # Ok(())
 //! # }
