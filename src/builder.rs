@@ -189,7 +189,7 @@ impl Builder {
     pub async fn connect(self) -> Result<LbChannel, Error> {
         let deadline = self.connect_deadline;
         let channel = self.build()?;
-        channel.ready(deadline).await?;
+        channel.wait_for_serving(deadline).await?;
         Ok(channel)
     }
 }

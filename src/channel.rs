@@ -168,12 +168,14 @@ impl LbChannel {
     /// A [`tower::discover::Discover`] of the SERVING endpoints, keyed by
     /// address, for tower's own balancers such as `p2c::Balance`.
     pub fn discover(&self) -> Discover {
-        Discover::new(self.shared.serving.clone(), self.shared.ready_timeout)
+        Discover::new(self.shared.serving.clone())
     }
 
     /// Waits until at least one endpoint is SERVING, for at most `limit`.
     /// The error names the target and every endpoint's state.
-    pub async fn ready(&self, limit: Duration) -> Result<(), Error> {
+    ///
+    /// Not named `ready`, so it doesn't hide `tower::ServiceExt::ready`.
+    pub async fn wait_for_serving(&self, limit: Duration) -> Result<(), Error> {
         let until = Instant::now() + limit;
         match self.shared.wait_pick(until).await {
             Ok(_) => Ok(()),

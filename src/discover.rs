@@ -6,7 +6,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -28,11 +27,10 @@ pub struct Discover {
     updates: BoxStream<'static, ServingSet>,
     known: BTreeSet<SocketAddr>,
     pending: VecDeque<Change<SocketAddr, Subchannel>>,
-    ready_timeout: Duration,
 }
 
 impl Discover {
-    pub(crate) fn new(mut serving: watch::Receiver<ServingSet>, ready_timeout: Duration) -> Self {
+    pub(crate) fn new(mut serving: watch::Receiver<ServingSet>) -> Self {
         serving.mark_changed();
         let updates = futures::stream::unfold(serving, |mut rx| async move {
             rx.changed().await.ok()?;
@@ -43,7 +41,6 @@ impl Discover {
             updates: Box::pin(updates.fuse()),
             known: BTreeSet::new(),
             pending: VecDeque::new(),
-            ready_timeout,
         }
     }
 
@@ -60,8 +57,8 @@ impl Discover {
         }
         for (addr, sub) in set.iter() {
             if self.known.insert(*addr) {
-                let sub = sub.clone().with_ready_timeout(self.ready_timeout);
-                self.pending.push_back(Change::Insert(*addr, sub));
+                // The balancer gave it the channel's ready timeout.
+                self.pending.push_back(Change::Insert(*addr, sub.clone()));
             }
         }
     }

@@ -101,35 +101,33 @@ impl EndpointMetrics {
     }
 
     pub(crate) fn messages_sent(&self, n: u64, method: &str) {
-        #[cfg(feature = "metrics")]
-        if let Some(h) = &self.inner {
-            match h.method_label {
-                false => h.sent.increment(n),
-                true => metrics::counter!(
-                    "healthlb_stream_messages_sent_total",
-                    "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "method" => method.to_owned()
-                )
-                .increment(n),
-            }
-        }
-        #[cfg(not(feature = "metrics"))]
-        let _ = (n, method);
+        self.messages(true, n, method);
     }
 
     pub(crate) fn messages_received(&self, n: u64, method: &str) {
+        self.messages(false, n, method);
+    }
+
+    /// Adds `n` messages sent (or received) to the endpoint's counter, or to
+    /// the method's with the method label on.
+    fn messages(&self, sent: bool, n: u64, method: &str) {
         #[cfg(feature = "metrics")]
         if let Some(h) = &self.inner {
+            let (handle, name) = match sent {
+                true => (&h.sent, "healthlb_stream_messages_sent_total"),
+                false => (&h.received, "healthlb_stream_messages_received_total"),
+            };
             match h.method_label {
-                false => h.received.increment(n),
+                false => handle.increment(n),
                 true => metrics::counter!(
-                    "healthlb_stream_messages_received_total",
+                    name,
                     "target" => h.target.to_string(), "endpoint" => h.endpoint.to_string(), "method" => method.to_owned()
                 )
                 .increment(n),
             }
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = (n, method);
+        let _ = (sent, n, method);
     }
 
     /// A finished call and its gRPC status.
