@@ -80,24 +80,11 @@ impl Load {
 }
 
 fn ips(backends: &[&Backend]) -> Vec<Ipv4Addr> {
-    backends
-        .iter()
-        .filter_map(|b| match b.addr {
-            SocketAddr::V4(v4) => Some(*v4.ip()),
-            SocketAddr::V6(_) => None,
-        })
-        .collect()
+    support::ipv4s(backends.iter().map(|b| b.addr))
 }
 
 async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     support::wait_for(limit, &mut check).await.is_some()
-}
-
-fn serving(channel: &LbChannel, addr: SocketAddr) -> bool {
-    channel
-        .endpoints()
-        .iter()
-        .any(|e| e.addr == addr && e.state.is_serving())
 }
 
 /// (p50, p99, max) of `samples`.
@@ -165,7 +152,10 @@ async fn main() {
         let last = target.counters.last_unary.lock().unwrap().unwrap_or(t0);
         samples.push(last.saturating_duration_since(t0));
         target.set_serving(true).await;
-        wait_until(Duration::from_secs(5), || serving(&channel, target.addr)).await;
+        wait_until(Duration::from_secs(5), || {
+            support::is_serving(&channel, target.addr)
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (p50, p99, max) = percentiles(&mut samples);
@@ -222,10 +212,16 @@ async fn main() {
     for _ in 0..reps {
         let t0 = Instant::now();
         victim.kill().await;
-        wait_until(Duration::from_secs(5), || !serving(&channel, victim_addr)).await;
+        wait_until(Duration::from_secs(5), || {
+            !support::is_serving(&channel, victim_addr)
+        })
+        .await;
         samples.push(t0.elapsed());
         victim = Backend::start("b5", victim_addr).await;
-        wait_until(Duration::from_secs(5), || serving(&channel, victim_addr)).await;
+        wait_until(Duration::from_secs(5), || {
+            support::is_serving(&channel, victim_addr)
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (p50, p99, max) = percentiles(&mut samples);

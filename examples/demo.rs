@@ -21,7 +21,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -169,14 +169,8 @@ async fn story(step: u32, phase: Duration, port: u16, dns: &TestDns, backends: &
 }
 
 fn publish(dns: &TestDns, backends: &[Backend]) {
-    let ips: Vec<Ipv4Addr> = backends
-        .iter()
-        .filter_map(|b| match b.addr {
-            SocketAddr::V4(v4) => Some(*v4.ip()),
-            SocketAddr::V6(_) => None,
-        })
-        .collect();
-    dns.zone().set_a(HOST, &ips, 1);
+    dns.zone()
+        .set_a(HOST, &support::ipv4s(backends.iter().map(|b| b.addr)), 1);
 }
 
 /// Calls from `CALLERS` tasks, until finished.

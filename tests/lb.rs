@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
 use support::echo::{Backend, Options, free_port, loopback};
 use support::proxy::Proxy;
-use support::{wait_for, within};
+use support::{all_serving, ipv4s, states, wait_for, within};
 
 const HOST: &str = "echo.test.local";
 
@@ -30,13 +30,7 @@ async fn backends(first: u8, n: u8, port: u16) -> Vec<Backend> {
 }
 
 fn ips(backends: &[Backend]) -> Vec<Ipv4Addr> {
-    backends
-        .iter()
-        .map(|b| match b.addr {
-            SocketAddr::V4(v4) => *v4.ip(),
-            SocketAddr::V6(_) => unreachable!("backends are IPv4"),
-        })
-        .collect()
+    ipv4s(backends.iter().map(|b| b.addr))
 }
 
 /// A DNS server with `HOST` pointing at `backends`, TTL 1 s.
@@ -46,21 +40,18 @@ async fn dns_for(backends: &[Backend]) -> TestDns {
     dns
 }
 
-async fn all_serving(channel: &LbChannel, n: usize) {
-    let done = wait_for(Duration::from_secs(10), || {
-        let eps = channel.endpoints();
-        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
-    })
-    .await;
-    assert!(done.is_some(), "not all {n} SERVING: {:?}", states(channel));
-}
-
-fn states(channel: &LbChannel) -> Vec<String> {
-    channel
-        .endpoints()
-        .iter()
-        .map(|e| format!("{} {}", e.addr, e.state))
-        .collect()
+/// `n` SERVING backends from 127.0.0.`first` on one port, DNS pointing at
+/// them, and a channel that sees them all SERVING.
+async fn serving_cluster(first: u8, n: u8) -> (Vec<Backend>, TestDns, u16, LbChannel) {
+    let port = free_port();
+    let backends = backends(first, n, port).await;
+    let dns = dns_for(&backends).await;
+    let channel = LbChannel::builder(dns.target(HOST, port))
+        .connect()
+        .await
+        .unwrap();
+    all_serving(&channel, usize::from(n)).await;
+    (backends, dns, port, channel)
 }
 
 async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Status> {
@@ -75,14 +66,7 @@ async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Stat
 #[tokio::test]
 async fn round_robin_is_even_over_serving_backends() {
     support::init_tracing();
-    let port = free_port();
-    let backends = backends(30, 4, port).await;
-    let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let (_backends, _dns, _port, channel) = serving_cluster(30, 4).await;
 
     let mut client = EchoClient::new(channel.clone());
     let mut seen: HashMap<String, u64> = HashMap::new();
@@ -101,14 +85,7 @@ async fn round_robin_is_even_over_serving_backends() {
 
 #[tokio::test]
 async fn a_not_serving_backend_gets_no_new_calls() {
-    let port = free_port();
-    let backends = backends(34, 3, port).await;
-    let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 3).await;
+    let (backends, _dns, _port, channel) = serving_cluster(34, 3).await;
 
     backends[0].set_serving(false).await;
     let out = wait_for(Duration::from_secs(2), || {
@@ -146,14 +123,7 @@ async fn a_not_serving_backend_gets_no_new_calls() {
 
 #[tokio::test]
 async fn a_backend_added_to_dns_gets_calls_within_ttl_plus_one_second() {
-    let port = free_port();
-    let mut all = backends(37, 2, port).await;
-    let dns = dns_for(&all).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 2).await;
+    let (mut all, dns, port, channel) = serving_cluster(37, 2).await;
 
     all.push(Backend::start("b39", loopback(39, port)).await);
     dns.zone().set_a(HOST, &ips(&all), 1);
@@ -277,14 +247,7 @@ async fn with_nothing_serving_calls_wait_then_fail_with_a_summary() {
 
 #[tokio::test]
 async fn a_stream_on_a_removed_backend_completes() {
-    let port = free_port();
-    let backends = backends(43, 2, port).await;
-    let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 2).await;
+    let (backends, dns, _port, channel) = serving_cluster(43, 2).await;
 
     let mut client = EchoClient::new(channel.clone());
     let request = StreamRequest {
@@ -315,13 +278,7 @@ async fn a_stream_on_a_removed_backend_completes() {
 
 #[tokio::test]
 async fn unary_server_streaming_and_bidi_work() {
-    let port = free_port();
-    let backends = backends(45, 2, port).await;
-    let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
+    let (_backends, _dns, _port, channel) = serving_cluster(45, 2).await;
     let mut client = EchoClient::new(channel);
 
     let reply = client
@@ -364,14 +321,7 @@ async fn unary_server_streaming_and_bidi_work() {
 
 #[tokio::test]
 async fn discover_drives_towers_p2c_balancer() {
-    let port = free_port();
-    let backends = backends(47, 3, port).await;
-    let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 3).await;
+    let (backends, _dns, _port, channel) = serving_cluster(47, 3).await;
 
     let balance = tower::balance::p2c::Balance::new(channel.discover());
     let mut client = EchoClient::new(balance);

@@ -7,7 +7,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, Options, free_port, loopback};
 use support::proxy::Proxy;
-use support::wait_for;
+use support::{all_serving, ipv4s, is_serving, wait_for};
 
 const HOST: &str = "echo.test.local";
 const CALLERS: usize = 32;
@@ -29,16 +29,8 @@ fn fast_backoff() -> BackoffConfig {
         .max(Duration::from_secs(1))
 }
 
-fn ip(addr: SocketAddr) -> Ipv4Addr {
-    match addr {
-        SocketAddr::V4(v4) => *v4.ip(),
-        SocketAddr::V6(_) => unreachable!("backends are IPv4"),
-    }
-}
-
 fn publish(zone: &Zone, addrs: &[SocketAddr]) {
-    let ips: Vec<Ipv4Addr> = addrs.iter().map(|a| ip(*a)).collect();
-    zone.set_a(HOST, &ips, 1);
+    zone.set_a(HOST, &ipv4s(addrs.iter().copied()), 1);
 }
 
 /// Calls from `CALLERS` tasks, counted.
@@ -180,22 +172,6 @@ async fn cluster(first: u8, options: Options) -> (Vec<Backend>, TestDns, u16) {
         &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
     );
     (backends, dns, port)
-}
-
-async fn all_serving(channel: &LbChannel, n: usize) {
-    let ok = wait_for(Duration::from_secs(10), || {
-        let eps = channel.endpoints();
-        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
-    })
-    .await;
-    assert!(ok.is_some(), "all {n} SERVING: {:?}", channel.endpoints());
-}
-
-fn is_serving(channel: &LbChannel, addr: SocketAddr) -> bool {
-    channel
-        .endpoints()
-        .iter()
-        .any(|e| e.addr == addr && e.state.is_serving())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

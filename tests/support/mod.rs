@@ -8,7 +8,10 @@ pub mod echo;
 pub mod proxy;
 
 use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use healthlb::LbChannel;
 
 /// Logs to the test's output when `RUST_LOG` is set.
 pub fn init_tracing() {
@@ -37,4 +40,43 @@ pub async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output
         Ok(out) => out,
         Err(_) => panic!("{what} did not finish within {limit:?}"),
     }
+}
+
+/// The IPv4 addresses among `addrs`, for A records.
+pub fn ipv4s(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<Ipv4Addr> {
+    addrs
+        .into_iter()
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(*v4.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Whether `channel` has `addr` SERVING.
+pub fn is_serving(channel: &LbChannel, addr: SocketAddr) -> bool {
+    channel
+        .endpoints()
+        .iter()
+        .any(|e| e.addr == addr && e.state.is_serving())
+}
+
+/// Every endpoint of `channel` with its state, for failure messages.
+pub fn states(channel: &LbChannel) -> Vec<String> {
+    channel
+        .endpoints()
+        .iter()
+        .map(|e| format!("{} {}", e.addr, e.state))
+        .collect()
+}
+
+/// Waits up to 10 s until `channel` has exactly `n` endpoints, all
+/// SERVING; fails naming their states otherwise.
+pub async fn all_serving(channel: &LbChannel, n: usize) {
+    let done = wait_for(Duration::from_secs(10), || {
+        let eps = channel.endpoints();
+        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
+    })
+    .await;
+    assert!(done.is_some(), "not all {n} SERVING: {:?}", states(channel));
 }
