@@ -10,13 +10,15 @@
 //!
 //! Criterion measures the time per call at concurrency 64. Then a table pass
 //! measures calls/s and p50/p99 latency at concurrency 1, 16, 64 and 256,
-//! interleaving the contenders over several rounds and keeping each one's
-//! median round, and prints ratios to healthlb. It writes the table and an
-//! SVG plot to `target/healthlb-bench/`.
+//! interleaving the contenders over several rounds. Each figure is the
+//! median over rounds; each ratio to healthlb is taken within a round, then
+//! the median over rounds. It also reports the CPU time the client's own
+//! threads spent per call, which the servers sharing the machine don't blur.
+//! It writes the table and an SVG plot to `target/healthlb-bench/`.
 //!
 //! `cargo bench --bench e2e` (`HEALTHLB_BENCH_SECS`, default 2, sets the
 //! length of one measurement in the table pass; `HEALTHLB_BENCH_ROUNDS`,
-//! default 3, the rounds). `HEALTHLB_BENCH_PROFILE=healthlb` runs one
+//! default 5, the rounds). `HEALTHLB_BENCH_PROFILE=healthlb` runs one
 //! contender alone for 10 s, for perf.
 
 #[path = "../tests/support/mod.rs"]
@@ -27,16 +29,13 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use criterion::Criterion;
 use healthlb::LbChannel;
-use http_body_util::BodyExt;
 use prost::Message;
-use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
+use support::echo::pb::{EchoReply, EchoRequest};
 use support::echo::{Backend, free_port, loopback};
 use tonic::transport::{Channel, Endpoint};
-use tower::{Service, ServiceExt};
 
 const CONCURRENCY: [usize; 4] = [1, 16, 64, 256];
 
@@ -44,7 +43,7 @@ const CONCURRENCY: [usize; 4] = [1, 16, 64, 256];
 enum Contender {
     Direct(EchoClient<Channel>),
     BalanceList(EchoClient<Channel>),
-    Ginepro(ginepro::LoadBalancedChannel),
+    Ginepro(tonic013::client::Grpc<ginepro::LoadBalancedChannel>),
     Healthlb(EchoClient<LbChannel>),
     /// healthlb with a Prometheus recorder installed: the `metrics`
     /// feature's cost.
@@ -77,52 +76,86 @@ impl Contender {
                 .await
                 .map(drop)
                 .map_err(|s| s.to_string()),
-            Contender::Ginepro(channel) => ginepro_unary(channel, &request).await,
+            Contender::Ginepro(grpc) => ginepro_unary(grpc, request).await,
         }
     }
 }
 
-/// A unary call through ginepro's tonic-0.13 channel, framed by hand: the
-/// gRPC wire format is the same whatever tonic version made the code.
+/// A unary call through ginepro's tonic-0.13 channel, made the way tonic
+/// 0.13's generated code makes it (`client::Grpc::unary`), with a prost
+/// codec: tonic 0.13 expects prost 0.13, and the echo messages are prost
+/// 0.14, so the codec is spelled out here.
 async fn ginepro_unary(
-    channel: &mut ginepro::LoadBalancedChannel,
-    request: &EchoRequest,
+    grpc: &mut tonic013::client::Grpc<ginepro::LoadBalancedChannel>,
+    request: EchoRequest,
 ) -> Result<(), String> {
-    let mut buf = BytesMut::with_capacity(5 + request.encoded_len());
-    buf.put_u8(0);
-    buf.put_u32(request.encoded_len() as u32);
-    request.encode(&mut buf).map_err(|e| e.to_string())?;
-    let body = tonic013::body::Body::new(http_body_util::Full::new(Bytes::from(buf)));
-    let http_request = http::Request::builder()
-        .method("POST")
-        .uri("/echo.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .map_err(|e| e.to_string())?;
-    let response = channel
-        .ready()
-        .await
-        .map_err(|e| e.to_string())?
-        .call(http_request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let collected = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let ok = collected
-        .trailers()
-        .and_then(|t| t.get("grpc-status"))
-        .is_some_and(|status| status == "0");
-    if !ok {
-        return Err(format!("grpc-status {:?}", collected.trailers()));
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Unary");
+    grpc.unary(
+        tonic013::Request::new(request),
+        path,
+        Prost013::<EchoRequest, EchoReply>::default(),
+    )
+    .await
+    .map(drop)
+    .map_err(|s| s.to_string())
+}
+
+/// tonic 0.13's codec trait over prost 0.14 messages: what tonic 0.13's own
+/// `ProstCodec` does.
+struct Prost013<E, D>(std::marker::PhantomData<(E, D)>);
+
+impl<E, D> Default for Prost013<E, D> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
     }
-    let data = collected.to_bytes();
-    support::echo::pb::EchoReply::decode(data.get(5..).unwrap_or_default())
-        .map_err(|e| e.to_string())?;
-    Ok(())
+}
+
+impl<E, D> tonic013::codec::Codec for Prost013<E, D>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = Prost013<E, D>;
+    type Decoder = Prost013<E, D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Self::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Self::default()
+    }
+}
+
+impl<E: Message, D> tonic013::codec::Encoder for Prost013<E, D> {
+    type Item = E;
+    type Error = tonic013::Status;
+
+    fn encode(
+        &mut self,
+        item: E,
+        dst: &mut tonic013::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic013::Status> {
+        item.encode(dst)
+            .map_err(|e| tonic013::Status::internal(e.to_string()))
+    }
+}
+
+impl<E, D: Message + Default> tonic013::codec::Decoder for Prost013<E, D> {
+    type Item = D;
+    type Error = tonic013::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic013::codec::DecodeBuf<'_>,
+    ) -> Result<Option<D>, tonic013::Status> {
+        D::decode(src)
+            .map(Some)
+            .map_err(|e| tonic013::Status::internal(e.to_string()))
+    }
 }
 
 struct StaticLookup(Vec<SocketAddr>);
@@ -163,7 +196,7 @@ async fn contenders(addrs: &[SocketAddr]) -> Vec<Contender> {
     let mut all = vec![
         Contender::Direct(EchoClient::new(direct)),
         Contender::BalanceList(EchoClient::new(balanced)),
-        Contender::Ginepro(ginepro),
+        Contender::Ginepro(tonic013::client::Grpc::new(ginepro)),
         Contender::Healthlb(EchoClient::new(healthlb)),
         Contender::HealthlbMetrics(EchoClient::new(measured)),
     ];
@@ -199,9 +232,38 @@ struct Sample {
     p50: Duration,
     p99: Duration,
     failed: u64,
+    /// CPU time the client runtime's threads spent per call: the balancer's
+    /// own cost, apart from the servers sharing the machine.
+    client_cpu: Duration,
+}
+
+/// The name of the client runtime's threads, to tell their CPU time apart.
+const CLIENT_THREAD: &str = "bench-client";
+
+/// CPU time so far of this process's threads named [`CLIENT_THREAD`], from
+/// `/proc` (nanoseconds on CPU, per thread). Zero where there is no `/proc`.
+fn client_cpu_time() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let is_client = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|comm| comm.trim_end().starts_with(CLIENT_THREAD));
+        if !is_client {
+            continue;
+        }
+        total += std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(total)
 }
 
 async fn measure(contender: &Contender, concurrency: usize, length: Duration) -> Sample {
+    let cpu_before = client_cpu_time();
     let start = Instant::now();
     let deadline = start + length;
     let mut tasks = Vec::new();
@@ -232,6 +294,7 @@ async fn measure(contender: &Contender, concurrency: usize, length: Duration) ->
         failed += f;
     }
     let elapsed = start.elapsed();
+    let cpu = client_cpu_time().saturating_sub(cpu_before);
     all.sort_unstable();
     let pct = |p: f64| {
         let i = ((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1));
@@ -242,6 +305,7 @@ async fn measure(contender: &Contender, concurrency: usize, length: Duration) ->
         p50: pct(0.50),
         p99: pct(0.99),
         failed,
+        client_cpu: cpu / u32::try_from(all.len().max(1)).unwrap_or(u32::MAX),
     }
 }
 
@@ -254,6 +318,7 @@ fn env_or(name: &str, default: f64) -> f64 {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(CLIENT_THREAD)
         .enable_all()
         .build()
         .expect("runtime");
@@ -318,7 +383,7 @@ fn main() {
 
     // The table pass.
     let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 2.0).clamp(0.2, 60.0));
-    let rounds = env_or("HEALTHLB_BENCH_ROUNDS", 3.0).clamp(1.0, 20.0) as usize;
+    let rounds = env_or("HEALTHLB_BENCH_ROUNDS", 5.0).clamp(1.0, 20.0) as usize;
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len() * CONCURRENCY.len()];
     runtime.block_on(async {
         for (ci, &concurrency) in CONCURRENCY.iter().enumerate() {
@@ -330,41 +395,58 @@ fn main() {
             }
         }
     });
-    let median = |samples: &[Sample]| {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(|a, b| a.calls_per_sec.total_cmp(&b.calls_per_sec));
-        sorted[sorted.len() / 2]
-    };
+    // Ratios are paired: each round's figure over healthlb's in the same
+    // round, then the median over rounds, so a machine that slows down or
+    // speeds up between rounds moves both sides of a ratio alike.
+    fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+    let base = contenders
+        .iter()
+        .position(|c| matches!(c, Contender::Healthlb(_)))
+        .unwrap_or(0);
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| concurrency | contender | calls/s | p50 | p99 | failed | calls/s vs healthlb | p50 vs healthlb |"
+        "| concurrency | contender | calls/s | p50 | p99 | client CPU per call | failed | calls/s vs healthlb | p50 vs healthlb | client CPU vs healthlb |"
     );
     let _ = writeln!(
         table,
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut series: Vec<Vec<(usize, f64)>> = vec![Vec::new(); contenders.len()];
     for (ci, &concurrency) in CONCURRENCY.iter().enumerate() {
-        let row = |k: usize| median(&results[ci * contenders.len() + k]);
-        let base = contenders
-            .iter()
-            .position(|c| matches!(c, Contender::Healthlb(_)))
-            .unwrap_or(0);
-        let healthlb = row(base);
+        let samples = |k: usize| &results[ci * contenders.len() + k];
+        let ours = samples(base);
         for (k, contender) in contenders.iter().enumerate() {
-            let s = row(k);
-            series[k].push((concurrency, s.calls_per_sec));
+            let mine = samples(k);
+            let of = |f: fn(&Sample) -> f64| median(mine.iter().map(f).collect());
+            let vs = |f: fn(&Sample) -> f64| {
+                median(
+                    mine.iter()
+                        .zip(ours)
+                        .map(|(a, b)| f(a) / f(b).max(1e-12))
+                        .collect(),
+                )
+            };
+            let calls = |s: &Sample| s.calls_per_sec;
+            let p50 = |s: &Sample| s.p50.as_secs_f64();
+            let p99 = |s: &Sample| s.p99.as_secs_f64();
+            let cpu = |s: &Sample| s.client_cpu.as_secs_f64();
+            series[k].push((concurrency, of(calls)));
             let _ = writeln!(
                 table,
-                "| {concurrency} | {} | {:.0} | {:.0} µs | {:.0} µs | {} | {:.2}× | {:.2}× |",
+                "| {concurrency} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {:.2}× | {:.2}× | {:.2}× |",
                 contender.name(),
-                s.calls_per_sec,
-                s.p50.as_micros(),
-                s.p99.as_micros(),
-                s.failed,
-                s.calls_per_sec / healthlb.calls_per_sec,
-                s.p50.as_secs_f64() / healthlb.p50.as_secs_f64().max(1e-9),
+                of(calls),
+                of(p50) * 1e6,
+                of(p99) * 1e6,
+                of(cpu) * 1e6,
+                mine.iter().map(|s| s.failed).sum::<u64>(),
+                vs(calls),
+                vs(p50),
+                vs(cpu),
             );
         }
     }
