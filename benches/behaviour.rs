@@ -239,12 +239,15 @@ async fn main() {
     // 4. Spread over 4 backends: healthlb against DNS shuffle only.
     let _ = writeln!(report, "\n| spreading of 100k calls | b2 | b3 | b4 | b5 |");
     let _ = writeln!(report, "| --- | ---: | ---: | ---: | ---: |");
-    let counts = |base: &[Backend]| {
+    // Unary calls each backend took since `before`.
+    let since = |before: &[u64]| {
         base.iter()
-            .map(|b| b.counters.unary.load(Ordering::SeqCst))
-            .collect::<Vec<_>>()
+            .zip(before)
+            .map(|(b, before)| b.counters.unary.load(Ordering::SeqCst) - before)
+            .collect::<Vec<u64>>()
     };
-    let before = counts(&base);
+    let zero = vec![0; base.len()];
+    let before = since(&zero);
     let per_caller = 100_000 / 16;
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -263,12 +266,8 @@ async fn main() {
     for task in tasks {
         let _ = task.await;
     }
-    let healthlb: Vec<u64> = counts(&base)
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a - b)
-        .collect();
-    let before = counts(&base);
+    let healthlb = since(&before);
+    let before = since(&zero);
     let addrs: Vec<SocketAddr> = base.iter().map(|b| b.addr).collect();
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -293,11 +292,7 @@ async fn main() {
     for task in tasks {
         let _ = task.await;
     }
-    let shuffle: Vec<u64> = counts(&base)
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let shuffle = since(&before);
     for (name, shares) in [
         ("healthlb (one client)", &healthlb),
         ("DNS shuffle only (100 clients)", &shuffle),

@@ -16,7 +16,7 @@ use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
 use support::echo::{Backend, Options, free_port, loopback};
 use support::proxy::Proxy;
-use support::{all_serving, ipv4s, states, wait_for, within};
+use support::{all_serving, connect_serving, ipv4s, states, wait_for, within};
 
 const HOST: &str = "echo.test.local";
 
@@ -46,11 +46,7 @@ async fn serving_cluster(first: u8, n: u8) -> (Vec<Backend>, TestDns, u16, LbCha
     let port = free_port();
     let backends = backends(first, n, port).await;
     let dns = dns_for(&backends).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, usize::from(n)).await;
+    let channel = connect_serving(LbChannel::builder(dns.target(HOST, port)), usize::from(n)).await;
     (backends, dns, port, channel)
 }
 

@@ -18,7 +18,7 @@ use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, Options, free_port, loopback};
 use support::proxy::Proxy;
-use support::{all_serving, ipv4s, is_serving, wait_for};
+use support::{connect_serving, ipv4s, is_serving, wait_for};
 
 const HOST: &str = "echo.test.local";
 const CALLERS: usize = 32;
@@ -177,12 +177,11 @@ async fn cluster(first: u8, options: Options) -> (Vec<Backend>, TestDns, u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_deploy_fails_no_call() {
     let (mut backends, dns, port) = cluster(60, Options::default()).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .backoff(fast_backoff())
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(
+        LbChannel::builder(dns.target(HOST, port)).backoff(fast_backoff()),
+        4,
+    )
+    .await;
     let load = Load::start(&channel, None);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -216,12 +215,11 @@ async fn rolling_deploy_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_fails_at_most_the_calls_in_flight() {
     let (mut backends, dns, port) = cluster(80, Options::default()).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .backoff(fast_backoff())
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(
+        LbChannel::builder(dns.target(HOST, port)).backoff(fast_backoff()),
+        4,
+    )
+    .await;
     let load = Load::start(&channel, None);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -272,15 +270,15 @@ async fn silent_peer(first: u8, interval: Duration, timeout: Duration) -> (Durat
     addrs.push(proxy.addr);
     let dns = TestDns::start().await;
     publish(&dns.zone(), &addrs);
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .liveness_interval(Some(interval))
-        .liveness_timeout(timeout)
-        .backoff(fast_backoff())
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(
+        LbChannel::builder(dns.target(HOST, port))
+            .liveness_interval(Some(interval))
+            .liveness_timeout(timeout)
+            .backoff(fast_backoff())
+            .connect_timeout(Duration::from_secs(2)),
+        4,
+    )
+    .await;
     // Callers carry a deadline, as production callers do.
     let load = Load::start(&channel, Some(Duration::from_millis(500)));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -333,13 +331,13 @@ async fn server_and_client_max_age_under_load_fail_no_call() {
         ..Options::default()
     };
     let (backends, dns, port) = cluster(130, options).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .max_connection_age(Duration::from_millis(1500))
-        .backoff(fast_backoff())
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(
+        LbChannel::builder(dns.target(HOST, port))
+            .max_connection_age(Duration::from_millis(1500))
+            .backoff(fast_backoff()),
+        4,
+    )
+    .await;
     let connects_before: u64 = channel
         .endpoints()
         .iter()
@@ -394,11 +392,7 @@ async fn a_dns_outage_keeps_the_set_and_the_restart_is_picked_up() {
     let (backends, dns, port) = cluster(140, Options::default()).await;
     let spare = Backend::start("b150", loopback(150, port)).await;
     let dns_addr = dns.addr();
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(LbChannel::builder(dns.target(HOST, port)), 4).await;
     let load = Load::start(&channel, None);
 
     let zone = dns.stop().await;
@@ -438,11 +432,7 @@ async fn a_dns_outage_keeps_the_set_and_the_restart_is_picked_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_settles_without_leaks() {
     let (backends, dns, port) = cluster(160, Options::default()).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(LbChannel::builder(dns.target(HOST, port)), 4).await;
     let metrics = tokio::runtime::Handle::current().metrics();
     // Baselines without load: the load's own tasks come and go.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -526,13 +516,13 @@ async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
     let proxy = Proxy::start(loopback(173, port), backend.addr).await;
     let dns = TestDns::start().await;
     publish(&dns.zone(), &[proxy.addr, others[0].addr, others[1].addr]);
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
-        .backoff(fast_backoff())
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 3).await;
+    let channel = connect_serving(
+        LbChannel::builder(dns.target(HOST, port))
+            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .backoff(fast_backoff()),
+        3,
+    )
+    .await;
     let interval = |c: &LbChannel| {
         c.endpoints()
             .into_iter()
@@ -659,11 +649,7 @@ async fn soak() {
         .unwrap_or(10u64);
     let (backends, dns, port) = cluster(180, Options::default()).await;
     let extra = Backend::start("b190", loopback(190, port)).await;
-    let channel = LbChannel::builder(dns.target(HOST, port))
-        .connect()
-        .await
-        .unwrap();
-    all_serving(&channel, 4).await;
+    let channel = connect_serving(LbChannel::builder(dns.target(HOST, port)), 4).await;
     let metrics = tokio::runtime::Handle::current().metrics();
     let load = Load::start(&channel, None);
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -70,6 +70,13 @@ pub fn states(channel: &LbChannel) -> Vec<String> {
         .collect()
 }
 
+/// Connects `builder` and waits until its `n` endpoints are all SERVING.
+pub async fn connect_serving(builder: healthlb::Builder, n: usize) -> LbChannel {
+    let channel = builder.connect().await.expect("the channel connects");
+    all_serving(&channel, n).await;
+    channel
+}
+
 /// Waits up to 10 s until `channel` has exactly `n` endpoints, all
 /// SERVING; fails naming their states otherwise.
 pub async fn all_serving(channel: &LbChannel, n: usize) {
