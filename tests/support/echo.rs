@@ -39,6 +39,26 @@ pub struct Counters {
     /// When the first and the last unary call arrived.
     pub first_unary: Mutex<Option<Instant>>,
     pub last_unary: Mutex<Option<Instant>>,
+    /// Server and bidi streams open right now, and the most at once.
+    pub open_streams: AtomicU64,
+    pub max_open_streams: AtomicU64,
+}
+
+/// Counts a stream open until dropped, with the high-water mark.
+struct OpenStream(Arc<Counters>);
+
+impl OpenStream {
+    fn new(counters: &Arc<Counters>) -> Self {
+        let now = counters.open_streams.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.max_open_streams.fetch_max(now, Ordering::SeqCst);
+        Self(counters.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Counters {
@@ -93,8 +113,10 @@ impl Echo for EchoImpl {
             interval_ms,
         } = request.into_inner();
         let name = self.name.clone();
+        let open = OpenStream::new(&self.counters);
         let stream = futures::stream::unfold(0u64, move |seq| {
             let (message, name) = (message.clone(), name.clone());
+            let _open = &open;
             async move {
                 if seq >= u64::from(count) {
                     return None;
@@ -121,7 +143,9 @@ impl Echo for EchoImpl {
     ) -> Result<Response<ReplyStream>, Status> {
         self.counters.bidi.fetch_add(1, Ordering::SeqCst);
         let name = self.name.clone();
+        let open = OpenStream::new(&self.counters);
         let stream = request.into_inner().enumerate().map(move |(seq, item)| {
+            let _open = &open;
             item.map(|req| EchoReply {
                 message: req.message,
                 backend: name.to_string(),
@@ -143,6 +167,8 @@ pub struct Options {
     pub max_connection_age: Option<Duration>,
     /// Serve TLS with this identity.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default (200) when `None`.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 impl Default for Options {
@@ -152,6 +178,7 @@ impl Default for Options {
             serving: true,
             max_connection_age: None,
             tls: None,
+            max_concurrent_streams: None,
         }
     }
 }
@@ -213,6 +240,9 @@ impl Backend {
                     let mut builder = Server::builder();
                     if let Some(age) = options.max_connection_age {
                         builder = builder.max_connection_age(age);
+                    }
+                    if let Some(n) = options.max_concurrent_streams {
+                        builder = builder.max_concurrent_streams(n);
                     }
                     if let Some(tls) = options.tls {
                         builder = builder.tls_config(tls).expect("server TLS config");
