@@ -129,9 +129,10 @@ impl Balancer {
             {
                 slot.1 += 1;
             }
-            if let Some(conn) = status.serving_conn() {
-                if conn.is_ready() {
-                    ready.push(conn.clone());
+            if status.state().is_serving() {
+                let pool = &sub.shared.pool;
+                if pool.is_ready() {
+                    ready.push(pool.clone());
                 }
                 serving.insert(*addr, sub.clone());
             }

@@ -135,10 +135,17 @@ impl Builder {
         fn health_check(on: bool);
         /// The health service name. Default: `""`, the whole server.
         fn health_service(name: impl Into<String>);
-        /// How often the liveness probe runs; `None` is off. Default: 15 s.
+        /// How long a connection may be silent before the liveness probe
+        /// asks; `None` is off. Default: 15 s.
         fn liveness_interval(d: Option<Duration>);
         /// How long the liveness probe waits. Default: 15 s.
         fn liveness_timeout(d: Duration);
+        /// The most connections to one endpoint, opened as the server's
+        /// stream limit is reached. Default: 8.
+        fn max_connections_per_endpoint(n: usize);
+        /// How long an extra connection stays open without calls.
+        /// Default: 60 s.
+        fn extra_connection_idle_timeout(d: Duration);
         /// How long a replaced connection's calls may run. Default: 30 s.
         fn max_connection_age_grace(d: Duration);
         /// A `user-agent` prefix. Default: none.

@@ -20,8 +20,8 @@ use crate::builder::Builder;
 use crate::discover::Discover;
 use crate::picker::Picker;
 use crate::status::EndpointStatus;
-use crate::subchannel::service::{BoxError, MAX_UNSENT_RETRIES, grpc_timeout, with_deadline};
-use crate::subchannel::{Conn, ResponseFuture, Sent, Subchannel};
+use crate::subchannel::service::{BoxError, MAX_ATTEMPTS, grpc_timeout, with_deadline};
+use crate::subchannel::{NoSlot, Pool, Replay, ResponseFuture, Sent, Subchannel};
 use crate::{Error, ErrorKind};
 
 /// A load-balanced channel: round robin over the endpoints of one target that
@@ -53,8 +53,8 @@ pub struct LbChannel {
     shared: Arc<ChannelShared>,
     /// Ends the balancer when the last clone drops.
     _stop: Arc<oneshot::Sender<()>>,
-    /// The connection `poll_ready` picked for the next `call`.
-    picked: Option<Arc<Conn>>,
+    /// The endpoint `poll_ready` picked for the next `call`.
+    picked: Option<Arc<Pool>>,
     /// `poll_ready`'s wait for an endpoint to serve.
     wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// `poll_ready` waited the whole ready timeout: the next call fails at
@@ -213,8 +213,8 @@ pub(crate) struct BalancerParts {
 }
 
 impl ChannelShared {
-    /// A serving connection, waiting until `until` for one.
-    async fn wait_pick(&self, until: Instant) -> Result<Arc<Conn>, Status> {
+    /// A serving endpoint, waiting until `until` for one.
+    async fn wait_pick(&self, until: Instant) -> Result<Arc<Pool>, Status> {
         let mut published = self.picker.subscribe();
         let started = Instant::now();
         let mut waited = false;
@@ -297,28 +297,41 @@ impl tower::Service<Request<Body>> for LbChannel {
         let waited_out = std::mem::take(&mut self.waited_out);
         let deadline = grpc_timeout(request.headers());
         ResponseFuture::new(with_deadline(deadline, async move {
-            let mut request = request;
             let until = if waited_out {
                 Instant::now()
             } else {
                 Instant::now() + shared.ready_timeout
             };
-            for _ in 0..=MAX_UNSENT_RETRIES {
-                let conn = match picked.take() {
-                    Some(conn) if conn.is_ready() => conn,
+            let mut replay = Replay::new(request);
+            for _ in 0..MAX_ATTEMPTS {
+                let pool = match picked.take() {
+                    Some(pool) if pool.is_ready() => pool,
                     // Closed since it was picked: take the next one.
                     _ => shared.wait_pick(until).await?,
                 };
-                match conn.send(request).await {
+                let slot = match pool.acquire(until).await {
+                    Ok(slot) => slot,
+                    // Its connections closed meanwhile: pick again.
+                    Err(NoSlot::Closed) => continue,
+                    Err(NoSlot::Full) => {
+                        return Err(Status::unavailable(format!(
+                            "{}: {}, after waiting {:?}",
+                            shared.target,
+                            pool.full_message(),
+                            shared.ready_timeout
+                        )));
+                    }
+                };
+                match slot.send(replay).await {
                     Sent::Response(response) => return Ok(response),
                     Sent::Failed(status) => return Err(status),
                     // The connection closed before the call left: another
                     // endpoint takes it.
-                    Sent::Unsent(unsent) => request = unsent,
+                    Sent::Unsent(unsent) => replay = unsent,
                 }
             }
             Err(Status::unavailable(format!(
-                "{}: {MAX_UNSENT_RETRIES} connections closed in a row before the call could be sent",
+                "{}: {MAX_ATTEMPTS} connections closed in a row before the call could be sent",
                 shared.target
             )))
         }))

@@ -12,6 +12,7 @@
 //! | `healthlb_health_transitions_total` | counter | `target`, `endpoint`, `to` |
 //! | `healthlb_resolutions_total` | counter | `target`, `result` (ok, empty, error) |
 //! | `healthlb_connection_recycles_total` | counter | `target`, `endpoint`, `reason` (max_age, goaway, too_many_pings, lost) |
+//! | `healthlb_connections` | gauge | `target`, `endpoint`; connections open for calls, extra ones included |
 //! | `healthlb_pick_wait_seconds` | histogram | `target`; calls that had to wait for a SERVING endpoint |
 //!
 //! Messages are counted from the 5-byte gRPC length prefixes in request and
@@ -36,6 +37,7 @@ struct Handles {
     method_label: bool,
     sent: metrics::Counter,
     received: metrics::Counter,
+    connections: metrics::Gauge,
     codes: [std::sync::OnceLock<metrics::Counter>; 17],
 }
 
@@ -73,6 +75,7 @@ impl EndpointMetrics {
                 inner: Some(Handles {
                     sent: metrics::counter!("healthlb_stream_messages_sent_total", &labels),
                     received: metrics::counter!("healthlb_stream_messages_received_total", &labels),
+                    connections: metrics::gauge!("healthlb_connections", &labels),
                     codes: Default::default(),
                     target,
                     endpoint,
@@ -169,6 +172,16 @@ impl EndpointMetrics {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = to;
+    }
+
+    /// How many connections the endpoint has open for calls.
+    pub(crate) fn connections(&self, n: usize) {
+        #[cfg(feature = "metrics")]
+        if let Some(h) = &self.inner {
+            h.connections.set(n as f64);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = n;
     }
 
     pub(crate) fn recycle(&self, reason: &'static str) {

@@ -4,8 +4,9 @@
 //! or the endpoint set changes. The request path loads it through
 //! [`ArcSwap`], which takes no lock the background tasks hold, and picks in
 //! O(1): one atomic add, and one index into the list. Only when the picked
-//! connection has just closed (a GOAWAY not yet published) does it look at
-//! the next ones.
+//! endpoint's connections have just closed (a GOAWAY not yet published)
+//! does it look at the next ones. The picker chooses endpoints, not
+//! connections: an endpoint with extra connections gets no more calls.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::subchannel::Conn;
+use crate::subchannel::Pool;
 
 /// Something a call can be routed to.
 pub(crate) trait Candidate: Clone {
@@ -22,17 +23,17 @@ pub(crate) trait Candidate: Clone {
     fn can_take_call(&self) -> bool;
 }
 
-impl Candidate for Arc<Conn> {
+impl Candidate for Arc<Pool> {
     fn can_take_call(&self) -> bool {
         self.is_ready()
     }
 }
 
-/// What the request path sees: the connections calls may go to, and a
+/// What the request path sees: the endpoints calls may go to, and a
 /// summary of every endpoint for error messages.
 #[derive(Debug)]
-pub(crate) struct Snapshot<T = Arc<Conn>> {
-    /// The serving connections, in address order.
+pub(crate) struct Snapshot<T = Arc<Pool>> {
+    /// The serving endpoints, in address order.
     pub(crate) ready: Vec<T>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
@@ -69,7 +70,7 @@ impl Snapshot {
 
 /// The picker state one `LbChannel` and its clones share.
 #[derive(Debug)]
-pub(crate) struct Picker<T = Arc<Conn>> {
+pub(crate) struct Picker<T = Arc<Pool>> {
     snapshot: ArcSwap<Snapshot<T>>,
     /// Bumped after every publish, to wake calls waiting for an endpoint.
     published: watch::Sender<u64>,
@@ -95,7 +96,7 @@ impl<T: Candidate> Picker<T> {
         self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// The next serving connection that can take a call, if any.
+    /// The next serving endpoint that can take a call, if any.
     pub(crate) fn pick(&self) -> Option<T> {
         let snapshot = self.snapshot.load();
         let n = snapshot.ready.len();

@@ -23,8 +23,14 @@ pub struct EndpointStatus {
     pub state_for: Duration,
     /// The last `grpc.health.v1` `ServingStatus` value the endpoint sent.
     pub last_health: Option<i32>,
-    /// The age of the connection calls go to, when there is one.
+    /// The age of the endpoint's first connection, when there is one.
     pub connection_age: Option<Duration>,
+    /// Connections open for calls: the first, plus extra ones opened because
+    /// the server's stream limit was reached.
+    pub connections: usize,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS on the first connection;
+    /// `None` when it set no limit, or there is no connection.
+    pub max_concurrent_streams: Option<u32>,
     /// Connections established, counting the first.
     pub connects: u64,
     /// Connections replaced because of `max_connection_age`.
@@ -56,6 +62,8 @@ impl EndpointStatus {
             connection_age: status
                 .connected_at()
                 .map(|at| now.saturating_duration_since(at)),
+            connections: sub.connections(),
+            max_concurrent_streams: sub.shared.pool.max_concurrent_streams(),
             connects: stats.connects.load(Ordering::Relaxed),
             recycles: stats.recycles.load(Ordering::Relaxed),
             calls_started: stats.calls_started.load(Ordering::Relaxed),

@@ -128,6 +128,8 @@ fn the_metrics_example_counts_calls_and_live_stream_messages() {
         4.0
     );
     assert!(sum(&text, "healthlb_resolutions_total", &["result=\"ok\""]) >= 1.0);
+    // One connection per endpoint: none reached its server's stream limit.
+    assert_eq!(sum(&text, "healthlb_connections", &[]), 4.0, "{text}");
     // The example printed the same sample.
     assert!(
         printed.contains("healthlb_stream_messages_received_total{"),

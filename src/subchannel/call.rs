@@ -14,7 +14,9 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::connect::{Conn, Origin};
-use super::replay::{Counting, Replay, refused_unprocessed};
+use super::pool::Slot;
+use super::replay::{Counting, Replay};
+use super::transport_errors::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 
 /// What became of a call handed to a connection.
@@ -25,34 +27,47 @@ pub(crate) enum Sent {
     /// The request never left the client, because the connection had closed,
     /// or the server refused it unprocessed (GOAWAY, REFUSED_STREAM). It is
     /// safe to send it elsewhere.
-    Unsent(Request<Body>),
+    Unsent(Replay),
     /// The call failed in transport, after it may have reached the server.
     Failed(Status),
 }
 
-// === impl Conn ===
+/// What became of the balancer's own request (health, liveness).
+#[derive(Debug)]
+pub(crate) enum Internal {
+    Response(Response<Body>),
+    /// The connection had closed before it could be sent.
+    Unsent,
+    Failed(Status),
+}
 
-impl Conn {
-    /// Sends a caller's request. It counts as in flight, on the connection and
-    /// the endpoint, until its response body ends.
-    pub(crate) async fn send(self: &Arc<Self>, req: Request<Body>) -> Sent {
-        let Some(guard) = CallGuard::new(self.clone()) else {
-            // Draining since it was picked.
-            return Sent::Unsent(req);
-        };
-        let stats = &self.stats;
+// === impl Slot ===
+
+impl Slot {
+    /// Sends the next attempt of a caller's request on this slot's
+    /// connection. Once the response headers arrive the call is committed:
+    /// `replay` is dropped, and the recording with it.
+    pub(crate) async fn send(self, mut replay: Replay) -> Sent {
+        let conn = self.conn.clone();
+        let stats = &conn.stats;
         // Metrics: the method, and counting of the request's messages.
-        let method: Option<Arc<str>> = stats.metrics.enabled().then(|| req.uri().path().into());
+        let method: Option<Arc<str>> = stats.metrics.enabled().then(|| replay.path().into());
         let counting = method.clone().map(|method| Counting {
             stats: stats.clone(),
             method,
             frames: GrpcFrames::default(),
         });
-        let (mut req, replay) = Replay::wrap(req, counting);
-        prepare(&mut req, &self.origin);
-        let mut send = self.send.clone();
+        let Some(mut req) = replay.attempt(counting) else {
+            return Sent::Failed(Status::unavailable(format!(
+                "the call to {} cannot be sent again: its request was not kept whole",
+                conn.addr
+            )));
+        };
+        prepare(&mut req, &conn.origin);
+        let mut send = conn.send.clone();
         match send.try_send_request(req).await {
             Ok(response) => {
+                drop(replay);
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
@@ -70,27 +85,23 @@ impl Conn {
                     Body::new(TrackedBody {
                         body,
                         counting,
-                        guard,
+                        slot: self,
                     })
                 }))
             }
             Err(mut e) => {
-                if e.take_message().is_some() {
-                    // Never sent: the recorded body is untouched.
-                    if let Some(again) = replay.rebuild() {
-                        return Sent::Unsent(again);
-                    }
-                }
+                // Never sent: the recorded body is untouched.
+                let never_sent = e.take_message().is_some();
                 let err = e.into_error();
-                if refused_unprocessed(&err) {
-                    if let Some(again) = replay.rebuild() {
-                        tracing::debug!(endpoint = %self.addr, error = %err, "the server refused the call unprocessed; sending it again");
-                        return Sent::Unsent(again);
+                if never_sent || (refused_unprocessed(&err) && replay.can_retry()) {
+                    if !never_sent {
+                        tracing::debug!(endpoint = %conn.addr, error = %err, "the server refused the call unprocessed; sending it again");
                     }
+                    return Sent::Unsent(replay);
                 }
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 stats.calls_failed.fetch_add(1, Ordering::Relaxed);
-                let status = transport_status(self.addr, err);
+                let status = transport_status(conn.addr, &err);
                 if let Some(method) = &method {
                     stats.metrics.request_done(status.code(), method);
                 }
@@ -98,17 +109,21 @@ impl Conn {
             }
         }
     }
+}
 
-    /// Sends the balancer's own request (health, liveness): not counted and
+// === impl Conn ===
+
+impl Conn {
+    /// Sends the balancer's own request (health, liveness): not counted, and
     /// not waited for when draining.
-    pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Sent {
+    pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Internal {
         prepare(&mut req, &self.origin);
         let mut send = self.send.clone();
         match send.try_send_request(req).await {
-            Ok(response) => Sent::Response(response.map(Body::new)),
+            Ok(response) => Internal::Response(response.map(Body::new)),
             Err(mut e) => match e.take_message() {
-                Some(req) => Sent::Unsent(req),
-                None => Sent::Failed(transport_status(self.addr, e.into_error())),
+                Some(_) => Internal::Unsent,
+                None => Internal::Failed(transport_status(self.addr, &e.into_error())),
             },
         }
     }
@@ -134,73 +149,12 @@ fn prepare(req: &mut Request<Body>, origin: &Origin) {
         .or_insert_with(|| origin.user_agent.clone());
 }
 
-/// The gRPC status of a transport failure, per gRPC's HTTP/2 error mapping,
-/// naming the endpoint.
-pub(crate) fn transport_status(addr: std::net::SocketAddr, err: hyper::Error) -> Status {
-    use tonic::Code;
-    let code = if err.is_timeout() {
-        // An unanswered keepalive PING.
-        Code::Unavailable
-    } else {
-        match h2_error(&err).and_then(h2::Error::reason) {
-            Some(h2::Reason::CANCEL) => Code::Cancelled,
-            Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
-            Some(h2::Reason::INADEQUATE_SECURITY) => Code::PermissionDenied,
-            Some(h2::Reason::PROTOCOL_ERROR) | Some(h2::Reason::INTERNAL_ERROR)
-                if h2_error(&err).is_some_and(|e| e.is_reset()) =>
-            {
-                Code::Internal
-            }
-            _ => Code::Unavailable,
-        }
-    };
-    Status::new(code, format!("call to {addr} failed: {err}"))
-}
-
-/// The h2 error behind a hyper error, if any.
-pub(crate) fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = e.source();
-    }
-    None
-}
-
-/// Counts a call in flight until dropped.
-struct CallGuard {
-    conn: Arc<Conn>,
-}
-
-impl CallGuard {
-    /// `None` when the connection is draining.
-    fn new(conn: Arc<Conn>) -> Option<Self> {
-        if !conn.call_started() {
-            return None;
-        }
-        conn.stats.calls_in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Self { conn })
-    }
-}
-
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        self.conn
-            .stats
-            .calls_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
-        self.conn.call_ended();
-    }
-}
-
 /// A response body that keeps its call counted until it ends or is dropped,
 /// and, with metrics on, counts its messages and records its status.
 struct TrackedBody {
     body: Incoming,
     counting: Option<ResponseCounting>,
-    guard: CallGuard,
+    slot: Slot,
 }
 
 struct ResponseCounting {
@@ -226,7 +180,7 @@ impl Drop for TrackedBody {
         if let Some(counting) = &self.counting {
             if !counting.done {
                 // Dropped before its status: the caller gave up on it.
-                let metrics = &self.guard.conn.stats.metrics;
+                let metrics = &self.slot.conn.stats.metrics;
                 metrics.request_done(tonic::Code::Cancelled, &counting.method);
             }
         }
@@ -235,16 +189,21 @@ impl Drop for TrackedBody {
 
 impl HttpBody for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Status;
 
+    /// Frames as they come; a transport failure becomes the gRPC status it
+    /// means, naming the endpoint.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let addr = this.slot.conn.addr;
+        let polled = Pin::new(&mut this.body)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|f| f.map_err(|e| transport_status(addr, &e))));
         if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {
-            let metrics = &this.guard.conn.stats.metrics;
+            let metrics = &this.slot.conn.stats.metrics;
             match result {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
@@ -259,8 +218,8 @@ impl HttpBody for TrackedBody {
                         }
                     }
                 }
-                Some(Err(_)) if !counting.done => {
-                    metrics.request_done(tonic::Code::Unavailable, &counting.method);
+                Some(Err(status)) if !counting.done => {
+                    metrics.request_done(status.code(), &counting.method);
                     counting.done = true;
                 }
                 _ => {}

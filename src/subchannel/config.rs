@@ -18,13 +18,31 @@ pub(crate) const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// default, and an idle Watch stream doesn't earn more. Yet a black-holed
 /// peer must leave rotation within a bound.
 ///
-/// healthlb keeps both with a **liveness probe**: every `liveness_interval`
-/// (15 s) it sends one unary `grpc.health.v1.Health/Check` on the connection.
-/// Any answer at all, even UNIMPLEMENTED, proves the peer alive. No answer
-/// within `liveness_timeout` (15 s) closes the connection. A silent peer is
-/// out of rotation at most `liveness_interval + liveness_timeout` (30 s)
-/// after it went silent. A call is not a ping, so no server counts it as a
-/// strike. HTTP/2 keepalive pings are off by default, as gRFC A8 advises, and
+/// healthlb keeps both with a **liveness probe**. Anything the peer sends
+/// proves it alive, so a busy connection is never probed. After
+/// `liveness_interval` (15 s) without a byte from the peer, one unary
+/// `grpc.health.v1.Health/Check` goes out on the connection. Any answer at
+/// all, even UNIMPLEMENTED, proves the peer alive. No answer within
+/// `liveness_timeout` (15 s), and nothing else heard meanwhile, closes the
+/// connection. A silent peer is out of rotation at most
+/// `liveness_interval + liveness_timeout` (30 s) after its last word. A call
+/// is not a ping, so no server counts it as a strike. The probe has a stream
+/// slot kept for it, so a connection full of calls cannot make it time out;
+/// where the server's limit is too small to keep one, a probe that would
+/// have to queue is not sent, and proves nothing either way.
+///
+/// # Stream limits
+///
+/// Servers cap the streams open at once on a connection
+/// (SETTINGS_MAX_CONCURRENT_STREAMS). When every connection to an endpoint
+/// is at its cap, healthlb opens another connection to the same endpoint,
+/// up to `max_connections_per_endpoint` (8), as Envoy does; grpc-go would
+/// queue the call. Past that cap a call waits for a free slot, up to the
+/// ready timeout. The first connection carries the health Watch and stays;
+/// the extra ones close after `extra_connection_idle_timeout` (60 s)
+/// without calls. Each connection keeps one slot for the health Watch (the
+/// first only) and one for the liveness probe, so neither ever queues
+/// behind calls. HTTP/2 keepalive pings are off by default, as gRFC A8 advises, and
 /// can be turned on with
 /// [`http2_keep_alive_interval`](Self::http2_keep_alive_interval). A server
 /// that answers them with GOAWAY `too_many_pings` gets half as many: the
@@ -43,6 +61,8 @@ pub struct SubchannelConfig {
     pub(crate) liveness_timeout: Duration,
     pub(crate) max_connection_age: Option<Duration>,
     pub(crate) max_connection_age_grace: Duration,
+    pub(crate) max_connections_per_endpoint: usize,
+    pub(crate) extra_connection_idle_timeout: Duration,
     pub(crate) authority: Option<String>,
     pub(crate) user_agent: Option<String>,
     pub(crate) metrics_method_label: bool,
@@ -65,6 +85,8 @@ impl Default for SubchannelConfig {
             liveness_timeout: Duration::from_secs(15),
             max_connection_age: None,
             max_connection_age_grace: Duration::from_secs(30),
+            max_connections_per_endpoint: 8,
+            extra_connection_idle_timeout: Duration::from_secs(60),
             authority: None,
             user_agent: None,
             metrics_method_label: false,
@@ -150,6 +172,23 @@ impl SubchannelConfig {
         self
     }
 
+    /// The most connections to one endpoint. When every one is at the
+    /// server's SETTINGS_MAX_CONCURRENT_STREAMS, the next call opens another
+    /// up to this many; past it, calls wait for a free slot. 1 makes calls
+    /// queue on one connection, as grpc-go does. Default: 8.
+    pub fn max_connections_per_endpoint(mut self, n: usize) -> Self {
+        self.max_connections_per_endpoint = n;
+        self
+    }
+
+    /// How long an extra connection, opened past the server's stream limit,
+    /// stays open without calls. The endpoint's first connection stays
+    /// regardless. Default: 60 s.
+    pub fn extra_connection_idle_timeout(mut self, d: Duration) -> Self {
+        self.extra_connection_idle_timeout = d;
+        self
+    }
+
     /// Replaces each connection after this age, ±10 % per connection,
     /// make-before-break: the new one takes calls once its health says
     /// SERVING. Default: off.
@@ -227,6 +266,16 @@ impl SubchannelConfig {
         }
         if self.liveness_timeout.is_zero() {
             return Err(Error::invalid_config("liveness_timeout must be above zero"));
+        }
+        if self.max_connections_per_endpoint == 0 {
+            return Err(Error::invalid_config(
+                "max_connections_per_endpoint must be at least 1",
+            ));
+        }
+        if self.extra_connection_idle_timeout.is_zero() {
+            return Err(Error::invalid_config(
+                "extra_connection_idle_timeout must be above zero",
+            ));
         }
         if self.max_connection_age.is_some_and(|d| d.is_zero()) {
             return Err(Error::invalid_config(

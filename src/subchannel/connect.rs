@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ use tokio::sync::Notify;
 use tonic::body::Body;
 
 use super::Stats;
+pub(crate) use super::frames::GoAway;
+use super::frames::{FrameSniffer, Seen};
 use crate::Error;
 
 /// The future that drives a connection's request dispatch. It ends when the
@@ -47,6 +49,37 @@ pub(crate) struct Http2Settings {
     pub(crate) keep_alive_while_idle: bool,
 }
 
+/// What a connection reserves of the server's stream limit for the
+/// balancer's own streams, and how it is used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    /// It carries the endpoint's health Watch.
+    pub(crate) watch: bool,
+    /// It runs a liveness probe.
+    pub(crate) probe: bool,
+    /// It is an extra connection, closed when idle.
+    pub(crate) extra: bool,
+}
+
+/// How one endpoint's calls wait for a free stream slot: its connections
+/// wake the waiters whenever a call ends.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    /// Calls waiting for a slot right now.
+    pub(crate) waiters: AtomicUsize,
+    pub(crate) freed: Notify,
+}
+
+impl Slots {
+    /// A slot was freed or added: wakes the waiters, if any. The request
+    /// path pays one load when nobody waits.
+    pub(crate) fn released(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
 /// One established HTTP/2 connection, shared by the subchannel task and the
 /// request path.
 pub(crate) struct Conn {
@@ -55,11 +88,15 @@ pub(crate) struct Conn {
     pub(crate) origin: Arc<Origin>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) established: Instant,
+    pub(crate) role: Role,
     signals: Arc<Signals>,
-    /// Calls whose response has not ended, for draining.
+    slots: Arc<Slots>,
+    /// Calls whose response has not ended: stream slots in use by callers.
     in_flight: AtomicUsize,
     draining: AtomicBool,
     idle: Notify,
+    /// When the last call ended, in ns since `established`.
+    idle_since: AtomicU64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -67,6 +104,7 @@ impl std::fmt::Debug for Conn {
         f.debug_struct("Conn")
             .field("addr", &self.addr)
             .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .field("max_streams", &self.max_streams())
             .finish()
     }
 }
@@ -81,9 +119,10 @@ impl Conn {
             && !self.draining.load(Ordering::Acquire)
     }
 
-    /// Closes the connection at once, failing whatever is still on it.
-    pub(crate) fn kill(&self) {
-        self.signals.kill();
+    /// Closes the connection at once, failing whatever is still on it with
+    /// `why`.
+    pub(crate) fn kill(&self, why: impl std::fmt::Display) {
+        self.signals.kill(why.to_string());
     }
 
     /// The server's first GOAWAY, once it arrived.
@@ -98,17 +137,82 @@ impl Conn {
         }
     }
 
+    /// Ready once the server's first SETTINGS frame arrived, so its stream
+    /// limit is known.
+    pub(crate) fn poll_settings(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signals.settings.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.signals.settings_waker.register(cx.waker());
+        match self.signals.settings.load(Ordering::Acquire) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS; unlimited until it
+    /// says otherwise, as HTTP/2 has it.
+    pub(crate) fn max_streams(&self) -> usize {
+        self.signals.max_streams.load(Ordering::Relaxed) as usize
+    }
+
+    /// When the server last sent anything at all.
+    pub(crate) fn last_read(&self) -> Instant {
+        self.established + Duration::from_nanos(self.signals.last_read.load(Ordering::Acquire))
+    }
+
+    /// Since when no call has been open, if none is.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight() == 0).then(|| {
+            self.established + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed))
+        })
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Counts a call in. False, and not counted, once the connection is
-    /// draining: a call picked just before must go elsewhere, or the drain
-    /// could close the connection under it.
-    pub(crate) fn call_started(&self) -> bool {
-        // SeqCst pairs with `drained`: either the drain sees this call, or
-        // this call sees the drain.
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    /// How many calls may be open at once: the server's limit less the
+    /// slots kept for the health Watch and the liveness probe, so those
+    /// never wait behind calls. Under a limit too small for both, only the
+    /// Watch's slot is kept.
+    pub(crate) fn capacity(&self) -> usize {
+        let max = self.max_streams();
+        let watch = usize::from(self.role.watch);
+        let kept = watch + usize::from(self.role.probe);
+        match max.saturating_sub(kept) {
+            0 => max.saturating_sub(watch),
+            n => n,
+        }
+    }
+
+    /// Whether a liveness probe would get a stream slot now, rather than
+    /// queue behind calls.
+    pub(crate) fn probe_has_slot(&self) -> bool {
+        self.in_flight() + usize::from(self.role.watch) < self.max_streams()
+    }
+
+    /// Counts a call in, if a slot is free. False, and not counted, when the
+    /// connection is full or draining: a call picked just before a drain
+    /// must go elsewhere, or the drain could close the connection under it.
+    pub(crate) fn try_start_call(&self) -> bool {
+        let capacity = self.capacity();
+        // SeqCst pairs with `drained` and with `Slots::released`: either the
+        // drain sees this call or this call sees the drain, and a waiter
+        // either sees a freed slot or is woken.
+        let mut n = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if n >= capacity {
+                return false;
+            }
+            match self
+                .in_flight
+                .compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => n = actual,
+            }
+        }
         if self.draining.load(Ordering::SeqCst) {
             self.call_ended();
             return false;
@@ -117,11 +221,16 @@ impl Conn {
     }
 
     pub(crate) fn call_ended(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.draining.load(Ordering::SeqCst)
-        {
-            self.idle.notify_waiters();
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if self.draining.load(Ordering::SeqCst) {
+                self.idle.notify_waiters();
+            }
+            if self.role.extra {
+                let ns = self.established.elapsed().as_nanos() as u64;
+                self.idle_since.store(ns, Ordering::Relaxed);
+            }
         }
+        self.slots.released();
     }
 
     /// Waits until no call is left on the connection. New calls must already
@@ -138,78 +247,94 @@ impl Conn {
     }
 }
 
-/// Connects to `addr`: TCP, TLS when configured, then the HTTP/2 handshake.
-/// The caller bounds it in time.
-pub(crate) async fn connect(
-    addr: SocketAddr,
-    settings: Http2Settings,
-    tcp_keepalive: Option<Duration>,
-    origin: Arc<Origin>,
-    #[cfg(feature = "tls")] tls: Option<&super::TlsConfig>,
-    stats: Arc<Stats>,
-) -> Result<(Arc<Conn>, Driver), Error> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| {
-        let label = match e.kind() {
-            io::ErrorKind::ConnectionRefused => "connect refused",
-            io::ErrorKind::TimedOut => "connect timed out",
-            _ => "connect failed",
-        };
-        Error::connect(
-            label,
-            format!("connecting to {addr} failed: {e}"),
-            Some(e.into()),
-        )
-    })?;
-    // Small gRPC messages must not wait for Nagle.
-    let _ = tcp.set_nodelay(true);
-    if let Some(idle) = tcp_keepalive {
-        let keepalive = socket2::TcpKeepalive::new().with_time(idle);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-    }
-
+/// What a subchannel connects with.
+pub(crate) struct Dialer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) tcp_keepalive: Option<Duration>,
     #[cfg(feature = "tls")]
-    let io: Box<dyn Io> = match tls {
-        Some(tls) => Box::new(tls.handshake(addr, &origin.authority, tcp).await?),
-        None => Box::new(tcp),
-    };
-    #[cfg(not(feature = "tls"))]
-    let io: Box<dyn Io> = Box::new(tcp);
+    pub(crate) tls: Option<super::TlsConfig>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) slots: Arc<Slots>,
+}
 
-    let signals = Arc::new(Signals::default());
-    let io = TokioIo::new(WatchedIo {
-        io,
-        signals: signals.clone(),
-        frames: FrameHeaders::default(),
-    });
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keep_alive_interval)
-        .keep_alive_timeout(settings.keep_alive_timeout)
-        .keep_alive_while_idle(settings.keep_alive_while_idle);
-    let (send, driver) = builder.handshake(io).await.map_err(|e| {
-        Error::connect(
-            "HTTP/2 handshake failed",
-            format!("the HTTP/2 handshake with {addr} failed: {e}"),
-            Some(e.into()),
-        )
-    })?;
-    let conn = Arc::new(Conn {
-        addr,
-        send,
-        origin,
-        stats,
-        established: Instant::now(),
-        signals,
-        in_flight: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
-        idle: Notify::new(),
-    });
-    // The connection runs in a task of its own, as in tonic, so a call's
-    // dispatch wakes only it, not the subchannel's health and probe work.
-    // Dropping the driver aborts it, which closes the connection.
-    let task = AbortOnDrop(tokio::spawn(driver));
-    Ok((conn, Box::pin(task)))
+impl Dialer {
+    /// Connects: TCP, TLS when configured, then the HTTP/2 handshake. The
+    /// caller bounds it in time.
+    pub(crate) async fn connect(
+        &self,
+        settings: Http2Settings,
+        role: Role,
+    ) -> Result<(Arc<Conn>, Driver), Error> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr).await.map_err(|e| {
+            let label = match e.kind() {
+                io::ErrorKind::ConnectionRefused => "connect refused",
+                io::ErrorKind::TimedOut => "connect timed out",
+                _ => "connect failed",
+            };
+            Error::connect(
+                label,
+                format!("connecting to {addr} failed: {e}"),
+                Some(e.into()),
+            )
+        })?;
+        // Small gRPC messages must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        if let Some(idle) = self.tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new().with_time(idle);
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        }
+
+        #[cfg(feature = "tls")]
+        let io: Box<dyn Io> = match &self.tls {
+            Some(tls) => Box::new(tls.handshake(addr, &self.origin.authority, tcp).await?),
+            None => Box::new(tcp),
+        };
+        #[cfg(not(feature = "tls"))]
+        let io: Box<dyn Io> = Box::new(tcp);
+
+        let established = Instant::now();
+        let signals = Arc::new(Signals::new());
+        let io = TokioIo::new(WatchedIo {
+            io,
+            epoch: established,
+            signals: signals.clone(),
+            frames: FrameSniffer::default(),
+        });
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(settings.keep_alive_interval)
+            .keep_alive_timeout(settings.keep_alive_timeout)
+            .keep_alive_while_idle(settings.keep_alive_while_idle);
+        let (send, driver) = builder.handshake(io).await.map_err(|e| {
+            Error::connect(
+                "HTTP/2 handshake failed",
+                format!("the HTTP/2 handshake with {addr} failed: {e}"),
+                Some(e.into()),
+            )
+        })?;
+        let conn = Arc::new(Conn {
+            addr,
+            send,
+            origin: self.origin.clone(),
+            stats: self.stats.clone(),
+            established,
+            role,
+            signals,
+            slots: self.slots.clone(),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            idle: Notify::new(),
+            idle_since: AtomicU64::new(0),
+        });
+        // The connection runs in a task of its own, as in tonic, so a call's
+        // dispatch wakes only it, not the subchannel's health and probe work.
+        // Dropping the driver aborts it, which closes the connection.
+        let task = AbortOnDrop(tokio::spawn(driver));
+        Ok((conn, Box::pin(task)))
+    }
 }
 
 /// A spawned connection that stops when its handle is dropped.
@@ -238,53 +363,44 @@ pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A GOAWAY frame from the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct GoAway {
-    pub(crate) last_stream_id: u32,
-    pub(crate) code: h2::Reason,
-    pub(crate) debug: String,
-}
-
-impl GoAway {
-    fn parse(payload: &[u8]) -> Option<Self> {
-        let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
-        Some(Self {
-            last_stream_id: u32::from_be_bytes([head[0], head[1], head[2], head[3]]) & 0x7fff_ffff,
-            code: h2::Reason::from(u32::from_be_bytes([head[4], head[5], head[6], head[7]])),
-            debug: String::from_utf8_lossy(&payload[8..]).into_owned(),
-        })
-    }
-
-    /// ENHANCE_YOUR_CALM with `too_many_pings`: the server wants fewer
-    /// keepalive pings (gRFC A8).
-    pub(crate) fn is_too_many_pings(&self) -> bool {
-        self.code == h2::Reason::ENHANCE_YOUR_CALM && self.debug.contains("too_many_pings")
-    }
-}
-
-impl std::fmt::Display for GoAway {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GOAWAY {:?}", self.code)?;
-        if !self.debug.is_empty() {
-            write!(f, " ({})", self.debug)?;
-        }
-        Ok(())
-    }
-}
-
 /// What the IO layer tells the subchannel, and the switch it obeys.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Signals {
     killed: AtomicBool,
     kill_waker: AtomicWaker,
+    /// Why healthlb closed the connection, for the calls that fail.
+    kill_reason: std::sync::Mutex<Option<String>>,
     going_away: AtomicBool,
     goaway: std::sync::Mutex<Option<GoAway>>,
     goaway_waker: AtomicWaker,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, unlimited until the server says.
+    max_streams: AtomicU32,
+    settings: AtomicBool,
+    settings_waker: AtomicWaker,
+    /// When anything was last read, in ns since the connection began.
+    last_read: AtomicU64,
 }
 
 impl Signals {
-    fn kill(&self) {
+    fn new() -> Self {
+        Self {
+            killed: AtomicBool::new(false),
+            kill_waker: AtomicWaker::new(),
+            kill_reason: std::sync::Mutex::new(None),
+            going_away: AtomicBool::new(false),
+            goaway: std::sync::Mutex::new(None),
+            goaway_waker: AtomicWaker::new(),
+            max_streams: AtomicU32::new(u32::MAX),
+            settings: AtomicBool::new(false),
+            settings_waker: AtomicWaker::new(),
+            last_read: AtomicU64::new(0),
+        }
+    }
+
+    fn kill(&self, why: String) {
+        if let Ok(mut reason) = self.kill_reason.lock() {
+            reason.get_or_insert(why);
+        }
         self.killed.store(true, Ordering::Release);
         self.kill_waker.wake();
     }
@@ -296,21 +412,38 @@ impl Signals {
         self.goaway.lock().ok().and_then(|g| g.clone())
     }
 
-    fn saw_goaway(&self, goaway: GoAway) {
-        if let Ok(mut slot) = self.goaway.lock() {
-            // The first one counts; a second only lowers the last stream id.
-            if slot.is_none() {
-                *slot = Some(goaway);
-            }
+    fn saw(&self, seen: Seen) {
+        if let Some(max) = seen.max_streams {
+            self.max_streams.store(max, Ordering::Relaxed);
         }
-        self.going_away.store(true, Ordering::Release);
-        self.goaway_waker.wake();
+        if seen.settings {
+            self.settings.store(true, Ordering::Release);
+            self.settings_waker.wake();
+        }
+        if let Some(goaway) = seen.goaway {
+            if let Ok(mut slot) = self.goaway.lock() {
+                // The first one counts: it is the one that stopped new calls.
+                // A later one only lowers the last stream id, which hyper
+                // applies to the streams it affects.
+                if slot.is_none() {
+                    *slot = Some(goaway);
+                }
+            }
+            self.going_away.store(true, Ordering::Release);
+            self.goaway_waker.wake();
+        }
     }
 
-    fn killed() -> io::Error {
+    fn killed(&self) -> io::Error {
+        let why = self
+            .kill_reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_default();
         io::Error::new(
             io::ErrorKind::ConnectionAborted,
-            "connection closed by healthlb",
+            format!("healthlb closed the connection: {why}"),
         )
     }
 
@@ -322,13 +455,13 @@ impl Signals {
         poll: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if self.killed.load(Ordering::Acquire) {
-            return Poll::Ready(Err(Self::killed()));
+            return Poll::Ready(Err(self.killed()));
         }
         match poll(cx) {
             Poll::Pending => {
                 self.kill_waker.register(cx.waker());
                 if self.killed.load(Ordering::Acquire) {
-                    return Poll::Ready(Err(Self::killed()));
+                    return Poll::Ready(Err(self.killed()));
                 }
                 Poll::Pending
             }
@@ -337,64 +470,13 @@ impl Signals {
     }
 }
 
-/// Longest GOAWAY payload kept: the ids, the code and some debug data.
-const GOAWAY_CAP: usize = 8 + 256;
-const FRAME_HEADER_LEN: usize = 9;
-const FRAME_TYPE_GOAWAY: u8 = 0x7;
-
-/// Follows the frame headers of what the server sends. hyper notices a
-/// GOAWAY only when the next request comes; this sees it as it arrives, so
-/// an idle subchannel leaves a closing connection at once.
-#[derive(Debug, Default)]
-struct FrameHeaders {
-    header: [u8; FRAME_HEADER_LEN],
-    filled: usize,
-    /// Payload bytes still to pass.
-    skip: usize,
-    goaway: Option<Vec<u8>>,
-}
-
-impl FrameHeaders {
-    fn feed(&mut self, mut data: &[u8]) -> Option<GoAway> {
-        let mut found = None;
-        while !data.is_empty() {
-            if self.skip > 0 {
-                let n = self.skip.min(data.len());
-                if let Some(payload) = &mut self.goaway {
-                    let room = GOAWAY_CAP.saturating_sub(payload.len());
-                    payload.extend_from_slice(&data[..n.min(room)]);
-                }
-                self.skip -= n;
-                data = &data[n..];
-                if self.skip == 0 {
-                    if let Some(payload) = self.goaway.take() {
-                        found = GoAway::parse(&payload).or(found);
-                    }
-                }
-                continue;
-            }
-            let n = (FRAME_HEADER_LEN - self.filled).min(data.len());
-            self.header[self.filled..self.filled + n].copy_from_slice(&data[..n]);
-            self.filled += n;
-            data = &data[n..];
-            if self.filled == FRAME_HEADER_LEN {
-                self.filled = 0;
-                let h = self.header;
-                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-                if h[3] == FRAME_TYPE_GOAWAY && self.skip >= 8 {
-                    self.goaway = Some(Vec::with_capacity(self.skip.min(GOAWAY_CAP)));
-                }
-            }
-        }
-        found
-    }
-}
-
-/// The connection's byte stream, watched for GOAWAY and closable at will.
+/// The connection's byte stream: every read is proof the peer is alive and
+/// goes through the frame sniffer; a kill switch closes it at will.
 struct WatchedIo {
     io: Box<dyn Io>,
+    epoch: Instant,
     signals: Arc<Signals>,
-    frames: FrameHeaders,
+    frames: FrameSniffer,
 }
 
 impl AsyncRead for WatchedIo {
@@ -409,8 +491,11 @@ impl AsyncRead for WatchedIo {
             .signals
             .guard(cx, |cx| Pin::new(&mut this.io).poll_read(cx, buf));
         if let Poll::Ready(Ok(())) = polled {
-            if let Some(goaway) = this.frames.feed(&buf.filled()[before..]) {
-                this.signals.saw_goaway(goaway);
+            let read = &buf.filled()[before..];
+            if !read.is_empty() {
+                let ns = this.epoch.elapsed().as_nanos() as u64;
+                this.signals.last_read.store(ns, Ordering::Release);
+                this.signals.saw(this.frames.feed(read));
             }
         }
         polled
@@ -451,67 +536,5 @@ impl AsyncWrite for WatchedIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    fn goaway(last: u32, code: u32, debug: &[u8]) -> Vec<u8> {
-        let mut payload = last.to_be_bytes().to_vec();
-        payload.extend_from_slice(&code.to_be_bytes());
-        payload.extend_from_slice(debug);
-        frame(FRAME_TYPE_GOAWAY, 0, &payload)
-    }
-
-    #[test]
-    fn finds_a_goaway_among_other_frames_in_any_split() {
-        let mut wire = frame(0x4, 0, &[0; 12]); // SETTINGS
-        wire.extend(frame(0x0, 1, &[7; 1000])); // DATA
-        wire.extend(goaway(0x7fff_ffff, 0xb, b"too_many_pings"));
-        wire.extend(frame(0x6, 0, &[0; 8])); // PING
-        for chunk in [1, 2, 5, 9, 10, 64, wire.len()] {
-            let mut frames = FrameHeaders::default();
-            let found: Vec<GoAway> = wire.chunks(chunk).filter_map(|c| frames.feed(c)).collect();
-            assert_eq!(found.len(), 1, "chunk {chunk}");
-            assert_eq!(found[0].last_stream_id, 0x7fff_ffff);
-            assert_eq!(found[0].code, h2::Reason::ENHANCE_YOUR_CALM);
-            assert!(found[0].is_too_many_pings());
-            assert_eq!(
-                found[0].to_string(),
-                "GOAWAY ENHANCE_YOUR_CALM (too_many_pings)"
-            );
-        }
-    }
-
-    #[test]
-    fn data_that_looks_like_a_goaway_is_skipped() {
-        let fake = goaway(1, 0, b"");
-        let mut wire = frame(0x0, 1, &fake); // a DATA frame carrying GOAWAY bytes
-        wire.extend(goaway(5, 0, b""));
-        let mut frames = FrameHeaders::default();
-        let found = frames.feed(&wire).expect("the real GOAWAY");
-        assert_eq!(
-            (found.last_stream_id, found.code),
-            (5, h2::Reason::NO_ERROR)
-        );
-    }
-
-    #[test]
-    fn long_debug_data_is_capped() {
-        let mut frames = FrameHeaders::default();
-        let found = frames.feed(&goaway(3, 0, &[b'x'; 10_000])).expect("GOAWAY");
-        assert_eq!(found.debug.len(), GOAWAY_CAP - 8);
-        // And the stream stays in step after it.
-        assert!(frames.feed(&goaway(1, 2, b"")).is_some());
     }
 }

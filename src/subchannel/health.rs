@@ -1,5 +1,4 @@
-//! Health: a `grpc.health.v1.Health/Watch` stream per connection (gRFC A17),
-//! and the liveness probe that notices a silent peer.
+//! Health: a `grpc.health.v1.Health/Watch` stream per endpoint (gRFC A17).
 //!
 //! The Watch stream runs on the very connection that carries the calls, so
 //! its answer describes that connection. Its rules:
@@ -12,18 +11,18 @@
 //! - Any other end: not serving at once, and the stream is retried with
 //!   backoff. The backoff resets when the ended stream had delivered a
 //!   message, so a stream that worked and then broke is retried at once.
+//!
+//! The Watch is a stream like any call, and counts against the server's
+//! stream limit; the pool keeps a slot for it on the endpoint's first
+//! connection, so it never waits behind calls.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
 use futures::future::BoxFuture;
 use http::{Request, Response};
-use http_body_util::BodyExt;
-use prost::Message;
 use tokio::time::{Sleep, sleep};
 use tonic::body::Body;
 use tonic::codec::Streaming;
@@ -31,7 +30,7 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::call::Sent;
+use super::call::Internal;
 use super::connect::Conn;
 use crate::backoff::{Backoff, BackoffConfig};
 
@@ -48,6 +47,10 @@ pub(crate) enum HealthEvent {
 
 /// `ServingStatus::ServiceUnknown`.
 const SERVICE_UNKNOWN: i32 = 3;
+
+/// The largest Watch message accepted. A `HealthCheckResponse` is 2 bytes;
+/// a server sending more is broken, and its stream ends with an error.
+const MAX_HEALTH_MESSAGE: usize = 4 * 1024;
 
 /// One connection's Watch stream, retried as gRFC A17 says. Polled, not
 /// awaited, so the subchannel can drop it at any point.
@@ -82,7 +85,8 @@ impl HealthWatch {
     }
 
     fn open(&mut self) {
-        let mut client = HealthClient::new(Internal(self.conn.clone()));
+        let mut client = HealthClient::new(InternalService(self.conn.clone()))
+            .max_decoding_message_size(MAX_HEALTH_MESSAGE);
         let request = HealthCheckRequest {
             service: self.service.clone(),
         };
@@ -147,71 +151,11 @@ impl HealthWatch {
     }
 }
 
-/// The outcome of one liveness probe.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Probe {
-    /// The peer answered.
-    Alive,
-    /// The connection had closed: it takes no new calls (after a GOAWAY).
-    Closed,
-    /// No answer, or the transport failed.
-    Dead(String),
-}
-
-/// Sends one unary `Health/Check`. Any answer at all, whatever its status,
-/// proves the peer alive; only silence or a broken transport doesn't.
-pub(crate) async fn probe(conn: &Conn, service: &str, timeout: Duration) -> Probe {
-    let request = grpc_request(
-        "/grpc.health.v1.Health/Check",
-        &HealthCheckRequest {
-            service: service.to_owned(),
-        },
-    );
-    let exchange = async {
-        match conn.send_internal(request).await {
-            Sent::Response(response) => {
-                // Read to the end, so the stream closes cleanly.
-                let _ = response.into_body().collect().await;
-                Probe::Alive
-            }
-            Sent::Unsent(_) => Probe::Closed,
-            Sent::Failed(status) => Probe::Dead(status.message().to_owned()),
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(outcome) => outcome,
-        Err(_) => Probe::Dead(format!(
-            "no answer to the liveness probe within {timeout:?}"
-        )),
-    }
-}
-
-/// A unary gRPC request with `message` as its body.
-fn grpc_request(path: &'static str, message: &impl Message) -> Request<Body> {
-    let len = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    // Encoding into a buffer with enough room cannot fail.
-    let _ = message.encode(&mut buf);
-    let body = http_body_util::Full::new(Bytes::from(buf));
-    let mut request = Request::new(Body::new(body));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = http::Uri::from_static(path);
-    let headers = request.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    request
-}
-
 /// The connection as a tower service for tonic's generated health client.
 #[derive(Clone)]
-struct Internal(Arc<Conn>);
+struct InternalService(Arc<Conn>);
 
-impl tower::Service<Request<Body>> for Internal {
+impl tower::Service<Request<Body>> for InternalService {
     type Response = Response<Body>;
     type Error = Status;
     type Future = BoxFuture<'static, Result<Response<Body>, Status>>;
@@ -224,12 +168,12 @@ impl tower::Service<Request<Body>> for Internal {
         let conn = self.0.clone();
         Box::pin(async move {
             match conn.send_internal(request).await {
-                Sent::Response(response) => Ok(response),
-                Sent::Unsent(_) => Err(Status::unavailable(format!(
+                Internal::Response(response) => Ok(response),
+                Internal::Unsent => Err(Status::unavailable(format!(
                     "the connection to {} has closed",
                     conn.addr
                 ))),
-                Sent::Failed(status) => Err(status),
+                Internal::Failed(status) => Err(status),
             }
         })
     }

@@ -12,18 +12,16 @@
 //! can't be configured, or when new pods behind an L4 load balancer must get
 //! a share of long-lived clients.
 
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::time::{Sleep, sleep};
 use tracing::{debug, warn};
 
+use super::active::{Active, ConnEvent, Ctx, establish};
 use super::health::HealthEvent;
-use super::task::{Active, ConnEvent, Ctx, establish};
 use crate::Error;
 use crate::backoff::{Backoff, jittered};
 
@@ -79,12 +77,8 @@ impl Recycle {
         self.state = State::Waiting(Box::pin(sleep(delay)));
     }
 
-    /// Resolves with a SERVING replacement. Cancel-safe.
-    pub(crate) async fn next(&mut self) -> Active {
-        poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Active> {
+    /// Ready with a SERVING replacement.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Active> {
         loop {
             match &mut self.state {
                 State::Off => return Poll::Pending,
@@ -139,33 +133,5 @@ impl Recycle {
         self.backoff.reset();
         self.schedule();
         active
-    }
-}
-
-/// Lets a replaced connection finish its calls, for at most `grace` when
-/// given, then closes it. Without a grace, the server decides: it sent
-/// GOAWAY and closes the connection when it sees fit.
-pub(crate) async fn drain(old: Active, grace: Option<Duration>) {
-    let Active {
-        conn,
-        mut driver,
-        health,
-        ..
-    } = old;
-    // Its health no longer matters; free the server's stream.
-    drop(health);
-    let addr = conn.addr;
-    tokio::select! {
-        _ = conn.drained() => debug!(endpoint = %addr, "replaced connection drained"),
-        _ = sleep(grace.unwrap_or(Duration::MAX)), if grace.is_some() => {
-            warn!(
-                endpoint = %addr,
-                in_flight = conn.in_flight(),
-                grace_ms = grace.map(|g| g.as_millis() as u64),
-                "grace period over; closing the replaced connection under its calls"
-            );
-            conn.kill();
-        }
-        _ = &mut driver => debug!(endpoint = %addr, "replaced connection closed by the server"),
     }
 }

@@ -1,5 +1,5 @@
-//! Subchannels: one health-checked, kept-alive, age-recycled connection per
-//! endpoint.
+//! Subchannels: one health-checked, kept-alive, age-recycled endpoint, with
+//! as many connections as its server's stream limit calls for.
 //!
 //! An address in DNS is not a healthy backend: Kubernetes keeps a pod in DNS
 //! for seconds after it stops being ready, and `publishNotReadyAddresses`
@@ -8,40 +8,52 @@
 //! `grpc.health.v1.Health/Watch` stream on the very connection that carries
 //! the calls.
 //!
-//! Each subchannel runs one background task that owns its connection:
+//! Each subchannel runs one background task (`task.rs`) that owns its
+//! connections:
 //!
-//! - **Connect** (`connect.rs`): TCP, TLS when configured, the HTTP/2
-//!   handshake, and the first health answer, all within `connect_timeout`.
-//!   A failed attempt is retried with gRPC's backoff (1 s × 1.6 ± 20 %, at
-//!   most 120 s) and asks the resolver to re-resolve.
-//! - **Health** (`health.rs`): the Watch stream, per gRFC A17, and a
-//!   liveness probe that closes a connection whose peer went silent. See
+//! - **Connect** (`connect.rs`, `active.rs`): TCP, TLS when configured, the
+//!   HTTP/2 handshake, and the first health answer, all within
+//!   `connect_timeout`. A failed attempt is retried with gRPC's backoff
+//!   (1 s × 1.6 ± 20 %, at most 120 s) and asks the resolver to re-resolve.
+//! - **Health** (`health.rs`): the Watch stream, per gRFC A17.
+//! - **Liveness** (`liveness.rs`): a probe after `liveness_interval` of
+//!   silence closes a connection whose peer stopped answering. See
 //!   [`SubchannelConfig`] for why a probe and not HTTP/2 pings.
+//! - **Stream limits** (`pool.rs`): when every connection is at the server's
+//!   SETTINGS_MAX_CONCURRENT_STREAMS, another one opens, up to
+//!   `max_connections_per_endpoint`; extra ones close when idle.
 //! - **Max connection age** (`max_age.rs`): make-before-break recycling,
-//!   with a grace period for calls on the old connection.
-//! - **GOAWAY**: calls the server accepted finish; calls it never saw go to
-//!   a fresh connection. GOAWAY `too_many_pings` doubles the keepalive
-//!   interval for the endpoint's next connections (gRFC A8).
+//!   with a grace period for calls on the old connection (`drain.rs`).
+//! - **GOAWAY** (`frames.rs` sees it arrive): calls the server accepted
+//!   finish; calls it never saw go to a fresh connection (`replay.rs`).
+//!   GOAWAY `too_many_pings` doubles the keepalive interval for the
+//!   endpoint's next connections (gRFC A8).
 //!
 //! The state is published through a [`tokio::sync::watch`] channel
 //! ([`Subchannel::subscribe`]): Connecting, Serving, NotServing(reason),
 //! TransientFailure(error). Every transition is logged with the endpoint.
 //!
-//! A [`Subchannel`] is also a [`tower::Service`] on its own connection, with
-//! [`tower::load::Load`] reporting the calls in flight. That is what
+//! A [`Subchannel`] is also a [`tower::Service`] on its own connections,
+//! with [`tower::load::Load`] reporting the calls in flight. That is what
 //! [`LbChannel::discover`](crate::LbChannel::discover) hands to tower's
 //! balancers.
 
+mod active;
 mod call;
 mod config;
 mod connect;
+mod drain;
+mod frames;
 mod health;
+mod liveness;
 mod max_age;
+mod pool;
 mod replay;
 pub(crate) mod service;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;
+mod transport_errors;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -55,12 +67,22 @@ use tracing::{debug, error, info, warn};
 pub(crate) use self::call::Sent;
 pub use self::config::SubchannelConfig;
 pub(crate) use self::connect::Conn;
-use self::connect::Origin;
+use self::connect::{Dialer, Origin, Slots};
 use self::health::HealthEvent;
+pub(crate) use self::pool::{NoSlot, Pool};
+pub(crate) use self::replay::Replay;
 pub use self::service::ResponseFuture;
 #[cfg(feature = "tls")]
 pub use self::tls::TlsConfig;
 use crate::{Endpoint, Error};
+
+/// Runs the HTTP/2 frame sniffer over `bytes`, split into chunks whose
+/// size the first byte picks, and checks the split changes nothing. For the
+/// fuzzer only; not part of the API.
+#[doc(hidden)]
+pub fn fuzz_frames(bytes: &[u8]) -> usize {
+    frames::fuzz(bytes)
+}
 
 /// Where a subchannel stands.
 #[derive(Clone, Debug)]
@@ -191,14 +213,6 @@ impl SubchannelStatus {
     pub fn connected_at(&self) -> Option<Instant> {
         self.conn.as_ref().map(|c| c.established)
     }
-
-    /// The connection calls go to: present only while serving.
-    pub(crate) fn serving_conn(&self) -> Option<&Arc<Conn>> {
-        match self.state {
-            SubchannelState::Serving => self.conn.as_ref(),
-            _ => None,
-        }
-    }
 }
 
 /// Counters of one endpoint, kept as atomics so the request path pays one
@@ -219,6 +233,8 @@ pub(crate) struct Shared {
     pub(crate) endpoint: Endpoint,
     pub(crate) status: watch::Sender<SubchannelStatus>,
     pub(crate) stats: Arc<Stats>,
+    /// The connections that may take calls.
+    pub(crate) pool: Arc<Pool>,
     /// The HTTP/2 keepalive interval of the next connection, in ms; 0 is off.
     keep_alive_ms: AtomicU64,
     unimplemented_logged: AtomicBool,
@@ -412,17 +428,33 @@ impl Subchannel {
             conn: None,
         });
         let endpoint_addr = endpoint.addr();
+        let stats = Arc::new(Stats {
+            metrics: crate::metrics::EndpointMetrics::new(
+                hooks.target,
+                endpoint_addr,
+                config.metrics_method_label,
+            ),
+            ..Stats::default()
+        });
+        let slots = Arc::new(Slots::default());
+        let dialer = Dialer {
+            addr: endpoint_addr,
+            origin,
+            tcp_keepalive: config.tcp_keepalive,
+            #[cfg(feature = "tls")]
+            tls: config.tls.clone(),
+            stats: stats.clone(),
+            slots: slots.clone(),
+        };
         let shared = Arc::new(Shared {
             endpoint,
             status: status_tx,
-            stats: Arc::new(Stats {
-                metrics: crate::metrics::EndpointMetrics::new(
-                    hooks.target,
-                    endpoint_addr,
-                    config.metrics_method_label,
-                ),
-                ..Stats::default()
-            }),
+            stats,
+            pool: Arc::new(Pool::new(
+                endpoint_addr,
+                config.max_connections_per_endpoint,
+                slots,
+            )),
             keep_alive_ms: AtomicU64::new(0),
             unimplemented_logged: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -431,10 +463,10 @@ impl Subchannel {
         });
         shared.set_keep_alive(config.http2_keep_alive_interval);
         let (stop, stopped) = oneshot::channel();
-        let ctx = Arc::new(task::Ctx {
+        let ctx = Arc::new(active::Ctx {
             shared: shared.clone(),
             config,
-            origin,
+            dialer,
         });
         runtime.spawn(task::run(ctx, stopped));
         Ok(Self {
@@ -477,6 +509,12 @@ impl Subchannel {
     /// `too_many_pings`.
     pub fn http2_keep_alive_interval(&self) -> Option<Duration> {
         self.shared.keep_alive()
+    }
+
+    /// The connections open for calls: the first, and any extra ones opened
+    /// because the server's stream limit was reached.
+    pub fn connections(&self) -> usize {
+        self.shared.pool.len()
     }
 
     /// Calls that have not finished, on any of this endpoint's connections.

@@ -3,24 +3,26 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::{HeaderMap, Request, Response};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::{Conn, Sent, Subchannel, SubchannelStatus};
+use super::pool::Slot;
+use super::{NoSlot, Pool, Replay, Sent, Subchannel, SubchannelStatus};
 
 /// The error type of healthlb's services: a boxed [`tonic::Status`], which
 /// tonic's generated clients hand to the caller as it is.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How many times a call that never left the client is sent again.
-pub(crate) const MAX_UNSENT_RETRIES: usize = 8;
+/// How many times a call is handed to a connection, when each one closes
+/// before the call could leave the client.
+pub(crate) const MAX_ATTEMPTS: usize = 8;
 
 /// The response future of [`Subchannel`] and [`LbChannel`](crate::LbChannel).
 pub struct ResponseFuture {
@@ -51,15 +53,32 @@ impl fmt::Debug for ResponseFuture {
     }
 }
 
-/// Waits until `status` shows a serving, ready connection; returns it.
-pub(crate) async fn serving(status: &mut watch::Receiver<SubchannelStatus>) -> Option<Arc<Conn>> {
+/// A stream slot on `pool` once `status` shows the endpoint serving,
+/// waiting until `until`.
+async fn serving_slot(
+    status: &mut watch::Receiver<SubchannelStatus>,
+    pool: &Pool,
+    until: Instant,
+) -> Result<Slot, Status> {
     loop {
-        if let Some(conn) = status.borrow_and_update().serving_conn() {
-            if conn.is_ready() {
-                return Some(conn.clone());
+        if status.borrow_and_update().state().is_serving() {
+            match pool.acquire(until).await {
+                Ok(slot) => return Ok(slot),
+                // Lost since: the state changes next.
+                Err(NoSlot::Closed) => {}
+                Err(NoSlot::Full) => return Err(Status::unavailable(pool.full_message())),
             }
         }
-        status.changed().await.ok()?;
+        match tokio::time::timeout_at(until, status.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(Status::unavailable(format!(
+                    "{} is not serving ({})",
+                    pool.addr(),
+                    status.borrow().state()
+                )));
+            }
+        }
     }
 }
 
@@ -79,31 +98,31 @@ impl tower::Service<Request<Body>> for Subchannel {
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
         let mut status = self.status.clone();
         let ready_timeout = self.ready_timeout;
-        let addr = self.shared.endpoint.addr();
+        let shared = self.shared.clone();
         let deadline = grpc_timeout(request.headers());
         ResponseFuture::new(with_deadline(deadline, async move {
-            let mut request = request;
-            for _ in 0..=MAX_UNSENT_RETRIES {
-                let conn = tokio::time::timeout(ready_timeout, serving(&mut status))
+            let addr = shared.endpoint.addr();
+            let mut replay = Replay::new(request);
+            for _ in 0..MAX_ATTEMPTS {
+                let until = Instant::now() + ready_timeout;
+                let slot = serving_slot(&mut status, &shared.pool, until)
                     .await
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        Status::unavailable(format!(
-                            "{addr} is not serving ({}) after waiting {ready_timeout:?}",
-                            status.borrow().state()
-                        ))
+                    .map_err(|status| {
+                        Status::new(
+                            status.code(),
+                            format!("{} after waiting {ready_timeout:?}", status.message()),
+                        )
                     })?;
-                match conn.send(request).await {
+                match slot.send(replay).await {
                     Sent::Response(response) => return Ok(response),
                     Sent::Failed(status) => return Err(status),
                     // The connection closed before the call left: wait for
                     // the next one.
-                    Sent::Unsent(unsent) => request = unsent,
+                    Sent::Unsent(unsent) => replay = unsent,
                 }
             }
             Err(Status::unavailable(format!(
-                "{addr} closed {MAX_UNSENT_RETRIES} connections in a row"
+                "{addr} closed {MAX_ATTEMPTS} connections in a row before the call could be sent"
             )))
         }))
     }

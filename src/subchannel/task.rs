@@ -1,444 +1,478 @@
-//! The subchannel's background task: connect, serve, notice the end,
-//! reconnect.
+//! The subchannel's background task: it owns the endpoint's connections.
+//!
+//! - The first connection carries the health Watch: connect, serve, notice
+//!   the end, reconnect with backoff. Max age replaces it make-before-break.
+//! - Extra connections open when calls find every connection full, close
+//!   when idle or past max age, and leave the pool on GOAWAY or failure.
+//! - Every change is published to the pool the request path reads.
 
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{Sleep, sleep};
 use tracing::{debug, info, warn};
 
-use super::call::h2_error;
-use super::config::SubchannelConfig;
-use super::connect::{Conn, Driver, GoAway, Http2Settings, Origin, connect};
-use super::health::{HealthEvent, HealthWatch, Probe, probe};
-use super::max_age::{Recycle, drain};
-use super::{Shared, SubchannelState};
+use super::SubchannelState;
+use super::active::{Active, ConnEvent, Ctx, Lost, establish, establish_extra};
+use super::drain::drain;
+use super::health::HealthEvent;
+use super::max_age::Recycle;
 use crate::Error;
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, jittered};
 
-/// What the task works with.
-pub(crate) struct Ctx {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) config: Arc<SubchannelConfig>,
-    pub(crate) origin: Arc<Origin>,
-}
+/// Spread of each extra connection's max age, as for the first one.
+const AGE_JITTER: f64 = 0.1;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, stopped: oneshot::Receiver<()>) {
     let addr = ctx.shared.endpoint.addr();
     let grace = ctx.config.max_connection_age_grace;
-    let mut task = Task {
-        backoff: Backoff::new(ctx.config.backoff),
-        ctx,
-        active: None,
-        drains: JoinSet::new(),
-    };
+    let mut task = Task::new(ctx);
     tokio::select! {
         _ = stopped => {}
-        _ = task.run() => {}
+        _ = poll_fn(|cx| task.poll(cx)) => {}
     }
     // Removed or dropped: no new calls come, and the calls in flight finish
-    // within the grace period before the connection closes.
-    if let Some(active) = task.active.take() {
-        task.drains.spawn(drain(active, Some(grace)));
-    }
-    let drained = async { while task.drains.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(grace, drained).await;
+    // within the grace period before the connections close.
+    task.shutdown(grace).await;
     debug!(endpoint = %addr, "subchannel stopped");
+}
+
+/// Where the endpoint's first connection stands.
+enum Primary {
+    Connecting(BoxFuture<'static, Result<(Active, HealthEvent), Error>>),
+    Backoff(Pin<Box<Sleep>>),
+    Connected(Box<Active>, Recycle),
+}
+
+/// An extra connection, and when max age retires it.
+struct Extra {
+    active: Active,
+    retire_at: Option<Instant>,
 }
 
 struct Task {
     ctx: Arc<Ctx>,
     backoff: Backoff,
-    /// The connection calls go to, once established.
-    active: Option<Active>,
-    /// Replaced connections finishing their calls.
+    primary: Primary,
+    extras: Vec<Extra>,
+    opening: FuturesUnordered<BoxFuture<'static, Result<Active, Error>>>,
+    /// After a failed extra connect, no other is tried until this passes.
+    extra_backoff: Backoff,
+    extra_retry: Option<Pin<Box<Sleep>>>,
+    /// The next time an extra connection may be idle or old enough to close.
+    retire: Pin<Box<Sleep>>,
+    /// Connections taken out of the pool, finishing their calls.
     drains: JoinSet<()>,
 }
 
+// === impl Task ===
+
 impl Task {
-    async fn run(&mut self) {
+    fn new(ctx: Arc<Ctx>) -> Self {
+        let backoff = Backoff::new(ctx.config.backoff);
+        let limit = ctx.config.connect_timeout.max(backoff.current());
+        Self {
+            primary: Primary::Connecting(Box::pin(establish(ctx.clone(), limit))),
+            backoff,
+            extras: Vec::new(),
+            opening: FuturesUnordered::new(),
+            extra_backoff: Backoff::new(ctx.config.backoff),
+            extra_retry: None,
+            retire: Box::pin(sleep(Duration::MAX)),
+            drains: JoinSet::new(),
+            ctx,
+        }
+    }
+
+    /// Runs every part until none can move; never ends by itself.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut moved = self.poll_primary(cx);
+            moved |= self.poll_growth(cx);
+            moved |= self.poll_opening(cx);
+            moved |= self.poll_extras(cx);
+            moved |= self.poll_retire(cx);
+            while let Poll::Ready(Some(_)) = self.drains.poll_join_next(cx) {}
+            if !moved {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// The first connection's progress; true if its state changed.
+    fn poll_primary(&mut self, cx: &mut Context<'_>) -> bool {
         let shared = self.ctx.shared.clone();
         let addr = shared.endpoint.addr();
-        loop {
-            // gRPC: an attempt gets at least connect_timeout, or the current
-            // backoff if longer.
-            let limit = self.ctx.config.connect_timeout.max(self.backoff.current());
-            match establish(self.ctx.clone(), limit).await {
-                Err(error) => {
+        match &mut self.primary {
+            Primary::Backoff(wait) => {
+                if wait.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+                // gRPC: an attempt gets at least connect_timeout, or the
+                // current backoff if longer.
+                let limit = self.ctx.config.connect_timeout.max(self.backoff.current());
+                self.primary = Primary::Connecting(Box::pin(establish(self.ctx.clone(), limit)));
+            }
+            Primary::Connecting(connecting) => match connecting.as_mut().poll(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(error)) => {
                     shared.publish(SubchannelState::TransientFailure(error), None, None);
                     shared.resolve_now();
                     let delay = self.backoff.next_delay();
                     debug!(endpoint = %addr, retry_in_ms = delay.as_millis() as u64, "connect failed; backing off");
-                    self.idle_for(delay).await;
+                    self.primary = Primary::Backoff(Box::pin(sleep(delay)));
                 }
-                Ok((active, first)) => {
+                Poll::Ready(Ok((active, first))) => {
                     self.backoff.reset();
                     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    let lost = self.serve(active, first).await;
-                    let error = lost.error(addr);
-                    match &lost {
-                        Lost::Closed | Lost::GoAway { graceful: true, .. } => {
-                            debug!(endpoint = %addr, "the server closed the connection; reconnecting");
-                            shared.publish(SubchannelState::Connecting, None, None);
-                        }
-                        Lost::GoAway {
-                            too_many_pings: true,
-                            ..
-                        } => {
-                            let doubled = shared.keep_alive().map(|d| d * 2);
-                            shared.set_keep_alive(doubled);
-                            warn!(
-                                endpoint = %addr,
-                                http2_keep_alive_interval_ms = doubled.map(|d| d.as_millis() as u64),
-                                "the server sent GOAWAY too_many_pings; doubling the keepalive interval"
-                            );
-                            shared.publish(SubchannelState::TransientFailure(error), None, None);
-                        }
-                        _ => shared.publish(SubchannelState::TransientFailure(error), None, None),
-                    }
+                    shared.publish(
+                        shared.health_state(&first),
+                        Some(active.conn.clone()),
+                        health_value(&first),
+                    );
+                    let recycle = Recycle::new(self.ctx.clone());
+                    self.primary = Primary::Connected(Box::new(active), recycle);
+                    self.publish_pool();
                 }
+            },
+            Primary::Connected(active, recycle) => {
+                if let Poll::Ready(event) = active.poll_event(cx) {
+                    match event {
+                        ConnEvent::Health(event) => {
+                            let state = shared.health_state(&event);
+                            shared.publish(state, Some(active.conn.clone()), health_value(&event));
+                        }
+                        ConnEvent::Lost(lost) => {
+                            shared.stats.metrics.recycle("lost");
+                            self.reconnect(lost);
+                        }
+                        ConnEvent::GoingAway(goaway) => {
+                            info!(
+                                endpoint = %addr,
+                                goaway = %goaway,
+                                in_flight = active.conn.in_flight(),
+                                "the server is closing the connection; new calls wait for a new one"
+                            );
+                            let reason = match goaway.is_too_many_pings() {
+                                true => "too_many_pings",
+                                false => "goaway",
+                            };
+                            shared.stats.metrics.recycle(reason);
+                            let lost = Lost::GoAway {
+                                too_many_pings: goaway.is_too_many_pings(),
+                                graceful: goaway.code == h2::Reason::NO_ERROR,
+                                message: goaway.to_string(),
+                            };
+                            // Calls the server accepted finish, under the
+                            // server's own grace.
+                            if let Some(old) = self.reconnect(lost) {
+                                self.drains.spawn(drain(old, None));
+                            }
+                        }
+                    }
+                    return true;
+                }
+                let Poll::Ready(next) = recycle.poll_next(cx) else {
+                    return false;
+                };
+                let old = std::mem::replace(&mut **active, next);
+                shared.stats.recycles.fetch_add(1, Ordering::Relaxed);
+                shared.stats.metrics.recycle("max_age");
+                shared.publish(SubchannelState::Serving, Some(active.conn.clone()), Some(1));
+                info!(
+                    endpoint = %addr,
+                    age_ms = old.conn.established.elapsed().as_millis() as u64,
+                    in_flight = old.conn.in_flight(),
+                    "connection recycled: new calls go to the replacement"
+                );
+                let grace = self.ctx.config.max_connection_age_grace;
+                self.drains.spawn(drain(old, Some(grace)));
+                self.publish_pool();
             }
         }
+        true
     }
 
-    /// Sleeps, reaping finished drains meanwhile.
-    async fn idle_for(&mut self, delay: Duration) {
-        let wake = sleep(delay);
-        tokio::pin!(wake);
-        loop {
-            tokio::select! {
-                _ = &mut wake => return,
-                Some(_) = self.drains.join_next(), if !self.drains.is_empty() => {}
+    /// The first connection is gone: publishes why and connects again at
+    /// once. Returns the old connection, for a caller that drains it.
+    fn reconnect(&mut self, lost: Lost) -> Option<Active> {
+        let shared = &self.ctx.shared;
+        let addr = shared.endpoint.addr();
+        let error = lost.error(addr);
+        match &lost {
+            Lost::Closed | Lost::GoAway { graceful: true, .. } => {
+                debug!(endpoint = %addr, "the server closed the connection; reconnecting");
+                shared.publish(SubchannelState::Connecting, None, None);
             }
+            Lost::GoAway {
+                too_many_pings: true,
+                ..
+            } => {
+                let doubled = shared.keep_alive().map(|d| d.saturating_mul(2));
+                shared.set_keep_alive(doubled);
+                warn!(
+                    endpoint = %addr,
+                    http2_keep_alive_interval_ms = doubled.map(|d| d.as_millis() as u64),
+                    "the server sent GOAWAY too_many_pings; doubling the keepalive interval"
+                );
+                shared.publish(SubchannelState::TransientFailure(error), None, None);
+            }
+            _ => shared.publish(SubchannelState::TransientFailure(error), None, None),
         }
-    }
-
-    /// Runs an established connection until it is lost.
-    async fn serve(&mut self, active: Active, first: HealthEvent) -> Lost {
-        let shared = self.ctx.shared.clone();
-        let health = |event: &HealthEvent| match event {
-            HealthEvent::Status(value) => Some(*value),
+        let limit = self.ctx.config.connect_timeout.max(self.backoff.current());
+        let connecting = Primary::Connecting(Box::pin(establish(self.ctx.clone(), limit)));
+        let old = match std::mem::replace(&mut self.primary, connecting) {
+            Primary::Connected(active, _) => Some(*active),
             _ => None,
         };
-        shared.publish(
-            shared.health_state(&first),
-            Some(active.conn.clone()),
-            health(&first),
-        );
-        self.active = Some(active);
-        let mut recycle = Recycle::new(self.ctx.clone());
-        loop {
-            let Some(active) = self.active.as_mut() else {
-                return Lost::Closed;
-            };
-            tokio::select! {
-                event = active.next_event() => match event {
-                    ConnEvent::Health(event) => {
-                        let state = shared.health_state(&event);
-                        shared.publish(state, Some(active.conn.clone()), health(&event));
-                    }
-                    ConnEvent::Lost(lost) => {
-                        shared.stats.metrics.recycle("lost");
-                        self.active = None;
-                        return lost;
-                    }
-                    ConnEvent::GoingAway(goaway) => {
-                        info!(
-                            endpoint = %shared.endpoint.addr(),
-                            goaway = %goaway,
-                            in_flight = active.conn.in_flight(),
-                            "the server is closing the connection; new calls wait for a new one"
-                        );
-                        shared.stats.metrics.recycle(if goaway.is_too_many_pings() { "too_many_pings" } else { "goaway" });
-                        let lost = Lost::GoAway {
-                            too_many_pings: goaway.is_too_many_pings(),
-                            graceful: goaway.code == h2::Reason::NO_ERROR,
-                            message: goaway.to_string(),
-                        };
-                        // Calls the server accepted finish, under the server's own grace.
-                        if let Some(old) = self.active.take() {
-                            self.drains.spawn(drain(old, None));
-                        }
-                        return lost;
-                    }
-                },
-                next = recycle.next() => {
-                    let old = std::mem::replace(active, next);
-                    shared.stats.recycles.fetch_add(1, Ordering::Relaxed);
-                    shared.stats.metrics.recycle("max_age");
-                    shared.publish(SubchannelState::Serving, Some(active.conn.clone()), Some(1));
-                    info!(
-                        endpoint = %shared.endpoint.addr(),
-                        age_ms = old.conn.established.elapsed().as_millis() as u64,
-                        in_flight = old.conn.in_flight(),
-                        "connection recycled: new calls go to the replacement"
+        self.publish_pool();
+        old
+    }
+
+    /// Calls asked for another connection, or a failed attempt's wait is
+    /// over: opens as many as the waiting calls need, within the cap.
+    fn poll_growth(&mut self, cx: &mut Context<'_>) -> bool {
+        let pool = &self.ctx.shared.pool;
+        let mut asked = pool.poll_grow(cx).is_ready();
+        if let Some(wait) = &mut self.extra_retry {
+            if wait.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.extra_retry = None;
+            asked = true;
+        }
+        if !asked {
+            return false;
+        }
+        let Primary::Connected(first, _) = &self.primary else {
+            return false;
+        };
+        if !self.ctx.shared.status.borrow().state().is_serving() {
+            return false;
+        }
+        let max = self.ctx.config.max_connections_per_endpoint;
+        let open = 1 + self.extras.len() + self.opening.len();
+        let waiters = pool.waiters();
+        if open >= max || waiters == 0 {
+            return false;
+        }
+        // An extra takes as many calls as the server allows, less the
+        // liveness probe's slot.
+        let per_connection = first
+            .conn
+            .max_streams()
+            .saturating_sub(usize::from(first.conn.role.probe))
+            .max(1);
+        let wanted = waiters
+            .div_ceil(per_connection)
+            .saturating_sub(self.opening.len())
+            .min(max - open);
+        for _ in 0..wanted {
+            self.opening
+                .push(Box::pin(establish_extra(self.ctx.clone())));
+        }
+        if wanted > 0 {
+            debug!(
+                endpoint = %self.ctx.shared.endpoint.addr(),
+                waiting_calls = waiters,
+                opening = wanted,
+                connections = open - self.opening.len() + wanted,
+                "every connection is at the server's stream limit; opening more"
+            );
+        }
+        wanted > 0
+    }
+
+    /// Extra connections being opened.
+    fn poll_opening(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut moved = false;
+        while let Poll::Ready(Some(result)) = self.opening.poll_next_unpin(cx) {
+            moved = true;
+            match result {
+                Ok(active) => {
+                    self.extra_backoff.reset();
+                    let retire_at = self.ctx.config.max_connection_age.and_then(|age| {
+                        active
+                            .conn
+                            .established
+                            .checked_add(jittered(age, AGE_JITTER))
+                    });
+                    debug!(
+                        endpoint = %self.ctx.shared.endpoint.addr(),
+                        max_streams = active.conn.max_streams(),
+                        connections = self.extras.len() + 2,
+                        "extra connection open"
                     );
-                    self.drains.spawn(drain(old, Some(self.ctx.config.max_connection_age_grace)));
+                    self.extras.push(Extra { active, retire_at });
+                    self.publish_pool();
+                    self.rearm_retire();
                 }
-                Some(_) = self.drains.join_next(), if !self.drains.is_empty() => {}
+                Err(error) => {
+                    let delay = self.extra_backoff.next_delay();
+                    warn!(
+                        endpoint = %self.ctx.shared.endpoint.addr(),
+                        %error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "an extra connection failed; calls wait for a free stream slot"
+                    );
+                    self.extra_retry = Some(Box::pin(sleep(delay)));
+                }
             }
         }
+        moved
     }
-}
 
-/// Connects and waits for the first health answer: a connection counts as
-/// established once the server has spoken HTTP/2 and gRPC on it.
-pub(crate) async fn establish(
-    ctx: Arc<Ctx>,
-    limit: Duration,
-) -> Result<(Active, HealthEvent), Error> {
-    let addr = ctx.shared.endpoint.addr();
-    let config = &ctx.config;
-    let attempt = async {
-        let settings = Http2Settings {
-            keep_alive_interval: ctx.shared.keep_alive(),
-            keep_alive_timeout: config.http2_keep_alive_timeout,
-            keep_alive_while_idle: config.http2_keep_alive_while_idle,
-        };
-        let (conn, driver) = connect(
-            addr,
-            settings,
-            config.tcp_keepalive,
-            ctx.origin.clone(),
-            #[cfg(feature = "tls")]
-            config.tls.as_ref(),
-            ctx.shared.stats.clone(),
-        )
-        .await?;
-        let mut active = Active::new(conn, driver, config);
-        if active.health.is_none() {
-            // No health stream: one probe proves the peer speaks gRPC.
-            let conn = active.conn.clone();
-            let answer = probe(&conn, &config.health_service, limit);
-            tokio::pin!(answer);
-            // The driver must run for the probe to get through.
-            let outcome = poll_fn(|cx| match active.driver.as_mut().poll(cx) {
-                Poll::Ready(result) => Poll::Ready(Err(Lost::from_driver(result))),
-                Poll::Pending => answer.as_mut().poll(cx).map(Ok),
-            })
-            .await;
-            return match outcome.map_err(|lost| lost.error(addr))? {
-                Probe::Alive => Ok((active, HealthEvent::Status(1))),
-                Probe::Closed => Err(Error::connect(
-                    "connection closed",
-                    format!("{addr} closed the connection right after it opened"),
-                    None,
-                )),
-                Probe::Dead(why) => Err(Error::connect(
-                    "connect failed",
-                    format!("{addr}: {why}"),
-                    None,
-                )),
+    /// Events of the extra connections: any that is lost or told to go
+    /// away leaves the pool.
+    fn poll_extras(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut moved = false;
+        let mut i = 0;
+        while i < self.extras.len() {
+            let event = match self.extras[i].active.poll_event(cx) {
+                Poll::Pending => {
+                    i += 1;
+                    continue;
+                }
+                Poll::Ready(event) => event,
             };
-        }
-        match active.next_event().await {
-            ConnEvent::Health(HealthEvent::Ended(_)) if !active.conn.is_ready() => {
-                Err(Error::connect(
-                    "connection closed",
-                    format!("{addr} closed the connection before answering the health check"),
-                    None,
-                ))
-            }
-            ConnEvent::Health(first) => Ok((active, first)),
-            ConnEvent::GoingAway(goaway) => Err(Error::connect(
-                "GOAWAY",
-                format!("{addr} sent {goaway} before answering the health check"),
-                None,
-            )),
-            ConnEvent::Lost(lost) => Err(lost.error(addr)),
-        }
-    };
-    match tokio::time::timeout(limit, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::connect(
-            "connect timed out",
-            format!(
-                "{addr} did not answer within the connect timeout of {limit:?} (TCP, HTTP/2 and the first health answer)"
-            ),
-            None,
-        )),
-    }
-}
-
-/// Why a connection ended.
-#[derive(Debug)]
-pub(crate) enum Lost {
-    /// GOAWAY NO_ERROR, or a clean close: the server is recycling it or
-    /// shutting down.
-    Closed,
-    /// The server sent GOAWAY; `graceful` when its code is NO_ERROR.
-    GoAway {
-        too_many_pings: bool,
-        graceful: bool,
-        message: String,
-    },
-    /// The transport failed.
-    Failed(String),
-    /// The liveness probe went unanswered.
-    Silent(String),
-}
-
-impl Lost {
-    fn from_driver(result: Result<(), hyper::Error>) -> Self {
-        let err = match result {
-            Ok(()) => return Lost::Closed,
-            Err(err) => err,
-        };
-        if err.is_timeout() {
-            return Lost::Failed(format!("an HTTP/2 keepalive PING went unanswered: {err}"));
-        }
-        match h2_error(&err) {
-            Some(h2) if h2.is_go_away() && h2.is_remote() => {
-                let message = h2.to_string();
-                Lost::GoAway {
-                    too_many_pings: h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
-                        && message.contains("too_many_pings"),
-                    graceful: h2.reason() == Some(h2::Reason::NO_ERROR),
-                    message,
+            moved = true;
+            let addr = self.ctx.shared.endpoint.addr();
+            match event {
+                // Extras carry no Watch.
+                ConnEvent::Health(_) => continue,
+                ConnEvent::Lost(lost) => {
+                    let extra = self.extras.swap_remove(i);
+                    self.ctx.shared.stats.metrics.recycle("lost");
+                    debug!(endpoint = %addr, error = %lost.error(addr), "an extra connection was lost");
+                    drop(extra);
+                }
+                ConnEvent::GoingAway(goaway) => {
+                    let extra = self.extras.swap_remove(i);
+                    self.ctx.shared.stats.metrics.recycle("goaway");
+                    debug!(endpoint = %addr, %goaway, "the server is closing an extra connection");
+                    self.drains.spawn(drain(extra.active, None));
                 }
             }
-            _ => Lost::Failed(err.to_string()),
+            self.publish_pool();
         }
+        moved
     }
 
-    pub(crate) fn error(&self, addr: std::net::SocketAddr) -> Error {
-        match self {
-            Lost::Closed => Error::connect(
-                "connection closed",
-                format!("{addr} closed the connection"),
-                None,
-            ),
-            Lost::GoAway { message, .. } => Error::connect(
-                "GOAWAY",
-                format!("{addr} closed the connection: {message}"),
-                None,
-            ),
-            Lost::Failed(why) => Error::connect(
-                "connection lost",
-                format!("the connection to {addr} failed: {why}"),
-                None,
-            ),
-            Lost::Silent(why) => Error::connect(
-                "no liveness answer",
-                format!("{addr} went silent: {why}"),
-                None,
-            ),
+    /// Closes extra connections idle for `extra_connection_idle_timeout`,
+    /// or past their max age.
+    fn poll_retire(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.retire.as_mut().poll(cx).is_pending() {
+            return false;
         }
-    }
-}
-
-/// What an established connection reports.
-pub(crate) enum ConnEvent {
-    Health(HealthEvent),
-    /// The server sent GOAWAY: no new calls may start on the connection.
-    GoingAway(GoAway),
-    Lost(Lost),
-}
-
-/// An established connection with its health stream and liveness probe.
-pub(crate) struct Active {
-    pub(crate) conn: Arc<Conn>,
-    pub(crate) driver: Driver,
-    pub(crate) health: Option<HealthWatch>,
-    probe: ProbeState,
-    probe_interval: Option<Duration>,
-    probe_timeout: Duration,
-    service: Arc<str>,
-    goaway_reported: bool,
-}
-
-enum ProbeState {
-    Off,
-    Waiting(Pin<Box<Sleep>>),
-    Running(BoxFuture<'static, Probe>),
-}
-
-impl Active {
-    fn new(conn: Arc<Conn>, driver: Driver, config: &SubchannelConfig) -> Self {
-        let health = config.health_check.then(|| {
-            HealthWatch::start(conn.clone(), config.health_service.clone(), config.backoff)
-        });
-        let probe = match config.liveness_interval {
-            Some(every) => ProbeState::Waiting(Box::pin(sleep(every))),
-            None => ProbeState::Off,
-        };
-        Self {
-            conn,
-            driver,
-            health,
-            probe,
-            probe_interval: config.liveness_interval,
-            probe_timeout: config.liveness_timeout,
-            service: config.health_service.as_str().into(),
-            goaway_reported: false,
-        }
-    }
-
-    /// The next event; cancel-safe, as all progress lives in `self`. Not to
-    /// be called again after it returned [`ConnEvent::Lost`].
-    pub(crate) async fn next_event(&mut self) -> ConnEvent {
-        poll_fn(|cx| self.poll_event(cx)).await
-    }
-
-    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<ConnEvent> {
-        if let Poll::Ready(result) = self.driver.as_mut().poll(cx) {
-            return Poll::Ready(ConnEvent::Lost(Lost::from_driver(result)));
-        }
-        if !self.goaway_reported {
-            if let Poll::Ready(goaway) = self.conn.poll_goaway(cx) {
-                self.goaway_reported = true;
-                return Poll::Ready(ConnEvent::GoingAway(goaway));
+        let now = Instant::now();
+        let idle_timeout = self.ctx.config.extra_connection_idle_timeout;
+        let grace = self.ctx.config.max_connection_age_grace;
+        let before = self.extras.len();
+        let mut i = 0;
+        while i < self.extras.len() {
+            let extra = &self.extras[i];
+            let idle = extra
+                .active
+                .conn
+                .idle_since()
+                .is_some_and(|since| now.saturating_duration_since(since) >= idle_timeout);
+            let old = extra.retire_at.is_some_and(|at| at <= now);
+            if !(idle || old) {
+                i += 1;
+                continue;
             }
+            let extra = self.extras.swap_remove(i);
+            debug!(
+                endpoint = %self.ctx.shared.endpoint.addr(),
+                reason = if idle { "idle" } else { "max age" },
+                connections = self.extras.len() + 1,
+                "closing an extra connection"
+            );
+            self.drains.spawn(drain(extra.active, Some(grace)));
         }
-        if let Some(lost) = self.poll_probe(cx) {
-            return Poll::Ready(ConnEvent::Lost(lost));
+        if self.extras.len() != before {
+            self.publish_pool();
         }
-        if let Some(health) = &mut self.health {
-            if let Poll::Ready(event) = health.poll_event(cx) {
-                return Poll::Ready(ConnEvent::Health(event));
-            }
-        }
-        Poll::Pending
+        self.rearm_retire();
+        // The re-armed timer must be polled to be heard.
+        let _ = self.retire.as_mut().poll(cx);
+        true
     }
 
-    fn poll_probe(&mut self, cx: &mut Context<'_>) -> Option<Lost> {
-        loop {
-            match &mut self.probe {
-                ProbeState::Off => return None,
-                ProbeState::Waiting(wait) => {
-                    if wait.as_mut().poll(cx).is_pending() {
-                        return None;
-                    }
-                    let (conn, service, timeout) =
-                        (self.conn.clone(), self.service.clone(), self.probe_timeout);
-                    self.probe = ProbeState::Running(Box::pin(async move {
-                        probe(&conn, &service, timeout).await
-                    }));
+    /// Sets the retire timer to the earliest moment an extra connection may
+    /// be due.
+    fn rearm_retire(&mut self) {
+        let now = Instant::now();
+        let idle_timeout = self.ctx.config.extra_connection_idle_timeout;
+        let next = self
+            .extras
+            .iter()
+            .map(|extra| {
+                // A busy connection is due no sooner than a full idle period
+                // from now.
+                let since = extra.active.conn.idle_since().unwrap_or(now);
+                let idle_due = since.checked_add(idle_timeout);
+                match (idle_due, extra.retire_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 }
-                ProbeState::Running(running) => {
-                    let outcome = match running.as_mut().poll(cx) {
-                        Poll::Pending => return None,
-                        Poll::Ready(outcome) => outcome,
-                    };
-                    let every = self.probe_interval.unwrap_or(Duration::from_secs(15));
-                    self.probe = ProbeState::Waiting(Box::pin(sleep(every)));
-                    match outcome {
-                        // A closed connection: the driver reports why.
-                        Probe::Alive | Probe::Closed => {}
-                        Probe::Dead(why) => {
-                            self.conn.kill();
-                            return Some(Lost::Silent(why));
-                        }
-                    }
-                }
-            }
+            })
+            .min();
+        match next.flatten() {
+            Some(at) => self.retire.as_mut().reset(at.max(now).into()),
+            None => self.retire.as_mut().reset(far_future()),
         }
     }
+
+    /// Tells the request path which connections may take calls: the first,
+    /// then the extras.
+    fn publish_pool(&self) {
+        let mut conns = Vec::with_capacity(1 + self.extras.len());
+        if let Primary::Connected(active, _) = &self.primary {
+            conns.push(active.conn.clone());
+        }
+        conns.extend(self.extras.iter().map(|e| e.active.conn.clone()));
+        self.ctx.shared.stats.metrics.connections(conns.len());
+        self.ctx.shared.pool.publish(conns);
+    }
+
+    /// Takes every connection out of the pool and lets them finish their
+    /// calls, for at most `grace`.
+    async fn shutdown(mut self, grace: Duration) {
+        let primary =
+            std::mem::replace(&mut self.primary, Primary::Backoff(Box::pin(sleep(grace))));
+        if let Primary::Connected(active, _) = primary {
+            self.drains.spawn(drain(*active, Some(grace)));
+        }
+        for extra in self.extras.drain(..) {
+            self.drains.spawn(drain(extra.active, Some(grace)));
+        }
+        self.ctx.shared.stats.metrics.connections(0);
+        self.ctx.shared.pool.publish(Vec::new());
+        let drains = &mut self.drains;
+        let drained = async { while drains.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(grace, drained).await;
+    }
+}
+
+/// The raw health value of an event, for `EndpointStatus::last_health`.
+fn health_value(event: &HealthEvent) -> Option<i32> {
+    match event {
+        HealthEvent::Status(value) => Some(*value),
+        _ => None,
+    }
+}
+
+/// A deadline that never comes in practice.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }

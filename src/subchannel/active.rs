@@ -1,0 +1,295 @@
+//! One live connection: the HTTP/2 connection, its health Watch when it is
+//! the endpoint's first, and its liveness checks; and how one is
+//! established.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use super::Shared;
+use super::config::SubchannelConfig;
+use super::connect::{Conn, Dialer, Driver, GoAway, Http2Settings, Role};
+use super::health::{HealthEvent, HealthWatch};
+use super::liveness::{Liveness, Probe, probe};
+use super::transport_errors::{chain, h2_error};
+use crate::Error;
+
+/// What a subchannel's connections are made with.
+pub(crate) struct Ctx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) config: Arc<SubchannelConfig>,
+    pub(crate) dialer: Dialer,
+}
+
+impl Ctx {
+    fn http2_settings(&self) -> Http2Settings {
+        Http2Settings {
+            keep_alive_interval: self.shared.keep_alive(),
+            keep_alive_timeout: self.config.http2_keep_alive_timeout,
+            keep_alive_while_idle: self.config.http2_keep_alive_while_idle,
+        }
+    }
+}
+
+/// Establishes an endpoint's first connection: connected, and the first
+/// health answer in, so the server has spoken HTTP/2 and gRPC on it.
+pub(crate) async fn establish(
+    ctx: Arc<Ctx>,
+    limit: Duration,
+) -> Result<(Active, HealthEvent), Error> {
+    let addr = ctx.shared.endpoint.addr();
+    let config = &ctx.config;
+    let attempt = async {
+        let role = Role {
+            watch: config.health_check,
+            probe: config.liveness_interval.is_some(),
+            extra: false,
+        };
+        let (conn, driver) = ctx.dialer.connect(ctx.http2_settings(), role).await?;
+        let mut active = Active::new(conn, driver, config);
+        if active.health.is_none() {
+            // No health stream: one probe proves the peer speaks gRPC.
+            let conn = active.conn.clone();
+            let answer = probe(&conn, &config.health_service, limit);
+            tokio::pin!(answer);
+            // A driver that ends first says why the connection closed.
+            let outcome = poll_fn(|cx| match active.driver.as_mut().poll(cx) {
+                Poll::Ready(result) => Poll::Ready(Err(Lost::from_driver(result))),
+                Poll::Pending => answer.as_mut().poll(cx).map(Ok),
+            })
+            .await;
+            return match outcome.map_err(|lost| lost.error(addr))? {
+                Probe::Alive => Ok((active, HealthEvent::Status(1))),
+                Probe::Closed => Err(Error::connect(
+                    "connection closed",
+                    format!("{addr} closed the connection right after it opened"),
+                    None,
+                )),
+                Probe::Dead(why) => Err(Error::connect(
+                    "connect failed",
+                    format!("{addr}: {why}"),
+                    None,
+                )),
+            };
+        }
+        match active.next_event().await {
+            ConnEvent::Health(HealthEvent::Ended(_)) if !active.conn.is_ready() => {
+                Err(Error::connect(
+                    "connection closed",
+                    format!("{addr} closed the connection before answering the health check"),
+                    None,
+                ))
+            }
+            ConnEvent::Health(first) => Ok((active, first)),
+            ConnEvent::GoingAway(goaway) => Err(Error::connect(
+                "GOAWAY",
+                format!("{addr} sent {goaway} before answering the health check"),
+                None,
+            )),
+            ConnEvent::Lost(lost) => Err(lost.error(addr)),
+        }
+    };
+    within(
+        limit,
+        addr,
+        "TCP, HTTP/2 and the first health answer",
+        attempt,
+    )
+    .await
+}
+
+/// Establishes an extra connection to an endpoint already serving: the
+/// server's SETTINGS must be in, so its stream limit is known.
+pub(crate) async fn establish_extra(ctx: Arc<Ctx>) -> Result<Active, Error> {
+    let addr = ctx.shared.endpoint.addr();
+    let config = &ctx.config;
+    let attempt = async {
+        let role = Role {
+            watch: false,
+            probe: config.liveness_interval.is_some(),
+            extra: true,
+        };
+        let (conn, driver) = ctx.dialer.connect(ctx.http2_settings(), role).await?;
+        let mut active = Active::without_health(conn, driver, config);
+        let conn = active.conn.clone();
+        poll_fn(|cx| match active.driver.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(Err(Lost::from_driver(result).error(addr))),
+            Poll::Pending => conn.poll_settings(cx).map(Ok),
+        })
+        .await?;
+        Ok(active)
+    };
+    within(
+        config.connect_timeout,
+        addr,
+        "TCP, HTTP/2 and the server's SETTINGS",
+        attempt,
+    )
+    .await
+}
+
+/// Bounds a connect attempt by `limit`.
+async fn within<T>(
+    limit: Duration,
+    addr: std::net::SocketAddr,
+    what: &str,
+    attempt: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::connect(
+            "connect timed out",
+            format!("{addr} did not answer within the connect timeout of {limit:?} ({what})"),
+            None,
+        )),
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub(crate) enum Lost {
+    /// A clean close: the server is recycling the connection or shutting
+    /// down without a GOAWAY first.
+    Closed,
+    /// The server sent GOAWAY; `graceful` when its code is NO_ERROR.
+    GoAway {
+        too_many_pings: bool,
+        graceful: bool,
+        message: String,
+    },
+    /// The transport failed.
+    Failed(String),
+    /// The liveness probe went unanswered.
+    Silent(String),
+}
+
+impl Lost {
+    pub(crate) fn from_driver(result: Result<(), hyper::Error>) -> Self {
+        let err = match result {
+            Ok(()) => return Lost::Closed,
+            Err(err) => err,
+        };
+        if err.is_timeout() {
+            return Lost::Failed(format!(
+                "an HTTP/2 keepalive PING went unanswered: {}",
+                chain(&err)
+            ));
+        }
+        match h2_error(&err) {
+            Some(h2) if h2.is_go_away() && h2.is_remote() => {
+                let message = h2.to_string();
+                Lost::GoAway {
+                    too_many_pings: h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                        && message.contains("too_many_pings"),
+                    graceful: h2.reason() == Some(h2::Reason::NO_ERROR),
+                    message,
+                }
+            }
+            _ => Lost::Failed(chain(&err)),
+        }
+    }
+
+    pub(crate) fn error(&self, addr: std::net::SocketAddr) -> Error {
+        match self {
+            Lost::Closed => Error::connect(
+                "connection closed",
+                format!("{addr} closed the connection"),
+                None,
+            ),
+            Lost::GoAway { message, .. } => Error::connect(
+                "GOAWAY",
+                format!("{addr} closed the connection: {message}"),
+                None,
+            ),
+            Lost::Failed(why) => Error::connect(
+                "connection lost",
+                format!("the connection to {addr} failed: {why}"),
+                None,
+            ),
+            Lost::Silent(why) => Error::connect(
+                "no liveness answer",
+                format!("{addr} went silent: {why}"),
+                None,
+            ),
+        }
+    }
+}
+
+/// What an established connection reports.
+pub(crate) enum ConnEvent {
+    Health(HealthEvent),
+    /// The server sent GOAWAY: no new calls may start on the connection.
+    GoingAway(GoAway),
+    Lost(Lost),
+}
+
+/// An established connection with its health stream and liveness checks.
+pub(crate) struct Active {
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) driver: Driver,
+    pub(crate) health: Option<HealthWatch>,
+    liveness: Liveness,
+    goaway_reported: bool,
+}
+
+// === impl Active ===
+
+impl Active {
+    /// The endpoint's first connection: it carries the health Watch when
+    /// health checking is on.
+    fn new(conn: Arc<Conn>, driver: Driver, config: &SubchannelConfig) -> Self {
+        let mut active = Self::without_health(conn, driver, config);
+        active.health = config.health_check.then(|| {
+            HealthWatch::start(
+                active.conn.clone(),
+                config.health_service.clone(),
+                config.backoff,
+            )
+        });
+        active
+    }
+
+    fn without_health(conn: Arc<Conn>, driver: Driver, config: &SubchannelConfig) -> Self {
+        Self {
+            conn,
+            driver,
+            health: None,
+            liveness: Liveness::new(
+                config.liveness_interval,
+                config.liveness_timeout,
+                &config.health_service,
+            ),
+            goaway_reported: false,
+        }
+    }
+
+    /// The next event; cancel-safe, as all progress lives in `self`. Not to
+    /// be called again after it returned [`ConnEvent::Lost`].
+    pub(crate) async fn next_event(&mut self) -> ConnEvent {
+        poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<ConnEvent> {
+        if let Poll::Ready(result) = self.driver.as_mut().poll(cx) {
+            return Poll::Ready(ConnEvent::Lost(Lost::from_driver(result)));
+        }
+        if !self.goaway_reported {
+            if let Poll::Ready(goaway) = self.conn.poll_goaway(cx) {
+                self.goaway_reported = true;
+                return Poll::Ready(ConnEvent::GoingAway(goaway));
+            }
+        }
+        if let Poll::Ready(why) = self.liveness.poll_silent(&self.conn, cx) {
+            let message = format!("{} went silent: {why}", self.conn.addr);
+            self.conn.kill(&message);
+            return Poll::Ready(ConnEvent::Lost(Lost::Silent(why)));
+        }
+        if let Some(health) = &mut self.health {
+            if let Poll::Ready(event) = health.poll_event(cx) {
+                return Poll::Ready(ConnEvent::Health(event));
+            }
+        }
+        Poll::Pending
+    }
+}
