@@ -3,8 +3,8 @@
 //!
 //! Two kinds of stream, each held open after its first reply:
 //! - server streams: the request (one small message) has been sent whole;
-//! - bidi streams: the client sent 1 KiB, or 16 messages of 1 KiB, and keeps
-//!   its side open, as a subscription or a chat does.
+//! - bidi streams: the client sent 1 KiB, 16 messages of 1 KiB, or 3 of
+//!   16 KiB, and keeps its side open, as a subscription or a chat does.
 //!
 //! The server (a tonic echo server with tonic-health that allows 100,000
 //! concurrent streams) runs in a child process, the same binary, so the
@@ -140,15 +140,16 @@ where
     cost
 }
 
-/// A bidi stream that has sent `messages` messages of 1 KiB and got each
-/// echoed back, with its request side still open.
+/// A bidi stream that has sent `messages` messages of `kib` KiB and got
+/// each echoed back, with its request side still open.
 async fn bidi_stream(
     channel: &LbChannel,
     messages: usize,
+    kib: usize,
 ) -> Option<(mpsc::Sender<EchoRequest>, tonic::Streaming<EchoReply>)> {
     let mut client = EchoClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(messages);
-    let message = "x".repeat(1024);
+    let message = "x".repeat(kib * 1024);
     for _ in 0..messages {
         tx.send(EchoRequest {
             message: message.clone(),
@@ -229,11 +230,12 @@ fn main() {
         .expect("server streams opened in time");
 
         let mut bidi = Vec::new();
-        for messages in [1, 16] {
-            let cost = tokio::time::timeout(limit, measure(n, || bidi_stream(&channel, messages)))
-                .await
-                .expect("bidi streams opened in time");
-            bidi.push((messages, cost));
+        for (messages, kib) in [(1, 1), (16, 1), (3, 16)] {
+            let cost =
+                tokio::time::timeout(limit, measure(n, || bidi_stream(&channel, messages, kib)))
+                    .await
+                    .expect("bidi streams opened in time");
+            bidi.push((messages, kib, cost));
         }
         (server, bidi)
     });
@@ -248,8 +250,8 @@ fn main() {
     );
     let _ = writeln!(report, "| ---: | --- | ---: | ---: | ---: |");
     let mut rows = vec![("server streaming".to_owned(), &server)];
-    for (messages, cost) in &bidi {
-        rows.push((format!("bidi, {messages} KiB sent"), cost));
+    for (messages, kib, cost) in &bidi {
+        rows.push((format!("bidi, {messages} × {kib} KiB sent"), cost));
     }
     for (kind, cost) in rows {
         let _ = writeln!(
