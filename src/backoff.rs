@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use crate::deadline::{capped, scaled};
+
 /// Backoff settings. The defaults are gRPC's: 1 s, × 1.6, ± 20 %, at most 120 s.
 ///
 /// ```
@@ -137,7 +139,7 @@ impl Backoff {
     /// The delay before the next retry; each call moves one step further.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.current;
-        self.current = base.mul_f64(self.config.multiplier).min(self.config.max);
+        self.current = scaled(base, self.config.multiplier).min(self.config.max);
         jittered(base, self.config.jitter).min(self.config.max)
     }
 
@@ -152,13 +154,13 @@ impl Backoff {
     }
 }
 
-/// `d` spread uniformly by ±`fraction`.
+/// `d` spread uniformly by ±`fraction`, saturating.
 pub(crate) fn jittered(d: Duration, fraction: f64) -> Duration {
-    if fraction <= 0.0 {
-        return d;
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return capped(d);
     }
     let factor = 1.0 + rand::random_range(-fraction..=fraction);
-    d.mul_f64(factor)
+    scaled(d, factor)
 }
 
 #[cfg(test)]
@@ -227,6 +229,19 @@ mod tests {
         );
         assert!(samples.iter().any(|d| *d < Duration::from_millis(9_000)));
         assert!(samples.iter().any(|d| *d > Duration::from_millis(11_000)));
+    }
+
+    #[test]
+    fn huge_delays_saturate() {
+        let mut backoff = Backoff::new(
+            BackoffConfig::default()
+                .initial(Duration::from_secs(u64::MAX / 4))
+                .max(Duration::MAX),
+        );
+        for _ in 0..100 {
+            assert!(backoff.next_delay() <= crate::deadline::FOREVER);
+        }
+        assert!(jittered(Duration::MAX, 0.1) <= crate::deadline::FOREVER);
     }
 
     #[test]

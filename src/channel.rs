@@ -17,10 +17,11 @@ use tonic::body::Body;
 
 use crate::balancer::{Balancer, Outputs, ServingSet};
 use crate::builder::Builder;
+use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
 use crate::discover::Discover;
 use crate::picker::Picker;
 use crate::status::EndpointStatus;
-use crate::subchannel::service::{BoxError, MAX_ATTEMPTS, grpc_timeout, with_deadline};
+use crate::subchannel::service::{BoxError, MAX_ATTEMPTS};
 use crate::subchannel::{NoSlot, Pool, Replay, ResponseFuture, Sent, Subchannel};
 use crate::{Error, ErrorKind};
 
@@ -176,7 +177,7 @@ impl LbChannel {
     ///
     /// Not named `ready`, so it doesn't hide `tower::ServiceExt::ready`.
     pub async fn wait_for_serving(&self, limit: Duration) -> Result<(), Error> {
-        let until = Instant::now() + limit;
+        let until = deadline_in(limit);
         match self.shared.wait_pick(until).await {
             Ok(_) => Ok(()),
             Err(_) => {
@@ -279,9 +280,7 @@ impl tower::Service<Request<Body>> for LbChannel {
         let wait = self.wait.get_or_insert_with(|| {
             let shared = self.shared.clone();
             Box::pin(async move {
-                let _ = shared
-                    .wait_pick(Instant::now() + shared.ready_timeout)
-                    .await;
+                let _ = shared.wait_pick(deadline_in(shared.ready_timeout)).await;
             })
         });
         ready!(wait.as_mut().poll(cx));
@@ -297,10 +296,9 @@ impl tower::Service<Request<Body>> for LbChannel {
         let waited_out = std::mem::take(&mut self.waited_out);
         let deadline = grpc_timeout(request.headers());
         ResponseFuture::new(with_deadline(deadline, async move {
-            let until = if waited_out {
-                Instant::now()
-            } else {
-                Instant::now() + shared.ready_timeout
+            let until = match waited_out {
+                true => Instant::now(),
+                false => deadline_in(shared.ready_timeout),
             };
             let mut replay = Replay::new(request);
             for _ in 0..MAX_ATTEMPTS {

@@ -54,6 +54,7 @@ mod backoff;
 mod balancer;
 mod builder;
 mod channel;
+mod deadline;
 mod discover;
 mod error;
 #[doc(hidden)]

@@ -11,6 +11,7 @@ use super::dns::{Answer, Dns, Failure};
 use super::endpoint::{Endpoint, Endpoints};
 use super::{ResolveConfig, ResolveStatus};
 use crate::backoff::{Backoff, jittered};
+use crate::deadline::{capped, deadline_in};
 use crate::{Error, ErrorKind};
 
 /// Jitter on refresh intervals: ±10 %.
@@ -131,12 +132,12 @@ impl Resolution {
             let delay = self.round().await;
             // Sleep until the next round; resolve_now brings it forward, but
             // never to less than min_refresh after this round began.
-            let mut next = Instant::now() + delay;
+            let mut next = deadline_in(delay);
             loop {
                 tokio::select! {
                     _ = sleep_until(next) => break,
                     _ = now.notified() => {
-                        let earliest = (started + self.config.min_refresh).max(Instant::now());
+                        let earliest = (started + capped(self.config.min_refresh)).max(Instant::now());
                         if earliest < next {
                             debug!(target = %self.target, "re-resolving early on request");
                             next = earliest;

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use super::Shared;
 use super::config::SubchannelConfig;
-use super::connect::{Conn, Dialer, Driver, GoAway, Http2Settings, Role};
+use super::connect::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
 use super::health::{HealthEvent, HealthWatch};
 use super::liveness::{Liveness, Probe, probe};
 use super::transport_errors::{chain, h2_error};
 use crate::Error;
+use crate::deadline::capped;
 
 /// What a subchannel's connections are made with.
 pub(crate) struct Ctx {
@@ -24,9 +25,10 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     fn http2_settings(&self) -> Http2Settings {
+        // hyper adds these to an Instant itself.
         Http2Settings {
-            keep_alive_interval: self.shared.keep_alive(),
-            keep_alive_timeout: self.config.http2_keep_alive_timeout,
+            keep_alive_interval: self.shared.keep_alive().map(capped),
+            keep_alive_timeout: capped(self.config.http2_keep_alive_timeout),
             keep_alive_while_idle: self.config.http2_keep_alive_while_idle,
         }
     }
@@ -149,8 +151,9 @@ async fn within<T>(
 /// Why a connection ended.
 #[derive(Debug)]
 pub(crate) enum Lost {
-    /// A clean close: the server is recycling the connection or shutting
-    /// down without a GOAWAY first.
+    /// hyper ended the connection without an error: the server's GOAWAY
+    /// NO_ERROR took effect before the sniffer reported it, or the
+    /// connection closed in order.
     Closed,
     /// The server sent GOAWAY; `graceful` when its code is NO_ERROR.
     GoAway {
@@ -165,10 +168,15 @@ pub(crate) enum Lost {
 }
 
 impl Lost {
-    pub(crate) fn from_driver(result: Result<(), hyper::Error>) -> Self {
+    pub(crate) fn from_driver(result: Result<(), Ended>) -> Self {
         let err = match result {
             Ok(()) => return Lost::Closed,
-            Err(err) => err,
+            Err(Ended::Panicked(message)) => {
+                return Lost::Failed(format!(
+                    "the connection's task panicked, a bug in healthlb: {message}"
+                ));
+            }
+            Err(Ended::Http2(err)) => err,
         };
         if err.is_timeout() {
             return Lost::Failed(format!(

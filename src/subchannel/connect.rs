@@ -31,7 +31,7 @@ use crate::Error;
 
 /// The future that drives a connection's request dispatch. It ends when the
 /// connection can take no more requests: after a GOAWAY, or when it closes.
-pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), Ended>> + Send>>;
 
 /// Who calls are addressed to.
 #[derive(Debug, Clone)]
@@ -337,24 +337,45 @@ impl Dialer {
     }
 }
 
-/// A spawned connection that stops when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+/// How a connection's driver ended, when not cleanly.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// hyper reported an HTTP/2 or IO failure.
+    Http2(hyper::Error),
+    /// The connection's task panicked: a bug, reported with its message.
+    Panicked(String),
+}
 
-impl Future for AbortOnDrop {
-    type Output = Result<(), hyper::Error>;
+/// A spawned connection that stops when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<(), T>>);
+
+impl<T> Future for AbortOnDrop<T>
+where
+    T: Into<Ended>,
+{
+    type Output = Result<(), Ended>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // A panicked or aborted connection task counts as a clean end; the
-        // subchannel reconnects either way.
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|joined| joined.unwrap_or(Ok(())))
+        Pin::new(&mut self.0).poll(cx).map(|joined| match joined {
+            Ok(result) => result.map_err(Into::into),
+            Err(e) if e.is_panic() => Err(Ended::Panicked(crate::error::panic_message(
+                e.into_panic().as_ref(),
+            ))),
+            // Cancelled: only this handle aborts it, on drop.
+            Err(_) => Ok(()),
+        })
     }
 }
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl From<hyper::Error> for Ended {
+    fn from(e: hyper::Error) -> Self {
+        Ended::Http2(e)
     }
 }
 
@@ -536,5 +557,24 @@ impl AsyncWrite for WatchedIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_connection_task_is_reported_with_its_message() {
+        let task = tokio::spawn(async {
+            if true {
+                panic!("boom in the connection");
+            }
+            Ok::<(), hyper::Error>(())
+        });
+        match AbortOnDrop(task).await {
+            Err(Ended::Panicked(message)) => assert_eq!(message, "boom in the connection"),
+            other => panic!("not reported as a panic: {other:?}"),
+        }
     }
 }

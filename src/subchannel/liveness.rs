@@ -31,6 +31,7 @@ use tracing::debug;
 
 use super::call::Internal;
 use super::connect::Conn;
+use crate::deadline::capped;
 
 /// The most of a probe's answer that is read: a `HealthCheckResponse` is a
 /// few bytes, and a peer sending more is alive all the same.
@@ -134,10 +135,9 @@ impl Liveness {
     }
 }
 
-/// `at + d`, saturating far in the future.
+/// `at + d`, saturating.
 fn after(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d)
-        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
+    at + capped(d)
 }
 
 /// Sends one unary `Health/Check`. Any answer at all, whatever its status,

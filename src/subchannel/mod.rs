@@ -343,8 +343,32 @@ impl Shared {
     }
 
     pub(crate) fn set_keep_alive(&self, d: Option<Duration>) {
-        let ms = d.map_or(0, |d| d.as_millis().max(1) as u64);
+        let ms = d.map_or(0, |d| {
+            u64::try_from(d.as_millis().max(1)).unwrap_or(u64::MAX)
+        });
         self.keep_alive_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Runs the subchannel's task. Should it panic (a bug), the endpoint leaves
+/// rotation with the panic's message, rather than stay SERVING with nobody
+/// minding its connections.
+async fn supervised(ctx: Arc<active::Ctx>, stopped: oneshot::Receiver<()>) {
+    use futures::FutureExt;
+
+    let shared = ctx.shared.clone();
+    let run = std::panic::AssertUnwindSafe(task::run(ctx, stopped));
+    if let Err(panic) = run.catch_unwind().await {
+        let addr = shared.endpoint.addr();
+        let why = crate::error::panic_message(panic.as_ref());
+        error!(endpoint = %addr, panic = %why, "the subchannel's task panicked; the endpoint takes no more calls");
+        shared.pool.publish(Vec::new());
+        let error = Error::connect(
+            "internal error",
+            format!("healthlb's task for {addr} panicked, a bug: {why}"),
+            None,
+        );
+        shared.publish(SubchannelState::TransientFailure(error), None, None);
     }
 }
 
@@ -468,7 +492,7 @@ impl Subchannel {
             config,
             dialer,
         });
-        runtime.spawn(task::run(ctx, stopped));
+        runtime.spawn(supervised(ctx, stopped));
         Ok(Self {
             shared,
             status,

@@ -4,12 +4,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
 use tonic::Status;
 use tonic::body::Body;
 
@@ -104,7 +105,7 @@ impl tower::Service<Request<Body>> for Subchannel {
             let addr = shared.endpoint.addr();
             let mut replay = Replay::new(request);
             for _ in 0..MAX_ATTEMPTS {
-                let until = Instant::now() + ready_timeout;
+                let until = deadline_in(ready_timeout);
                 let slot = serving_slot(&mut status, &shared.pool, until)
                     .await
                     .map_err(|status| {
@@ -135,70 +136,5 @@ impl tower::load::Load for Subchannel {
     /// balancer always says 0.
     fn load(&self) -> usize {
         self.calls_in_flight()
-    }
-}
-
-/// Fails `fut` with DEADLINE_EXCEEDED after `deadline`, as a gRPC client
-/// enforces its own deadline. It bounds the wait for response headers, as
-/// tonic's `Channel` does; the server enforces the rest.
-pub(crate) async fn with_deadline<T>(
-    deadline: Option<Duration>,
-    fut: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    match deadline {
-        None => fut.await,
-        Some(limit) => match tokio::time::timeout(limit, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "the call's deadline of {limit:?} passed before the response began"
-            ))),
-        },
-    }
-}
-
-/// The `grpc-timeout` header: up to 8 digits and a unit.
-pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.checked_mul(3600)?),
-        "M" => Duration::from_secs(n.checked_mul(60)?),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_header() {
-        let cases = [
-            ("5S", Some(Duration::from_secs(5))),
-            ("100m", Some(Duration::from_millis(100))),
-            ("2H", Some(Duration::from_secs(7200))),
-            ("3M", Some(Duration::from_secs(180))),
-            ("7u", Some(Duration::from_micros(7))),
-            ("9n", Some(Duration::from_nanos(9))),
-            ("99999999S", Some(Duration::from_secs(99_999_999))),
-            ("999999999S", None),
-            ("S", None),
-            ("5x", None),
-            ("-5S", None),
-        ];
-        for (value, expected) in cases {
-            let mut headers = HeaderMap::new();
-            headers.insert("grpc-timeout", value.parse().unwrap());
-            assert_eq!(grpc_timeout(&headers), expected, "{value}");
-        }
-        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
     }
 }

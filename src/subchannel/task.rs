@@ -474,5 +474,5 @@ fn health_value(event: &HealthEvent) -> Option<i32> {
 
 /// A deadline that never comes in practice.
 fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+    crate::deadline::deadline_in(crate::deadline::FOREVER)
 }
