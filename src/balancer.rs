@@ -19,6 +19,7 @@ use crate::resolve::{Endpoints, ResolveStatus, Resolver};
 use crate::subchannel::{Hooks, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
+/// The handles don't keep the subchannels running: only the balancer does.
 pub(crate) type ServingSet = Arc<BTreeMap<SocketAddr, Subchannel>>;
 
 /// What the balancer publishes to.
@@ -134,7 +135,7 @@ impl Balancer {
                 if pool.is_ready() {
                     ready.push(pool.clone());
                 }
-                serving.insert(*addr, sub.clone());
+                serving.insert(*addr, sub.handle());
             }
             labels.push(status.state().label().to_owned());
         }
@@ -147,11 +148,18 @@ impl Balancer {
         crate::metrics::endpoints(&self.target, states);
         let summary = Snapshot::summarize(labels.iter().map(String::as_str), note.as_deref());
         self.outputs.picker.publish(Snapshot { ready, summary });
-        self.outputs
-            .endpoints
-            .store(Arc::new(subchannels.values().cloned().collect()));
+        self.outputs.endpoints.store(Arc::new(
+            subchannels.values().map(Subchannel::handle).collect(),
+        ));
         self.outputs.serving.send_if_modified(|current| {
-            if current.keys().eq(serving.keys()) {
+            // The same addresses with the same subchannels: a subchannel
+            // replaced at its address (a pod back on the same IP) is a change.
+            let same = current.len() == serving.len()
+                && current
+                    .iter()
+                    .zip(serving.iter())
+                    .all(|((a, x), (b, y))| a == b && x.same(y));
+            if same {
                 return false;
             }
             *current = Arc::new(serving);

@@ -1,7 +1,7 @@
 //! [`Discover`]: the SERVING endpoints as a [`tower::discover::Discover`],
 //! for tower's own balancers.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,15 +17,19 @@ use crate::subchannel::Subchannel;
 
 /// A stream of changes to the SERVING endpoints of an
 /// [`LbChannel`](crate::LbChannel): `Insert` when an endpoint becomes
-/// SERVING, `Remove` when it stops or leaves DNS. The services are
-/// [`Subchannel`]s, whose `Load` is their calls in flight, so
+/// SERVING, `Remove` when it stops or leaves DNS, and `Insert` again for an
+/// address whose subchannel was replaced (a pod back on the same IP). The
+/// services are [`Subchannel`]s, whose `Load` is their calls in flight, so
 /// `tower::balance::p2c::Balance` sees real load.
 ///
-/// It ends when the last `LbChannel` clone is dropped. Subchannels it has
-/// yielded stay connected until the balancer holding them drops them.
+/// The subchannels belong to the channel, not to the balancer that holds
+/// them: when the last `LbChannel` clone is dropped, every subchannel shuts
+/// down and closes its connections, and this stream ends. It yields no
+/// `Remove` then, because tower's p2c would wait forever with no service;
+/// calls through the shut-down subchannels fail at once with UNAVAILABLE.
 pub struct Discover {
     updates: BoxStream<'static, ServingSet>,
-    known: BTreeSet<SocketAddr>,
+    known: BTreeMap<SocketAddr, Subchannel>,
     pending: VecDeque<Change<SocketAddr, Subchannel>>,
 }
 
@@ -39,7 +43,7 @@ impl Discover {
         });
         Self {
             updates: Box::pin(updates.fuse()),
-            known: BTreeSet::new(),
+            known: BTreeMap::new(),
             pending: VecDeque::new(),
         }
     }
@@ -47,7 +51,7 @@ impl Discover {
     fn diff(&mut self, set: &ServingSet) {
         let gone: Vec<SocketAddr> = self
             .known
-            .iter()
+            .keys()
             .filter(|a| !set.contains_key(a))
             .copied()
             .collect();
@@ -56,10 +60,14 @@ impl Discover {
             self.pending.push_back(Change::Remove(addr));
         }
         for (addr, sub) in set.iter() {
-            if self.known.insert(*addr) {
-                // The balancer gave it the channel's ready timeout.
-                self.pending.push_back(Change::Insert(*addr, sub.clone()));
+            if self.known.get(addr).is_some_and(|known| known.same(sub)) {
+                continue;
             }
+            // New, or a new subchannel at a known address: tower replaces
+            // the service under that key. The balancer gave it the
+            // channel's ready timeout.
+            self.known.insert(*addr, sub.clone());
+            self.pending.push_back(Change::Insert(*addr, sub.clone()));
         }
     }
 }
@@ -74,14 +82,8 @@ impl Stream for Discover {
             }
             match self.updates.as_mut().poll_next(cx) {
                 Poll::Ready(Some(set)) => self.diff(&set),
-                Poll::Ready(None) => {
-                    // The channel is gone: everything leaves.
-                    if self.known.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    let all = std::mem::take(&mut self.known);
-                    self.pending.extend(all.into_iter().map(Change::Remove));
-                }
+                // The channel is gone and its subchannels shut down.
+                Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -91,7 +93,7 @@ impl Stream for Discover {
 impl fmt::Debug for Discover {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Discover")
-            .field("serving", &self.known)
+            .field("serving", &self.known.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }

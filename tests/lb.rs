@@ -426,6 +426,110 @@ async fn dropping_the_last_clone_ends_every_task_and_connection() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_clone_ends_every_connection_even_with_a_discover_in_use() {
+    let port = free_port();
+    let backends = backends(54, 2, port).await;
+    let proxies = [
+        Proxy::start(loopback(56, 0), backends[0].addr).await,
+        Proxy::start(loopback(57, 0), backends[1].addr).await,
+    ];
+    let target = format!("ipv4:{},{}", proxies[0].addr, proxies[1].addr);
+    let channel = LbChannel::builder(target).connect().await.unwrap();
+    all_serving(&channel, 2).await;
+    // tower's p2c holds the Discover, and the subchannels it yielded, for as
+    // long as the balancer lives: here, past the channel.
+    let balance = tower::balance::p2c::Balance::new(channel.discover());
+    let mut client = EchoClient::new(balance);
+    for _ in 0..20 {
+        client
+            .unary(EchoRequest {
+                message: "p2c".into(),
+            })
+            .await
+            .unwrap();
+    }
+    drop(channel);
+    let closed = wait_for(Duration::from_secs(5), || {
+        proxies
+            .iter()
+            .all(|p| p.state.open.load(Ordering::SeqCst) == 0)
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the backends saw their connections closed: {:?} still open",
+        proxies
+            .iter()
+            .map(|p| p.state.open.load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    );
+    // And they stay closed: nothing reconnects or health-checks.
+    let accepted: Vec<usize> = proxies
+        .iter()
+        .map(|p| p.state.accepted.load(Ordering::SeqCst))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later: Vec<usize> = proxies
+        .iter()
+        .map(|p| p.state.accepted.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(accepted, later, "no new connection after the drop");
+    // The balancer still answers, at once and clearly.
+    let status = within(
+        Duration::from_secs(5),
+        "a call through p2c after the channel is gone",
+        client.unary(EchoRequest {
+            message: "late".into(),
+        }),
+    )
+    .await
+    .expect_err("nothing serves any more");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("was shut down"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_subchannel_replaced_at_the_same_address_is_reinserted_into_p2c() {
+    let (backends, dns, _port, channel) = serving_cluster(58, 2).await;
+    let balance = tower::balance::p2c::Balance::new(channel.discover());
+    let mut client = EchoClient::new(balance);
+    for _ in 0..20 {
+        client
+            .unary(EchoRequest {
+                message: "p2c".into(),
+            })
+            .await
+            .unwrap();
+    }
+    // The first backend leaves DNS and comes back at the same address, as a
+    // pod restarted on the same IP. p2c is not polled meanwhile, so its
+    // Discover sees only the end: the same address, a new subchannel.
+    let gone = &backends[0];
+    dns.zone().set_a(HOST, &ips(&backends[1..]), 1);
+    let removed = wait_for(Duration::from_secs(5), || {
+        !channel.endpoints().iter().any(|e| e.addr == gone.addr)
+    })
+    .await;
+    assert!(removed.is_some(), "{:?}", states(&channel));
+    dns.zone().set_a(HOST, &ips(&backends), 1);
+    all_serving(&channel, 2).await;
+
+    let before = gone.calls();
+    for _ in 0..40 {
+        client
+            .unary(EchoRequest {
+                message: "p2c".into(),
+            })
+            .await
+            .expect("p2c calls succeed after the replacement");
+    }
+    assert!(
+        gone.calls() > before,
+        "the replacement subchannel got p2c's calls"
+    );
+}
+
 #[tokio::test]
 async fn bad_targets_and_settings_are_refused_at_build() {
     let err = LbChannel::builder("dns:///no-port.test")

@@ -97,6 +97,9 @@ pub enum SubchannelState {
     NotServing(NotServing),
     /// The connection failed or was lost; it is retried with backoff.
     TransientFailure(Error),
+    /// The subchannel was stopped: its endpoint left the resolver's set, or
+    /// its channel was dropped. It takes no calls and never comes back.
+    Shutdown,
 }
 
 /// Why a connected endpoint is not serving.
@@ -131,6 +134,7 @@ impl SubchannelState {
             SubchannelState::Serving => "SERVING",
             SubchannelState::NotServing(reason) => reason.label(),
             SubchannelState::TransientFailure(error) => error.label(),
+            SubchannelState::Shutdown => "SHUTDOWN",
         }
     }
 
@@ -142,6 +146,7 @@ impl SubchannelState {
             SubchannelState::Serving => "serving",
             SubchannelState::NotServing(_) => "not_serving",
             SubchannelState::TransientFailure(_) => "transient_failure",
+            SubchannelState::Shutdown => "shutdown",
         }
     }
 
@@ -149,7 +154,8 @@ impl SubchannelState {
     fn same_as(&self, other: &SubchannelState) -> bool {
         match (self, other) {
             (SubchannelState::Connecting, SubchannelState::Connecting)
-            | (SubchannelState::Serving, SubchannelState::Serving) => true,
+            | (SubchannelState::Serving, SubchannelState::Serving)
+            | (SubchannelState::Shutdown, SubchannelState::Shutdown) => true,
             (SubchannelState::NotServing(a), SubchannelState::NotServing(b)) => a == b,
             (SubchannelState::TransientFailure(a), SubchannelState::TransientFailure(b)) => {
                 a.to_string() == b.to_string()
@@ -285,7 +291,7 @@ impl Shared {
                     SubchannelState::TransientFailure(_) => {
                         warn!(endpoint = %addr, from = %from, to = %state, "subchannel state changed")
                     }
-                    SubchannelState::Connecting => {
+                    SubchannelState::Connecting | SubchannelState::Shutdown => {
                         debug!(endpoint = %addr, from = %from, to = %state, "subchannel state changed")
                     }
                 }
@@ -372,14 +378,21 @@ async fn supervised(ctx: Arc<active::Ctx>, stopped: oneshot::Receiver<()>) {
     }
 }
 
-/// A handle to one endpoint's subchannel. Cloning is cheap; the background
-/// task ends, and the connection closes once its calls are done, when the
-/// last handle is dropped.
+/// A handle to one endpoint's subchannel. Cloning is cheap.
+///
+/// A subchannel made with [`Subchannel::spawn`] runs until its last handle
+/// is dropped. One an [`LbChannel`](crate::LbChannel) made lives as long as
+/// the channel keeps it: the handles [`Discover`](crate::Discover) hands out
+/// do not keep it alive. Once the channel drops it (its endpoint left DNS,
+/// or the channel itself was dropped), its connections close once their
+/// calls are done, its state is [`SubchannelState::Shutdown`], and calls
+/// through such a handle fail at once with UNAVAILABLE.
 #[derive(Clone)]
 pub struct Subchannel {
     pub(crate) shared: Arc<Shared>,
     status: watch::Receiver<SubchannelStatus>,
-    _task: Arc<oneshot::Sender<()>>,
+    /// Keeps the task running; `None` on handles that don't own it.
+    _task: Option<Arc<oneshot::Sender<()>>>,
     ready_timeout: Duration,
 }
 
@@ -496,9 +509,24 @@ impl Subchannel {
         Ok(Self {
             shared,
             status,
-            _task: Arc::new(stop),
+            _task: Some(Arc::new(stop)),
             ready_timeout: Duration::from_secs(5),
         })
+    }
+
+    /// Another handle on the same subchannel that does not keep it running.
+    pub(crate) fn handle(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            status: self.status.clone(),
+            _task: None,
+            ready_timeout: self.ready_timeout,
+        }
+    }
+
+    /// Whether both handles are on the same subchannel.
+    pub(crate) fn same(&self, other: &Subchannel) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// How long a call through this subchannel's [`tower::Service`] waits

@@ -15,7 +15,7 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::pool::Slot;
-use super::{NoSlot, Pool, Replay, Sent, Subchannel, SubchannelStatus};
+use super::{NoSlot, Pool, Replay, Sent, Subchannel, SubchannelState, SubchannelStatus};
 
 /// The error type of healthlb's services: a boxed [`tonic::Status`], which
 /// tonic's generated clients hand to the caller as it is.
@@ -55,26 +55,38 @@ impl fmt::Debug for ResponseFuture {
 }
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
-/// waiting until `until`.
+/// waiting until `until`, `waited` after the call began.
 async fn serving_slot(
     status: &mut watch::Receiver<SubchannelStatus>,
     pool: &Pool,
     until: Instant,
+    waited: std::time::Duration,
 ) -> Result<Slot, Status> {
     loop {
+        if let SubchannelState::Shutdown = status.borrow_and_update().state() {
+            return Err(Status::unavailable(format!(
+                "{} was shut down: its endpoint left the resolver's set, or its channel was dropped",
+                pool.addr()
+            )));
+        }
         if status.borrow_and_update().state().is_serving() {
             match pool.acquire(until).await {
                 Ok(slot) => return Ok(slot),
                 // Lost since: the state changes next.
                 Err(NoSlot::Closed) => {}
-                Err(NoSlot::Full) => return Err(Status::unavailable(pool.full_message())),
+                Err(NoSlot::Full) => {
+                    return Err(Status::unavailable(format!(
+                        "{}, after waiting {waited:?}",
+                        pool.full_message()
+                    )));
+                }
             }
         }
         match tokio::time::timeout_at(until, status.changed()).await {
             Ok(Ok(())) => {}
             _ => {
                 return Err(Status::unavailable(format!(
-                    "{} is not serving ({})",
+                    "{} is not serving ({}) after waiting {waited:?}",
                     pool.addr(),
                     status.borrow().state()
                 )));
@@ -106,14 +118,7 @@ impl tower::Service<Request<Body>> for Subchannel {
             let mut replay = Replay::new(request);
             for _ in 0..MAX_ATTEMPTS {
                 let until = deadline_in(ready_timeout);
-                let slot = serving_slot(&mut status, &shared.pool, until)
-                    .await
-                    .map_err(|status| {
-                        Status::new(
-                            status.code(),
-                            format!("{} after waiting {ready_timeout:?}", status.message()),
-                        )
-                    })?;
+                let slot = serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
                 match slot.send(replay).await {
                     Sent::Response(response) => return Ok(response),
                     Sent::Failed(status) => return Err(status),

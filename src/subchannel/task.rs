@@ -448,6 +448,9 @@ impl Task {
     /// Takes every connection out of the pool and lets them finish their
     /// calls, for at most `grace`.
     async fn shutdown(mut self, grace: Duration) {
+        self.ctx
+            .shared
+            .publish(SubchannelState::Shutdown, None, None);
         let primary =
             std::mem::replace(&mut self.primary, Primary::Backoff(Box::pin(sleep(grace))));
         if let Primary::Connected(active, _) = primary {
