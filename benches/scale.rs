@@ -22,6 +22,8 @@ use healthlb::LbChannel;
 use support::echo::free_port;
 
 const SIZES: [usize; 3] = [100, 500, 1000];
+/// Under `cargo test --all-targets`: one small size, briefly.
+const SMOKE_SIZES: [usize; 1] = [20];
 
 fn addr(i: usize, port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8], port))
@@ -93,11 +95,12 @@ fn main() {
         serve(n.parse().expect("N"), port.parse().expect("PORT"));
         return;
     }
+    let full = support::benchmarking();
     let idle = Duration::from_secs(
         std::env::var("HEALTHLB_SCALE_IDLE_SECS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(30u64)
+            .unwrap_or(if full { 30u64 } else { 1 })
             .clamp(1, 600),
     );
     let mut report = String::new();
@@ -106,7 +109,8 @@ fn main() {
         "| endpoints | build → all SERVING | client RSS per endpoint | idle CPU per minute |"
     );
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: |");
-    for n in SIZES {
+    let sizes: &[usize] = if full { &SIZES } else { &SMOKE_SIZES };
+    for &n in sizes {
         let port = free_port();
         let mut child = Command::new(std::env::current_exe().expect("this binary"))
             .env("HEALTHLB_SCALE_SERVE", format!("{n}:{port}"))
@@ -173,6 +177,9 @@ fn main() {
         let _ = child.wait();
     }
     println!("\n{report}");
+    if !support::benchmarking() {
+        return;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("scale.md"), &report);

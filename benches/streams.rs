@@ -176,10 +176,11 @@ fn main() {
         serve(port.parse().expect("PORT"));
         return;
     }
+    let default = if support::benchmarking() { 10_000 } else { 200 };
     let n: usize = std::env::var("HEALTHLB_STREAMS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000usize)
+        .unwrap_or(default)
         .clamp(1, 100_000);
 
     let port = free_port();
@@ -264,6 +265,9 @@ fn main() {
         );
     }
     println!("\n{report}");
+    if !support::benchmarking() {
+        return;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("streams.md"), &report);

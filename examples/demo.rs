@@ -130,7 +130,7 @@ async fn main() {
 /// The story, one phase per `phase`.
 async fn story(step: u32, phase: Duration, port: u16, dns: &TestDns, backends: &mut Vec<Backend>) {
     let per_phase = phase.as_secs_f64().ceil().max(1.0) as u32;
-    if step % per_phase != 0 {
+    if !step.is_multiple_of(per_phase) {
         return;
     }
     match step / per_phase {

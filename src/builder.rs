@@ -105,6 +105,10 @@ impl Builder {
         fn max_endpoints(n: usize);
         /// How long one DNS query may take. Default: 5 s.
         fn dns_timeout(d: Duration);
+        /// The seed that picks which endpoints stay when an answer exceeds
+        /// `max_endpoints`. Default: random per channel, so different
+        /// clients keep different subsets.
+        fn subset_seed(seed: u64);
     }
 
     /// Backoff between failed DNS lookups. Default: 1 s × 1.6 ± 20 %,
@@ -153,6 +157,15 @@ impl Builder {
         /// A `method` label on request and message metrics (feature
         /// `metrics`). Default: off, to keep cardinality bounded.
         fn metrics_method_label(on: bool);
+    }
+
+    /// The `:authority` of every call, and the TLS server name unless one is
+    /// set. Default: the target's host and port as written
+    /// (`echo.default.svc.cluster.local:50051`; for SRV targets the SRV
+    /// name, for fixed lists the first address).
+    pub fn authority(mut self, authority: impl Into<String>) -> Self {
+        self.subchannel = self.subchannel.authority(authority);
+        self
     }
 
     /// TLS to every endpoint; the certificate is checked against the

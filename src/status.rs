@@ -67,7 +67,7 @@ impl EndpointStatus {
             connects: stats.connects.load(Ordering::Relaxed),
             recycles: stats.recycles.load(Ordering::Relaxed),
             calls_started: stats.calls_started.load(Ordering::Relaxed),
-            calls_in_flight: stats.calls_in_flight.load(Ordering::Relaxed),
+            calls_in_flight: stats.calls_in_flight.load(Ordering::SeqCst),
             calls_failed: stats.calls_failed.load(Ordering::Relaxed),
             last_error: sub.last_error(),
             http2_keep_alive_interval: sub.http2_keep_alive_interval(),

@@ -105,20 +105,19 @@ async fn a_not_serving_backend_gets_no_new_calls() {
 
     backends[0].set_serving(true).await;
     all_serving(&channel, 3).await;
-    let back = wait_for(Duration::from_secs(2), || backends[0].calls() > before).await;
-    let mut spins = 0;
-    while backends[0].calls() == before && spins < 30 {
+    // Round robin over three: it gets one of the next three calls.
+    for _ in 0..3 {
         unary(&mut client).await.unwrap();
-        spins += 1;
     }
-    assert!(
-        back.is_some() || backends[0].calls() > before,
-        "SERVING again gets calls"
+    assert_eq!(
+        backends[0].calls(),
+        before + 1,
+        "SERVING again, it gets its share"
     );
 }
 
 #[tokio::test]
-async fn a_backend_added_to_dns_gets_calls_within_ttl_plus_one_second() {
+async fn a_backend_added_to_dns_gets_calls_within_ttl_plus_two_seconds() {
     let (mut all, dns, port, channel) = serving_cluster(37, 2).await;
 
     all.push(Backend::start("b39", loopback(39, port)).await);
@@ -135,8 +134,8 @@ async fn a_backend_added_to_dns_gets_calls_within_ttl_plus_one_second() {
     }
     let took = reached.expect("the new backend got a call");
     assert!(
-        took <= Duration::from_secs(2),
-        "new backend reached after {took:?}, over TTL + 1 s"
+        took <= Duration::from_secs(3),
+        "new backend reached after {took:?}, over TTL + 2 s"
     );
 }
 

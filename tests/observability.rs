@@ -1,141 +1,15 @@
-//! Observability: the status API, the Prometheus metrics of
-//! `examples/metrics.rs` scraped and checked against the calls made, and
-//! headers (W3C `traceparent`) passing through untouched.
+//! Observability: the status API, and headers (W3C `traceparent`) passing
+//! through untouched. The metrics have a test binary of their own,
+//! `tests/metrics.rs`.
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use healthlb::{LbChannel, SubchannelState};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, free_port, loopback};
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// The sum of a metric's samples whose labels contain every `filter`.
-fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
-}
-
-/// The metrics example, built by `cargo test` next to this test binary.
-fn example_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let debug_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    debug_dir
-        .join("examples")
-        .join(format!("metrics{}", std::env::consts::EXE_SUFFIX))
-}
-
-#[test]
-fn the_metrics_example_counts_calls_and_live_stream_messages() {
-    let binary = example_binary();
-    assert!(
-        binary.exists(),
-        "cargo test builds the example: {}",
-        binary.display()
-    );
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let calls = 37;
-    let mut child = Command::new(&binary)
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--calls",
-            &calls.to_string(),
-            "--hold",
-            "20",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the example starts");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let start = Instant::now();
-    let mut printed = String::new();
-    let mut ready = false;
-    while start.elapsed() < Duration::from_secs(30) {
-        let mut line = String::new();
-        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        printed.push_str(&line);
-        if line.starts_with("READY") {
-            ready = true;
-            break;
-        }
-    }
-    assert!(ready, "the example got ready: {printed}");
-    let text = scrape(listen);
-    let _ = child.kill();
-    let _ = child.wait();
-
-    // Every unary call is counted once, OK; the open stream is not done yet.
-    assert_eq!(
-        sum(&text, "healthlb_requests_total", &["code=\"OK\""]),
-        f64::from(calls),
-        "{text}"
-    );
-    assert_eq!(sum(&text, "healthlb_requests_total", &[]), f64::from(calls));
-    // Sent: one message per unary call, and the stream's request.
-    assert_eq!(
-        sum(&text, "healthlb_stream_messages_sent_total", &[]),
-        f64::from(calls + 1)
-    );
-    // Received: one per unary call, and at least the 5 stream messages read.
-    let received = sum(&text, "healthlb_stream_messages_received_total", &[]);
-    assert!(
-        received >= f64::from(calls + 5),
-        "live stream messages counted: {received}"
-    );
-    // Per endpoint, with 4 endpoints SERVING.
-    let endpoints = text
-        .lines()
-        .filter(|l| l.starts_with("healthlb_requests_total{"))
-        .count();
-    assert_eq!(endpoints, 4, "one series per endpoint: {text}");
-    assert_eq!(
-        sum(&text, "healthlb_endpoints", &["state=\"serving\""]),
-        4.0
-    );
-    assert_eq!(
-        sum(
-            &text,
-            "healthlb_health_transitions_total",
-            &["to=\"serving\""]
-        ),
-        4.0
-    );
-    assert!(sum(&text, "healthlb_resolutions_total", &["result=\"ok\""]) >= 1.0);
-    // One connection per endpoint: none reached its server's stream limit.
-    assert_eq!(sum(&text, "healthlb_connections", &[]), 4.0, "{text}");
-    // The example printed the same sample.
-    assert!(
-        printed.contains("healthlb_stream_messages_received_total{"),
-        "{printed}"
-    );
-}
 
 #[tokio::test]
 async fn headers_pass_through_untouched_for_trace_propagation() {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use healthlb::{BackoffConfig, LbChannel, SubchannelState};
+use healthlb::{BackoffConfig, LbChannel};
 use support::dns::{TestDns, Zone};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
@@ -257,8 +257,9 @@ async fn a_crash_fails_at_most_the_calls_in_flight() {
     );
 }
 
-/// Scenario 3 with a given liveness setting: (time out of rotation, report).
-async fn silent_peer(first: u8, interval: Duration, timeout: Duration) -> (Duration, Report) {
+/// Scenario 3 with the given liveness settings, or the defaults: (time out of
+/// rotation, report).
+async fn silent_peer(first: u8, liveness: Option<(Duration, Duration)>) -> (Duration, Report) {
     let port = free_port();
     let mut backends = Vec::new();
     for i in 0..4 {
@@ -270,15 +271,18 @@ async fn silent_peer(first: u8, interval: Duration, timeout: Duration) -> (Durat
     addrs.push(proxy.addr);
     let dns = TestDns::start().await;
     publish(&dns.zone(), &addrs);
-    let channel = connect_serving(
-        LbChannel::builder(dns.target(HOST, port))
+    let mut builder = LbChannel::builder(dns.target(HOST, port))
+        .backoff(fast_backoff())
+        .connect_timeout(Duration::from_secs(2));
+    // The defaults, 15 s and 15 s, are the documented bound.
+    let (interval, timeout) =
+        liveness.unwrap_or((Duration::from_secs(15), Duration::from_secs(15)));
+    if let Some((interval, timeout)) = liveness {
+        builder = builder
             .liveness_interval(Some(interval))
-            .liveness_timeout(timeout)
-            .backoff(fast_backoff())
-            .connect_timeout(Duration::from_secs(2)),
-        4,
-    )
-    .await;
+            .liveness_timeout(timeout);
+    }
+    let channel = connect_serving(builder, 4).await;
     // Callers carry a deadline, as production callers do.
     let load = Load::start(&channel, Some(Duration::from_millis(500)));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -289,31 +293,32 @@ async fn silent_peer(first: u8, interval: Duration, timeout: Duration) -> (Durat
     let took = silenced.elapsed();
     assert!(out.is_some(), "out of rotation within {bound:?}");
     let ok_before = load.stats.ok.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        load.stats.ok.load(Ordering::Relaxed) > ok_before + 100,
-        "calls go on via the others"
-    );
+    let going = wait_for(Duration::from_secs(5), || {
+        load.stats.ok.load(Ordering::Relaxed) > ok_before + 100
+    })
+    .await;
+    assert!(going.is_some(), "calls go on via the others");
     drop(proxy);
     (took, load.finish().await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_leaves_rotation_within_the_bound_shortened() {
-    let (took, report) =
-        silent_peer(90, Duration::from_millis(500), Duration::from_millis(500)).await;
+    let (interval, timeout) = (Duration::from_millis(500), Duration::from_millis(500));
+    let (took, report) = silent_peer(90, Some((interval, timeout))).await;
     report.print(
         "silent peer (liveness 0.5 s + 0.5 s)",
         &format!("out of rotation after {took:?}"),
     );
-    assert!(took <= Duration::from_secs(3));
+    assert!(
+        took <= interval + timeout + Duration::from_secs(1),
+        "within interval + timeout, and a second for a busy machine: {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_leaves_rotation_within_the_default_bound() {
-    let defaults = healthlb::SubchannelConfig::default();
-    let _ = defaults;
-    let (took, report) = silent_peer(110, Duration::from_secs(15), Duration::from_secs(15)).await;
+    let (took, report) = silent_peer(110, None).await;
     report.print(
         "silent peer (defaults 15 s + 15 s)",
         &format!("out of rotation after {took:?}"),
@@ -325,7 +330,7 @@ async fn a_silent_peer_leaves_rotation_within_the_default_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_and_client_max_age_under_load_fail_no_call() {
+async fn server_and_client_max_age_under_load_fail_only_calls_a_closing_server_drops() {
     let options = Options {
         max_connection_age: Some(Duration::from_secs(1)),
         ..Options::default()
@@ -422,8 +427,8 @@ async fn a_dns_outage_keeps_the_set_and_the_restart_is_picked_up() {
     );
     assert!(kept, "the last good set was kept");
     assert!(
-        picked.is_some() && took <= Duration::from_secs(2),
-        "picked up within TTL + 1 s: {took:?}"
+        picked.is_some() && took <= Duration::from_secs(3),
+        "picked up within TTL + 2 s: {took:?}"
     );
     assert_eq!(report.failed, 0, "{:?}", report.errors);
     drop(dns);
@@ -458,7 +463,16 @@ async fn flapping_settles_without_leaks() {
     })
     .await;
     assert!(settled.is_some(), "it ends NOT_SERVING");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Calls that took their slot before the change finish; after that,
+    // none may start.
+    let idle = wait_for(Duration::from_secs(5), || {
+        channel
+            .endpoints()
+            .iter()
+            .any(|e| e.addr == flapper.addr && e.calls_in_flight == 0)
+    })
+    .await;
+    assert!(idle.is_some(), "its calls in flight finished");
     let calls_at_rest = flapper.calls();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let leaked_calls = flapper.calls() - calls_at_rest;
@@ -568,37 +582,63 @@ async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
 }
 
 #[tokio::test]
-async fn a_dns_answer_of_ten_thousand_records_is_capped_without_hanging() {
+async fn dns_answers_too_large_for_dns_or_over_the_cap_neither_hang_nor_break() {
+    // 10,000 A records take about 160 KB, more than a DNS message can hold
+    // (64 KiB, over TCP too): the lookup fails, and a call says so at once.
     let dns = TestDns::start().await;
     dns.zone().set_a(HOST, &support::dns::many_ips(10_000), 1);
-    let channel = LbChannel::builder(dns.target(HOST, 50051)).build().unwrap();
-    let settled = wait_for(Duration::from_secs(10), || {
-        !channel.endpoints().is_empty()
-            || channel
-                .endpoints()
-                .iter()
-                .any(|e| matches!(e.state, SubchannelState::TransientFailure(_)))
+    let target = dns.target(HOST, 50051);
+    let channel = LbChannel::builder(target.clone())
+        .fail_fast(true)
+        .build()
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(15) && !last.contains("resolution is failing") {
+        let status = support::within(
+            Duration::from_secs(1),
+            "a fail-fast call",
+            client.unary(EchoRequest::default()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        last = status.message().to_owned();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("RELIABILITY 10k records: {last}");
+    assert!(
+        last.contains("resolution is failing") && last.contains(&target),
+        "the call names the target and the failing lookup: {last}"
+    );
+    assert!(channel.endpoints().is_empty());
+
+    // 2,000 records fit over TCP (about 31 bytes each here; 3,000 don't):
+    // the cap keeps 1,024 of them, the same ones for the same seed.
+    let many = support::dns::many_ips(2_000);
+    dns.zone().set_a("many.test.local", &many, 1);
+    let capped = |seed| {
+        LbChannel::builder(dns.target("many.test.local", 50051))
+            .subset_seed(seed)
+            .connect_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (capped(7), capped(7));
+    let kept = wait_for(Duration::from_secs(10), || {
+        a.endpoints().len() == 1024 && b.endpoints().len() == 1024
     })
     .await;
-    let n = channel.endpoints().len();
-    eprintln!("RELIABILITY 10k records: {n} endpoints after {settled:?}");
-    assert!(n <= 1024, "the cap holds: {n}");
-    // An answer that large doesn't fit a DNS message (64 KiB): it fails as a
-    // DNS error or is cut; either way the channel answers at once.
-    let mut client = EchoClient::new(
-        LbChannel::builder(dns.target(HOST, 50051))
-            .fail_fast(true)
-            .build()
-            .unwrap(),
+    assert!(
+        kept.is_some(),
+        "{} and {} endpoints",
+        a.endpoints().len(),
+        b.endpoints().len()
     );
-    let status = support::within(
-        Duration::from_secs(5),
-        "a call",
-        client.unary(EchoRequest::default()),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let addrs = |c: &LbChannel| c.endpoints().iter().map(|e| e.addr).collect::<Vec<_>>();
+    assert_eq!(addrs(&a), addrs(&b), "the same seed keeps the same subset");
+    eprintln!("RELIABILITY 2,000 records: 1,024 kept, the same for the same seed");
 }
 
 #[tokio::test]
@@ -659,15 +699,15 @@ async fn soak() {
     while start.elapsed() < Duration::from_secs(60 * minutes) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         tick += 1;
-        backends[0].set_serving(tick % 2 == 0).await;
-        if tick % 5 == 0 {
+        backends[0].set_serving(tick.is_multiple_of(2)).await;
+        if tick.is_multiple_of(5) {
             let mut addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-            if tick % 10 == 0 {
+            if tick.is_multiple_of(10) {
                 addrs.push(extra.addr);
             }
             publish(&dns.zone(), &addrs);
         }
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             samples.push((metrics.num_alive_tasks(), rss()));
         }
     }

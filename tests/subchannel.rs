@@ -101,32 +101,29 @@ async fn load(sub: &Subchannel, callers: usize, duration: Duration) -> (u64, u64
 }
 
 #[tokio::test]
-async fn health_transitions_are_seen_within_50ms() {
+async fn health_transitions_are_seen_in_order() {
     support::init_tracing();
     let backend = Backend::start("a", loopback(2, 0)).await;
     let sub = spawn(backend.addr, SubchannelConfig::default());
     serving(&sub).await;
     assert_eq!(sub.status().last_health(), Some(1));
 
-    let mut seen = Vec::new();
+    // Every change is seen, in order. How fast is a benchmark's business
+    // (BENCHMARKS.md section 3), not a test's.
     for _ in 0..5 {
         backend.set_serving(false).await;
-        let down = until(&sub, Duration::from_secs(1), |s| {
+        until(&sub, Duration::from_secs(5), |s| {
             matches!(s, SubchannelState::NotServing(NotServing::NotServing))
         })
         .await
         .expect("NOT_SERVING is seen");
+        assert_eq!(sub.status().last_health(), Some(2));
         backend.set_serving(true).await;
-        let up = until(&sub, Duration::from_secs(1), SubchannelState::is_serving)
+        until(&sub, Duration::from_secs(5), SubchannelState::is_serving)
             .await
             .expect("SERVING is seen");
-        seen.extend([down, up]);
+        assert_eq!(sub.status().last_health(), Some(1));
     }
-    let worst = seen.iter().max().unwrap();
-    assert!(
-        *worst <= Duration::from_millis(50),
-        "transitions took {seen:?}"
-    );
     assert_eq!(sub.state().label(), "SERVING");
 }
 
@@ -312,9 +309,12 @@ async fn odd_health_server(
 #[tokio::test]
 async fn a_health_stream_that_ends_is_retried_with_growing_delays() {
     let (addr, watches) = odd_health_server(Behaviour::EndAtOnce).await;
+    // No jitter: the delays are 100, 200, 400 ms exactly, so each gap has a
+    // lower bound a busy machine can only exceed.
     let backoff = BackoffConfig::default()
         .initial(Duration::from_millis(100))
         .multiplier(2.0)
+        .jitter(0.0)
         .max(Duration::from_secs(5));
     let sub = spawn(addr, SubchannelConfig::default().backoff(backoff));
     let ended = until(&sub, Duration::from_secs(3), |s| {
@@ -325,30 +325,41 @@ async fn a_health_stream_that_ends_is_retried_with_growing_delays() {
     })
     .await;
     assert!(ended.is_some(), "{}", sub.state());
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let retried = support::wait_for(Duration::from_secs(10), || {
+        watches.lock().unwrap().len() >= 4
+    })
+    .await;
+    assert!(
+        retried.is_some(),
+        "retried: {} watches",
+        watches.lock().unwrap().len()
+    );
     let times = watches.lock().unwrap().clone();
-    assert!(times.len() >= 4, "retried: {} watches", times.len());
     let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(
-        gaps.windows(2).all(|g| g[1] > g[0]),
-        "each retry waits longer than the last: {gaps:?}"
-    );
-    assert!(
-        gaps[0] >= Duration::from_millis(70),
-        "the first retry waits about 100 ms: {gaps:?}"
-    );
+    for (i, gap) in gaps.iter().take(3).enumerate() {
+        let delay = Duration::from_millis(100 << i);
+        // 5 ms for the timer's rounding.
+        assert!(
+            *gap + Duration::from_millis(5) >= delay,
+            "retry {i} waited {gap:?}, less than its backoff of {delay:?}: {gaps:?}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn a_health_stream_that_delivered_is_retried_at_once() {
     let (addr, watches) = odd_health_server(Behaviour::ServingThenEnd).await;
-    let backoff = BackoffConfig::default().initial(Duration::from_millis(500));
+    // A backoff of a minute: with it, the second watch would come a minute
+    // after the first.
+    let backoff = BackoffConfig::default().initial(Duration::from_secs(60));
     let sub = spawn(addr, SubchannelConfig::default().backoff(backoff));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Each stream delivered SERVING, so no backoff: many watches in 300 ms,
-    // where a 500 ms backoff would allow one.
+    // Each stream delivered SERVING, so each retry goes at once.
+    let retried = support::wait_for(Duration::from_secs(10), || {
+        watches.lock().unwrap().len() >= 5
+    })
+    .await;
     let n = watches.lock().unwrap().len();
-    assert!(n >= 5, "only {n} watches in 300 ms");
+    assert!(retried.is_some(), "only {n} watches in 10 s");
     drop(sub);
 }
 
@@ -404,6 +415,7 @@ async fn max_age_recycles_under_load_without_failing_a_call() {
         .max_connection_age_grace(Duration::from_secs(5));
     let sub = spawn(backend.addr, config);
     serving(&sub).await;
+    let first = sub.status().connected_at().expect("a serving connection");
     let (ok, failed, errors) = load(&sub, 16, Duration::from_secs(3)).await;
     assert_eq!(
         failed,
@@ -414,11 +426,8 @@ async fn max_age_recycles_under_load_without_failing_a_call() {
     assert!(ok > 1000, "load ran: {ok} calls");
     let status = sub.status();
     assert!(status.state().is_serving());
-    let connected = status.connected_at().expect("serving connection");
-    assert!(
-        connected.elapsed() < Duration::from_secs(2),
-        "the connection was replaced recently"
-    );
+    let connected = status.connected_at().expect("a serving connection");
+    assert!(connected > first, "the connection was replaced under load");
 }
 
 #[tokio::test]
@@ -494,8 +503,8 @@ async fn too_many_pings_doubles_the_keepalive_interval() {
 async fn a_silent_peer_leaves_rotation_within_the_liveness_bound() {
     let backend = Backend::start("a", loopback(9, 0)).await;
     let proxy = Proxy::start(loopback(9, 0), backend.addr).await;
-    let interval = Duration::from_millis(300);
-    let timeout = Duration::from_millis(300);
+    let interval = Duration::from_secs(1);
+    let timeout = Duration::from_secs(1);
     let config = SubchannelConfig::default()
         .liveness_interval(Some(interval))
         .liveness_timeout(timeout)
@@ -504,10 +513,13 @@ async fn a_silent_peer_leaves_rotation_within_the_liveness_bound() {
     let sub = spawn(proxy.addr, config);
     serving(&sub).await;
     proxy.go_silent(true);
-    let took = until(&sub, Duration::from_secs(3), |s| !s.is_serving()).await;
+    let took = until(&sub, Duration::from_secs(10), |s| !s.is_serving()).await;
     let took = took.expect("a silent peer leaves SERVING");
+    // The documented bound, interval + timeout, and 0.7 s for a busy
+    // machine: less than the interval, so a probe that came a round late
+    // would still fail this.
     assert!(
-        took <= interval + timeout + Duration::from_millis(200),
+        took <= interval + timeout + Duration::from_millis(700),
         "took {took:?}"
     );
     assert_eq!(sub.state().label(), "no liveness answer");
@@ -525,18 +537,23 @@ async fn a_silent_peer_leaves_rotation_within_the_liveness_bound() {
 async fn a_peer_that_never_speaks_http2_times_out_then_backs_off() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let times = accepted.clone();
     let silent = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
+            times.lock().unwrap().push(Instant::now());
             held.push(socket);
         }
     });
+    // No jitter, so each attempt's start has an exact earliest time.
     let config = SubchannelConfig::default()
         .connect_timeout(Duration::from_millis(300))
-        .backoff(BackoffConfig::default().initial(Duration::from_millis(300)));
+        .backoff(
+            BackoffConfig::default()
+                .initial(Duration::from_millis(300))
+                .jitter(0.0),
+        );
     let sub = spawn(addr, config);
     let failed = until(&sub, Duration::from_secs(2), |s| {
         matches!(s, SubchannelState::TransientFailure(_))
@@ -552,10 +569,22 @@ async fn a_peer_that_never_speaks_http2_times_out_then_backs_off() {
             .contains("did not answer within the connect timeout"),
         "{error}"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let attempts = accepted.load(Ordering::SeqCst);
-    // 0.3 s attempts with 0.3 s, 0.48 s, 0.77 s waits: about 3 in 1.8 s, not 6.
-    assert!((2..=4).contains(&attempts), "{attempts} attempts");
+    let three = support::wait_for(Duration::from_secs(10), || {
+        accepted.lock().unwrap().len() >= 3
+    })
+    .await;
+    assert!(three.is_some(), "it keeps trying");
+    let times = accepted.lock().unwrap().clone();
+    // An attempt gets max(connect timeout, backoff): 0.3 s, then 0.48 s;
+    // each is followed by its backoff, 0.3 s, then 0.48 s. So the attempts
+    // start at least 0.6 s and 0.96 s apart: it backs off, never hammers.
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, least) in gaps.iter().zip([600, 960]) {
+        assert!(
+            *gap + Duration::from_millis(10) >= Duration::from_millis(least),
+            "attempts too close: {gaps:?}"
+        );
+    }
     silent.abort();
 }
 

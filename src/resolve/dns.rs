@@ -116,10 +116,9 @@ impl Dns {
         );
         if v4.as_ref().is_ok_and(Family::is_bare_nodata)
             && v6.as_ref().is_ok_and(Family::is_bare_nodata)
+            && let Err(f) = self.check_cname_chain(&name).await
         {
-            if let Err(f) = self.check_cname_chain(&name).await {
-                (v4, v6) = (Err(f.clone()), Err(f));
-            }
+            (v4, v6) = (Err(f.clone()), Err(f));
         }
         [v4, v6].map(|family| {
             family.map(|answer| match answer {
@@ -172,7 +171,12 @@ impl Dns {
             }
         }
         for (priority, mut group) in groups {
-            keep_ranked(&mut group, cap, seed, |s| (key(&s.target), s.port));
+            keep_ranked(&mut group, cap, seed, |s| {
+                let mut k = key(&s.target).into_bytes();
+                k.push(0);
+                k.extend_from_slice(&s.port.to_be_bytes());
+                k
+            });
             let resolved = self.resolve_targets(&group, &glue).await?;
             let mut min_ttl = ttl;
             let mut endpoints = Vec::new();

@@ -1,9 +1,7 @@
 //! Endpoints and the normalised sets the resolver publishes.
 
-use std::collections::hash_map::DefaultHasher;
 use std::fmt;
-use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -92,7 +90,7 @@ impl Endpoints {
     pub(crate) fn normalize(mut list: Vec<Endpoint>, cap: usize, seed: u64) -> (Self, usize) {
         list.sort_unstable();
         list.dedup_by_key(|e| e.addr);
-        let dropped = keep_ranked(&mut list, cap, seed, |e| e.addr);
+        let dropped = keep_ranked(&mut list, cap, seed, |e| addr_key(e.addr));
         if dropped > 0 {
             list.sort_unstable();
         }
@@ -127,27 +125,52 @@ impl From<Vec<Endpoint>> for Endpoints {
 
 /// Keeps the `cap` items of `list` whose `key` ranks highest under `seed`;
 /// returns how many it removed. Linear time.
-pub(crate) fn keep_ranked<T, K: Hash>(
+pub(crate) fn keep_ranked<T>(
     list: &mut Vec<T>,
     cap: usize,
     seed: u64,
-    key: impl Fn(&T) -> K,
+    key: impl Fn(&T) -> Vec<u8>,
 ) -> usize {
     if list.len() <= cap {
         return 0;
     }
     let dropped = list.len() - cap;
-    let rank = |item: &T| {
-        let mut h = DefaultHasher::new();
-        seed.hash(&mut h);
-        key(item).hash(&mut h);
-        std::cmp::Reverse(h.finish())
-    };
     if cap > 0 {
-        list.select_nth_unstable_by_key(cap - 1, rank);
+        list.select_nth_unstable_by_key(cap - 1, |item| std::cmp::Reverse(rank(seed, &key(item))));
     }
     list.truncate(cap);
     dropped
+}
+
+/// An address as rendezvous hashing sees it: the IP's octets (4 or 16),
+/// then the port, big-endian.
+pub(crate) fn addr_key(addr: SocketAddr) -> Vec<u8> {
+    let mut key = match addr.ip() {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    key.extend_from_slice(&addr.port().to_be_bytes());
+    key
+}
+
+/// The score of `key` under `seed` in rendezvous hashing: 64-bit FNV-1a
+/// over the seed's 8 little-endian bytes and then the key's bytes, finished
+/// with SplitMix64's mixer so that keys differing in one byte land far
+/// apart. It is fixed here, not left to `std`'s hasher, whose output may
+/// change between Rust releases: a given seed keeps the same subset across
+/// builds, platforms and versions.
+pub(crate) fn rank(seed: u64, key: &[u8]) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = FNV_OFFSET;
+    for &byte in seed.to_le_bytes().iter().chain(key) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    // SplitMix64's finalizer.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
@@ -191,5 +214,31 @@ mod tests {
 
         // Another seed keeps a different subset.
         assert_ne!(Endpoints::normalize(all, 1024, 8).0, a);
+    }
+
+    /// The hash is fixed: these values must never change, or every client's
+    /// subset moves on upgrade.
+    #[test]
+    fn the_rank_is_a_fixed_function() {
+        // Computed by an independent implementation of the doc comment.
+        assert_eq!(rank(0, b""), 0x813f_0174_a236_7c13);
+        assert_eq!(rank(7, &addr_key(ep(1).addr())), 0xbe57_7763_96e4_d4c9);
+        let v6: SocketAddr = "[fd00::1]:50051".parse().unwrap();
+        assert_eq!(rank(u64::MAX, &addr_key(v6)), 0xf252_6b58_26ec_2976);
+        let (kept, _) = Endpoints::normalize((0..10).map(ep).collect(), 3, 7);
+        let kept: Vec<String> = kept.iter().map(|e| e.addr().to_string()).collect();
+        assert_eq!(kept, ["10.0.0.0:80", "10.0.0.1:80", "10.0.0.3:80"]);
+    }
+
+    #[test]
+    fn ranks_spread_evenly() {
+        // Each of 10 endpoints should top about a tenth of 10,000 seeds.
+        let endpoints: Vec<Vec<u8>> = (0..10).map(|i| addr_key(ep(i).addr())).collect();
+        let mut wins = [0u32; 10];
+        for seed in 0..10_000u64 {
+            let best = (0..10).max_by_key(|&i| rank(seed, &endpoints[i])).unwrap();
+            wins[best] += 1;
+        }
+        assert!(wins.iter().all(|&w| (850..=1150).contains(&w)), "{wins:?}");
     }
 }

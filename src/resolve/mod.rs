@@ -10,8 +10,10 @@
 //! The next lookup runs when the answer's TTL runs out, clamped to
 //! `[min_refresh, max_refresh]` (1 s and 30 s by default) and spread by ±10 %.
 //! hickory's own cache is off, so the TTL is ours to honour. A scale-up behind
-//! a Kubernetes headless Service (CoreDNS serves a 5 s TTL) is seen within
-//! seconds. grpc-go, by contrast, re-resolves only after a connection breaks.
+//! a Kubernetes headless Service is seen within one TTL: 5 s with CoreDNS's
+//! `kubernetes` plugin default, 30 s with kubeadm's default Corefile
+//! (`ttl 30`). grpc-go, by contrast, re-resolves only after a connection
+//! breaks.
 //!
 //! [`Resolver::resolve_now`] asks early, at most once per `min_refresh`. The
 //! subchannel stage calls it when a connect fails.

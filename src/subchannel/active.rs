@@ -282,21 +282,21 @@ impl Active {
         if let Poll::Ready(result) = self.driver.as_mut().poll(cx) {
             return Poll::Ready(ConnEvent::Lost(Lost::from_driver(result)));
         }
-        if !self.goaway_reported {
-            if let Poll::Ready(goaway) = self.conn.poll_goaway(cx) {
-                self.goaway_reported = true;
-                return Poll::Ready(ConnEvent::GoingAway(goaway));
-            }
+        if !self.goaway_reported
+            && let Poll::Ready(goaway) = self.conn.poll_goaway(cx)
+        {
+            self.goaway_reported = true;
+            return Poll::Ready(ConnEvent::GoingAway(goaway));
         }
         if let Poll::Ready(why) = self.liveness.poll_silent(&self.conn, cx) {
             let message = format!("{} went silent: {why}", self.conn.addr);
             self.conn.kill(&message);
             return Poll::Ready(ConnEvent::Lost(Lost::Silent(why)));
         }
-        if let Some(health) = &mut self.health {
-            if let Poll::Ready(event) = health.poll_event(cx) {
-                return Poll::Ready(ConnEvent::Health(event));
-            }
+        if let Some(health) = &mut self.health
+            && let Poll::Ready(event) = health.poll_event(cx)
+        {
+            return Poll::Ready(ConnEvent::Health(event));
         }
         Poll::Pending
     }

@@ -177,12 +177,12 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        if let Some(counting) = &self.counting {
-            if !counting.done {
-                // Dropped before its status: the caller gave up on it.
-                let metrics = &self.slot.conn.stats.metrics;
-                metrics.request_done(tonic::Code::Cancelled, &counting.method);
-            }
+        if let Some(counting) = &self.counting
+            && !counting.done
+        {
+            // Dropped before its status: the caller gave up on it.
+            let metrics = &self.slot.conn.stats.metrics;
+            metrics.request_done(tonic::Code::Cancelled, &counting.method);
         }
     }
 }
@@ -211,11 +211,11 @@ impl HttpBody for TrackedBody {
                         if n > 0 {
                             metrics.messages_received(n, &counting.method);
                         }
-                    } else if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                        if !counting.done {
-                            metrics.request_done(code, &counting.method);
-                            counting.done = true;
-                        }
+                    } else if let Some(code) = frame.trailers_ref().and_then(grpc_status)
+                        && !counting.done
+                    {
+                        metrics.request_done(code, &counting.method);
+                        counting.done = true;
                     }
                 }
                 Some(Err(status)) if !counting.done => {

@@ -247,12 +247,12 @@ impl SubchannelConfig {
         if self.connect_timeout.is_zero() {
             return Err(Error::invalid_config("connect_timeout must be above zero"));
         }
-        if let Some(d) = self.http2_keep_alive_interval {
-            if d < MIN_KEEP_ALIVE_INTERVAL {
-                return Err(Error::invalid_config(format!(
-                    "http2_keep_alive_interval must be at least {MIN_KEEP_ALIVE_INTERVAL:?} (gRFC A8), got {d:?}"
-                )));
-            }
+        if let Some(d) = self.http2_keep_alive_interval
+            && d < MIN_KEEP_ALIVE_INTERVAL
+        {
+            return Err(Error::invalid_config(format!(
+                "http2_keep_alive_interval must be at least {MIN_KEEP_ALIVE_INTERVAL:?} (gRFC A8), got {d:?}"
+            )));
         }
         if self.http2_keep_alive_timeout.is_zero() {
             return Err(Error::invalid_config(

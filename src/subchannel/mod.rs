@@ -263,11 +263,12 @@ impl Shared {
         health: Option<i32>,
     ) {
         let addr = self.endpoint.addr();
-        if let SubchannelState::TransientFailure(error) = &state {
-            if let Ok(mut last) = self.last_error.lock() {
-                *last = Some(error.clone());
-            }
+        if let SubchannelState::TransientFailure(error) = &state
+            && let Ok(mut last) = self.last_error.lock()
+        {
+            *last = Some(error.clone());
         }
+        self.pool.set_serving(state.is_serving());
         let changed = self.status.send_if_modified(|current| {
             let same_conn = match (&current.conn, &conn) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -301,10 +302,8 @@ impl Shared {
             current.conn = conn;
             true
         });
-        if changed {
-            if let Some(notify) = &self.changed {
-                notify.notify_one();
-            }
+        if changed && let Some(notify) = &self.changed {
+            notify.notify_one();
         }
     }
 

@@ -37,6 +37,10 @@ pub(crate) struct Pool {
     /// The first connection, when there is one, then the extras.
     conns: ArcSwap<Vec<Arc<Conn>>>,
     slots: Arc<Slots>,
+    /// Whether the endpoint is SERVING: set with each state change, before
+    /// the balancer publishes it, so a call picked just before the change
+    /// does not go out after it.
+    serving: AtomicBool,
     /// Set by a call that found every connection full; the subchannel task
     /// opens another connection if it may.
     grow: AtomicBool,
@@ -46,7 +50,8 @@ pub(crate) struct Pool {
 /// Why no slot could be had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NoSlot {
-    /// No connection can take calls: the endpoint lost its connection.
+    /// No connection can take calls: the endpoint stopped serving or lost
+    /// its connections.
     Closed,
     /// Every connection stayed full until the wait ended.
     Full,
@@ -61,6 +66,7 @@ impl Pool {
             max_connections,
             conns: ArcSwap::from_pointee(Vec::new()),
             slots,
+            serving: AtomicBool::new(false),
             grow: AtomicBool::new(false),
             grow_waker: AtomicWaker::new(),
         }
@@ -71,9 +77,18 @@ impl Pool {
     }
 
     /// Whether some connection can take a call now, or after a wait for a
-    /// slot: open, and no GOAWAY seen.
+    /// slot: SERVING, open, and no GOAWAY seen.
     pub(crate) fn is_ready(&self) -> bool {
-        self.conns.load().iter().any(|c| c.is_ready())
+        self.serving.load(Ordering::Acquire) && self.conns.load().iter().any(|c| c.is_ready())
+    }
+
+    /// Records whether the endpoint is SERVING.
+    pub(crate) fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+        if !serving {
+            // Waiting calls go elsewhere.
+            self.slots.released();
+        }
     }
 
     /// How many connections are open for calls.
@@ -94,7 +109,8 @@ impl Pool {
         self.slots.released();
     }
 
-    /// A stream slot on the first connection that has one.
+    /// A stream slot on the first connection that has one, while the
+    /// endpoint is SERVING.
     pub(crate) fn try_acquire(&self) -> Result<Slot, NoSlot> {
         let conns = self.conns.load();
         let mut open = false;
@@ -104,8 +120,13 @@ impl Pool {
             }
             open = true;
             if conn.try_start_call() {
-                conn.stats.calls_in_flight.fetch_add(1, Ordering::Relaxed);
-                return Ok(Slot { conn: conn.clone() });
+                // Counted first, then checked (SeqCst both): once a
+                // NOT_SERVING endpoint shows no call in flight, none follows.
+                let slot = Slot::counted(conn.clone());
+                if !self.serving.load(Ordering::SeqCst) {
+                    return Err(NoSlot::Closed);
+                }
+                return Ok(slot);
             }
         }
         Err(if open { NoSlot::Full } else { NoSlot::Closed })
@@ -187,12 +208,20 @@ pub(crate) struct Slot {
     pub(crate) conn: Arc<Conn>,
 }
 
+impl Slot {
+    /// Counts the call on the endpoint too; the connection has counted it.
+    fn counted(conn: Arc<Conn>) -> Self {
+        conn.stats.calls_in_flight.fetch_add(1, Ordering::SeqCst);
+        Self { conn }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.conn
             .stats
             .calls_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::SeqCst);
         self.conn.call_ended();
     }
 }

@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 
 use healthlb::LbChannel;
 
+/// Whether a `harness = false` bench runs under `cargo bench`, which passes
+/// `--bench`, rather than `cargo test --all-targets`, where it only runs a
+/// short smoke version of itself, as criterion does.
+pub fn benchmarking() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 /// Logs to the test's output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

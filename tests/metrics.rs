@@ -1,0 +1,119 @@
+//! The Prometheus metrics, recorded in-process and checked against the calls
+//! made: requests by status, live stream messages, endpoint states, health
+//! transitions, resolutions and connections.
+//!
+//! A test binary of its own, since a metrics recorder is global to the
+//! process. It needs nothing built beside it, so it passes under
+//! `cargo test`, `cargo test --all-targets`, `cargo test --test metrics` and
+//! nextest alike.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use healthlb::LbChannel;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use support::dns::TestDns;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::pb::{EchoRequest, StreamRequest};
+use support::echo::{Backend, free_port, loopback};
+use support::within;
+
+/// The sum of a metric's samples whose labels contain every `filter`.
+fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test]
+async fn calls_and_live_stream_messages_are_counted() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("the only recorder in this binary");
+
+    let port = free_port();
+    let mut backends = Vec::new();
+    for n in 180..184 {
+        backends.push(Backend::start(&format!("pod-{n}"), loopback(n, port)).await);
+    }
+    let dns = TestDns::start().await;
+    let ips: Vec<Ipv4Addr> = (180..184).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect();
+    dns.zone().set_a("echo.metrics.local", &ips, 1);
+    let channel = support::connect_serving(
+        LbChannel::builder(dns.target("echo.metrics.local", port)),
+        4,
+    )
+    .await;
+    let mut client = EchoClient::new(channel.clone());
+    let calls = 37;
+    for _ in 0..calls {
+        client
+            .unary(EchoRequest {
+                message: "m".into(),
+            })
+            .await
+            .expect("a unary call");
+    }
+    // A stream left open after 5 messages: its messages count as they pass.
+    let request = StreamRequest {
+        message: "s".into(),
+        count: 1000,
+        interval_ms: 20,
+    };
+    let mut stream = client
+        .server_stream(request)
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    for _ in 0..5 {
+        within(Duration::from_secs(5), "a stream message", stream.message())
+            .await
+            .expect("a message")
+            .expect("not the end");
+    }
+    let text = handle.render();
+
+    // Every unary call is counted once, OK; the open stream is not done yet.
+    assert_eq!(
+        sum(&text, "healthlb_requests_total", &["code=\"OK\""]),
+        f64::from(calls),
+        "{text}"
+    );
+    assert_eq!(sum(&text, "healthlb_requests_total", &[]), f64::from(calls));
+    // Sent: one message per unary call, and the stream's request.
+    assert_eq!(
+        sum(&text, "healthlb_stream_messages_sent_total", &[]),
+        f64::from(calls + 1)
+    );
+    // Received: one per unary call, and at least the 5 stream messages read.
+    let received = sum(&text, "healthlb_stream_messages_received_total", &[]);
+    assert!(
+        received >= f64::from(calls + 5),
+        "live stream messages counted: {received}"
+    );
+    // Per endpoint, with 4 endpoints SERVING.
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("healthlb_requests_total{"))
+        .count();
+    assert_eq!(series, 4, "one series per endpoint: {text}");
+    assert_eq!(
+        sum(&text, "healthlb_endpoints", &["state=\"serving\""]),
+        4.0
+    );
+    assert_eq!(
+        sum(
+            &text,
+            "healthlb_health_transitions_total",
+            &["to=\"serving\""]
+        ),
+        4.0
+    );
+    assert!(sum(&text, "healthlb_resolutions_total", &["result=\"ok\""]) >= 1.0);
+    // One connection per endpoint: none reached its server's stream limit.
+    assert_eq!(sum(&text, "healthlb_connections", &[]), 4.0, "{text}");
+}
