@@ -193,7 +193,15 @@ fn case(s: &Settings) -> Result<(), TestCaseError> {
         });
         request.set_timeout(Duration::from_millis(500));
         let ended = tokio::time::timeout(Duration::from_secs(5), client.unary(request)).await;
-        prop_assert!(ended.is_ok(), "the call did not end within 5 s");
+        prop_assert!(
+            ended.is_ok(),
+            "the call did not end within 5 s; endpoints: {:?}",
+            channel
+                .endpoints()
+                .iter()
+                .map(|e| format!("{} {} for {:?}", e.addr, e.state, e.state_for))
+                .collect::<Vec<_>>()
+        );
         // The background tasks keep running meanwhile, whatever the settings.
         tokio::time::sleep(Duration::from_millis(50)).await;
         prop_assert!(channel.endpoints().len() <= 1);

@@ -302,8 +302,8 @@ impl Shared {
             current.conn = conn;
             true
         });
-        if changed && let Some(notify) = &self.changed {
-            notify.notify_one();
+        if changed {
+            self.notify_changed();
         }
     }
 
@@ -331,6 +331,13 @@ impl Shared {
             HealthEvent::Ended(why) => {
                 SubchannelState::NotServing(NotServing::HealthStreamEnded(why.clone()))
             }
+        }
+    }
+
+    /// Tells the balancer to look again.
+    pub(crate) fn notify_changed(&self) {
+        if let Some(notify) = &self.changed {
+            notify.notify_one();
         }
     }
 

@@ -134,14 +134,17 @@ impl Task {
                 Poll::Ready(Ok((active, first))) => {
                     self.backoff.reset();
                     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-                    shared.publish(
-                        shared.health_state(&first),
-                        Some(active.conn.clone()),
-                        health_value(&first),
-                    );
+                    let conn = active.conn.clone();
                     let recycle = Recycle::new(self.ctx.clone());
                     self.primary = Primary::Connected(Box::new(active), recycle);
+                    // The connection first, then the state that lets calls
+                    // come: the balancer reads both when the state changes.
                     self.publish_pool();
+                    shared.publish(
+                        shared.health_state(&first),
+                        Some(conn),
+                        health_value(&first),
+                    );
                 }
             },
             Primary::Connected(active, recycle) => {
@@ -187,7 +190,9 @@ impl Task {
                 let old = std::mem::replace(&mut **active, next);
                 shared.stats.recycles.fetch_add(1, Ordering::Relaxed);
                 shared.stats.metrics.recycle("max_age");
-                shared.publish(SubchannelState::Serving, Some(active.conn.clone()), Some(1));
+                let conn = active.conn.clone();
+                self.publish_pool();
+                shared.publish(SubchannelState::Serving, Some(conn), Some(1));
                 info!(
                     endpoint = %addr,
                     age_ms = old.conn.established.elapsed().as_millis() as u64,
@@ -196,7 +201,6 @@ impl Task {
                 );
                 let grace = self.ctx.config.max_connection_age_grace;
                 self.drains.spawn(drain(old, Some(grace)));
-                self.publish_pool();
             }
         }
         true
@@ -443,6 +447,8 @@ impl Task {
         conns.extend(self.extras.iter().map(|e| e.active.conn.clone()));
         self.ctx.shared.stats.metrics.connections(conns.len());
         self.ctx.shared.pool.publish(conns);
+        // Whether the endpoint can take calls may have changed with it.
+        self.ctx.shared.notify_changed();
     }
 
     /// Takes every connection out of the pool and lets them finish their
