@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use healthlb::picker::bench::RoundRobin;
+use healthlb::internals::RoundRobin;
 use tower::Service;
 use tower::discover::ServiceList;
 
@@ -75,7 +75,7 @@ fn pick(c: &mut Criterion) {
 /// and response, three counter increments), into a Prometheus recorder.
 fn metrics_per_call(c: &mut Criterion) {
     let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
-    let per_call = healthlb::metrics::bench::PerCall::new("dns:///echo.bench.local:50051");
+    let per_call = healthlb::internals::PerCall::new("dns:///echo.bench.local:50051");
     // An echo request and reply as they go over the wire: prefix + message.
     let request = [0u8, 0, 0, 0, 7, 10, 5, b'b', b'e', b'n', b'c', b'h'];
     let response = [

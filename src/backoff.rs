@@ -13,6 +13,8 @@ use std::time::Duration;
 use crate::deadline::{capped, scaled};
 
 /// Backoff settings. The defaults are gRPC's: 1 s, × 1.6, ± 20 %, at most 120 s.
+/// Set them with the chained setters; read them from the fields. They are
+/// checked when the channel or subchannel is built.
 ///
 /// ```
 /// use std::time::Duration;
@@ -21,14 +23,20 @@ use crate::deadline::{capped, scaled};
 /// let fast = BackoffConfig::default()
 ///     .initial(Duration::from_millis(100))
 ///     .max(Duration::from_secs(5));
-/// assert_eq!(fast.get_multiplier(), 1.6);
+/// assert_eq!(fast.multiplier, 1.6);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BackoffConfig {
-    initial: Duration,
-    multiplier: f64,
-    jitter: f64,
-    max: Duration,
+    /// The first delay. Default: 1 s.
+    pub initial: Duration,
+    /// The factor between one delay and the next; at least 1. Default: 1.6.
+    pub multiplier: f64,
+    /// The random spread of each delay, as a fraction of it, in [0, 1):
+    /// 0.2 means ±20 %. Default: 0.2.
+    pub jitter: f64,
+    /// The longest delay. Default: 120 s.
+    pub max: Duration,
 }
 
 impl Default for BackoffConfig {
@@ -68,26 +76,6 @@ impl BackoffConfig {
     pub fn max(mut self, max: Duration) -> Self {
         self.max = max;
         self
-    }
-
-    /// The first delay.
-    pub fn get_initial(&self) -> Duration {
-        self.initial
-    }
-
-    /// The factor between one delay and the next.
-    pub fn get_multiplier(&self) -> f64 {
-        self.multiplier
-    }
-
-    /// The random spread of each delay.
-    pub fn get_jitter(&self) -> f64 {
-        self.jitter
-    }
-
-    /// The longest delay.
-    pub fn get_max(&self) -> Duration {
-        self.max
     }
 
     pub(crate) fn validate(&self) -> Result<(), crate::Error> {

@@ -23,26 +23,80 @@ use crate::subchannel::{Hooks, Subchannel, SubchannelConfig};
 pub(crate) type ServingSet = Arc<BTreeMap<SocketAddr, Subchannel>>;
 
 /// What the balancer publishes to.
-pub(crate) struct Outputs {
-    pub(crate) picker: Arc<Picker>,
-    pub(crate) endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
-    pub(crate) serving: watch::Sender<ServingSet>,
+struct Outputs {
+    picker: Arc<Picker>,
+    endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
+    serving: watch::Sender<ServingSet>,
 }
 
-pub(crate) struct Balancer {
+/// What a balancer is started with.
+pub(crate) struct Spec {
     pub(crate) target: Arc<str>,
     pub(crate) resolver: Resolver,
     pub(crate) config: Arc<SubchannelConfig>,
     pub(crate) authority: Option<Authority>,
     pub(crate) ready_timeout: std::time::Duration,
-    pub(crate) outputs: Outputs,
+}
+
+/// What a started balancer hands to its channel.
+pub(crate) struct Running {
+    pub(crate) picker: Arc<Picker>,
+    pub(crate) endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
+    pub(crate) serving: watch::Receiver<ServingSet>,
+    /// Dropping it stops the balancer.
+    pub(crate) stop: oneshot::Sender<()>,
+}
+
+pub(crate) struct Balancer {
+    target: Arc<str>,
+    resolver: Resolver,
+    config: Arc<SubchannelConfig>,
+    authority: Option<Authority>,
+    ready_timeout: std::time::Duration,
+    outputs: Outputs,
 }
 
 impl Balancer {
+    /// Starts the balancer task on `runtime`.
+    pub(crate) fn spawn(spec: Spec, runtime: &tokio::runtime::Handle) -> Running {
+        let Spec {
+            target,
+            resolver,
+            config,
+            authority,
+            ready_timeout,
+        } = spec;
+        let picker = Arc::new(Picker::new(format!(
+            "0 endpoints ({target} is being resolved)"
+        )));
+        let endpoints = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let (serving_tx, serving) = watch::channel(ServingSet::default());
+        let (stop, stopped) = oneshot::channel();
+        let balancer = Balancer {
+            target,
+            resolver,
+            config,
+            authority,
+            ready_timeout,
+            outputs: Outputs {
+                picker: picker.clone(),
+                endpoints: endpoints.clone(),
+                serving: serving_tx,
+            },
+        };
+        runtime.spawn(balancer.run(stopped));
+        Running {
+            picker,
+            endpoints,
+            serving,
+            stop,
+        }
+    }
+
     /// Runs until `stopped` fires (the last `LbChannel` clone is gone) or
     /// resolution ends. Dropping the subchannels then closes their
     /// connections once their calls are done.
-    pub(crate) async fn run(self, mut stopped: oneshot::Receiver<()>) {
+    async fn run(self, mut stopped: oneshot::Receiver<()>) {
         let changed = Arc::new(Notify::new());
         let mut subchannels: BTreeMap<SocketAddr, Subchannel> = BTreeMap::new();
         let mut resolved = self.resolver.subscribe();
@@ -98,7 +152,7 @@ impl Balancer {
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
                 Ok(sub) => {
-                    subchannels.insert(addr, sub.with_ready_timeout(self.ready_timeout));
+                    subchannels.insert(addr, sub.ready_timeout(self.ready_timeout));
                     added += 1;
                 }
                 Err(error) => {

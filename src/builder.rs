@@ -3,17 +3,48 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use http::uri::Authority;
 
-use crate::channel::{BalancerParts, LbChannel};
+use crate::balancer::{Balancer, Spec};
+use crate::channel::{CallSettings, LbChannel};
 use crate::resolve::{ResolveConfig, Resolver};
 use crate::target::Target;
 use crate::{BackoffConfig, Error, SubchannelConfig};
 
 /// Builds an [`LbChannel`]. Setters take `self` by value; each states its
-/// default. The resolver's and the subchannels' settings can also be given
-/// whole, with [`resolve_config`](Self::resolve_config) and
+/// default. Where tonic's `Endpoint` has the same setting, it has tonic's
+/// name, type and meaning; setters that can fail return
+/// `Result<Self, Error>`, as tonic's do. The resolver's and the
+/// subchannels' settings can also be given whole, with
+/// [`resolve_config`](Self::resolve_config) and
 /// [`subchannel_config`](Self::subchannel_config).
+///
+/// ```no_run
+/// # fn run() -> Result<(), healthlb::Error> {
+/// use std::time::Duration;
+/// use healthlb::subchannel::TlsConfig;
+///
+/// let channel = healthlb::LbChannel::builder("https://echo.example.com") // port 443, TLS on
+///     .timeout(Duration::from_secs(2))
+///     .connect_timeout(Duration::from_secs(5))
+///     .http2_keep_alive_interval(Duration::from_secs(60))
+///     .keep_alive_timeout(Duration::from_secs(20))
+///     .keep_alive_while_idle(false)
+///     .tcp_keepalive(Some(Duration::from_secs(60)))
+///     .tcp_nodelay(true)
+///     .initial_stream_window_size(1u32 << 20)
+///     .initial_connection_window_size(2u32 << 20)
+///     .http2_adaptive_window(false)
+///     .concurrency_limit(256)
+///     .rate_limit(1000, Duration::from_secs(1))
+///     .user_agent("my-service/1.2")?
+///     .tls_config(TlsConfig::new().with_native_roots())?
+///     .build()?;
+/// # drop(channel);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 #[must_use = "a builder does nothing until built"]
 pub struct Builder {
@@ -23,23 +54,39 @@ pub struct Builder {
     ready_timeout: Duration,
     fail_fast: bool,
     connect_deadline: Duration,
+    timeout: Option<Duration>,
 }
 
 /// Setters that hand their value to one stage's configuration.
 macro_rules! delegate {
-    ($stage:ident: $( $(#[$doc:meta])* fn $name:ident($arg:ident: $ty:ty); )*) => {
+    ($stage:ident: $( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*); )*) => {
         $(
             $(#[$doc])*
-            pub fn $name(mut self, $arg: $ty) -> Self {
-                self.$stage = self.$stage.$name($arg);
+            pub fn $name(mut self, $($arg: $ty),*) -> Self {
+                self.$stage = self.$stage.$name($($arg),*);
                 self
             }
         )*
     };
 }
 
+// === impl LbChannel ===
+
+impl LbChannel {
+    /// A builder for a channel to `target`: gRPC's target syntax
+    /// (`dns:///host:port`, `dns://server/host:port`, `host:port`,
+    /// `ipv4:a:p,b:p`, `ipv6:[a]:p,...`, `srv:_grpc._tcp.name`), or a URL as
+    /// tonic users write it (`http://host:port`; `https://host`, which
+    /// turns TLS on and defaults to port 443).
+    pub fn builder(target: impl Into<String>) -> Builder {
+        Builder::new(target.into())
+    }
+}
+
+// === impl Builder ===
+
 impl Builder {
-    pub(crate) fn new(target: String) -> Self {
+    fn new(target: String) -> Self {
         Self {
             target,
             resolve: ResolveConfig::default(),
@@ -47,13 +94,14 @@ impl Builder {
             ready_timeout: Duration::from_secs(5),
             fail_fast: false,
             connect_deadline: Duration::from_secs(20),
+            timeout: None,
         }
     }
 
-    /// How long a call waits for an endpoint to become SERVING before it
-    /// fails with UNAVAILABLE. Default: 5 s, long enough to ride out a
-    /// rolling deploy's gap, short next to typical call deadlines. A call's
-    /// own deadline (`grpc-timeout`) still applies.
+    /// How long a call waits for an endpoint to become SERVING, or for a
+    /// free stream slot, before it fails with UNAVAILABLE. Default: 5 s,
+    /// long enough to ride out a rolling deploy's gap, short next to typical
+    /// call deadlines. A call's own deadline still applies.
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
         self
@@ -62,8 +110,8 @@ impl Builder {
     /// Fails calls at once with UNAVAILABLE when no endpoint is SERVING,
     /// instead of waiting `ready_timeout`. Default: false, as gRPC's
     /// wait-for-ready is off but its picker queues calls while connecting.
-    pub fn fail_fast(mut self, on: bool) -> Self {
-        self.fail_fast = on;
+    pub fn fail_fast(mut self, enabled: bool) -> Self {
+        self.fail_fast = enabled;
         self
     }
 
@@ -71,6 +119,15 @@ impl Builder {
     /// Default: 20 s, gRPC's minimum connect timeout.
     pub fn connect_deadline(mut self, d: Duration) -> Self {
         self.connect_deadline = d;
+        self
+    }
+
+    /// A deadline for each call: the shorter of this and the call's own
+    /// (`grpc-timeout`) applies, until the response begins, as with tonic.
+    /// A call that carries none gets a `grpc-timeout` header with this one,
+    /// so the server knows it too. Default: none.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
         self
     }
 
@@ -84,13 +141,6 @@ impl Builder {
     /// [`SubchannelConfig::default`].
     pub fn subchannel_config(mut self, config: SubchannelConfig) -> Self {
         self.subchannel = config;
-        self
-    }
-
-    /// Replaces each connection after this age, ±10 % per connection,
-    /// make-before-break. Default: off.
-    pub fn max_connection_age(mut self, d: Duration) -> Self {
-        self.subchannel = self.subchannel.max_connection_age(Some(d));
         self
     }
 
@@ -128,15 +178,25 @@ impl Builder {
         /// HTTP/2 keepalive PINGs; at least 10 s. Default: off, because
         /// default grpc-go and C-core servers punish PINGs with GOAWAY
         /// `too_many_pings`; the liveness probe covers dead peers.
-        fn http2_keep_alive_interval(d: Option<Duration>);
+        fn http2_keep_alive_interval(interval: Duration);
         /// How long a PING may go unanswered. Default: 20 s.
-        fn http2_keep_alive_timeout(d: Duration);
+        fn keep_alive_timeout(d: Duration);
         /// Whether to PING without calls open. Default: false.
-        fn http2_keep_alive_while_idle(on: bool);
+        fn keep_alive_while_idle(enabled: bool);
         /// TCP keepalive idle time; `None` is off. Default: 60 s.
         fn tcp_keepalive(d: Option<Duration>);
+        /// Whether to set `TCP_NODELAY`. Default: true.
+        fn tcp_nodelay(enabled: bool);
+        /// HTTP/2 stream-level flow-control window, at most 2^31 − 1.
+        /// Default: 2 MiB.
+        fn initial_stream_window_size(size: impl Into<Option<u32>>);
+        /// HTTP/2 connection-level flow-control window, at most 2^31 − 1.
+        /// Default: 5 MiB.
+        fn initial_connection_window_size(size: impl Into<Option<u32>>);
+        /// Windows sized from measured bandwidth-delay. Default: false.
+        fn http2_adaptive_window(enabled: bool);
         /// Whether to watch `grpc.health.v1.Health`. Default: on.
-        fn health_check(on: bool);
+        fn health_check(enabled: bool);
         /// The health service name. Default: `""`, the whole server.
         fn health_service(name: impl Into<String>);
         /// How long a connection may be silent before the liveness probe
@@ -144,63 +204,91 @@ impl Builder {
         fn liveness_interval(d: Option<Duration>);
         /// How long the liveness probe waits. Default: 15 s.
         fn liveness_timeout(d: Duration);
+        /// Replaces each connection after this age, ±10 % per connection,
+        /// make-before-break. Default: off.
+        fn max_connection_age(age: Duration);
+        /// How long a replaced connection's calls may run. Default: 30 s.
+        fn max_connection_age_grace(d: Duration);
         /// The most connections to one endpoint, opened as the server's
         /// stream limit is reached. Default: 8.
         fn max_connections_per_endpoint(n: usize);
         /// How long an extra connection stays open without calls.
         /// Default: 60 s.
         fn extra_connection_idle_timeout(d: Duration);
-        /// How long a replaced connection's calls may run. Default: 30 s.
-        fn max_connection_age_grace(d: Duration);
-        /// A `user-agent` prefix. Default: none.
-        fn user_agent(agent: impl Into<String>);
+        /// The most calls in flight on each endpoint. Default: none.
+        fn concurrency_limit(limit: usize);
+        /// The most calls each endpoint starts per `duration`. Default:
+        /// none.
+        fn rate_limit(limit: u64, duration: Duration);
+        /// The `:authority` of every call, and the TLS server name unless
+        /// one is set. Default: the target's host and port as written
+        /// (`echo.default.svc.cluster.local:50051`; for SRV targets the SRV
+        /// name, for fixed lists the first address).
+        fn authority(authority: impl Into<String>);
         /// A `method` label on request and message metrics (feature
         /// `metrics`). Default: off, to keep cardinality bounded.
-        fn metrics_method_label(on: bool);
+        fn metrics_method_label(enabled: bool);
     }
 
-    /// The `:authority` of every call, and the TLS server name unless one is
-    /// set. Default: the target's host and port as written
-    /// (`echo.default.svc.cluster.local:50051`; for SRV targets the SRV
-    /// name, for fixed lists the first address).
-    pub fn authority(mut self, authority: impl Into<String>) -> Self {
-        self.subchannel = self.subchannel.authority(authority);
-        self
+    /// A `user-agent` prefix; `healthlb/VERSION` follows it. Fails if it is
+    /// not a valid header value. Default: none.
+    pub fn user_agent<T>(mut self, user_agent: T) -> Result<Self, Error>
+    where
+        T: TryInto<HeaderValue>,
+    {
+        self.subchannel = self.subchannel.user_agent(user_agent)?;
+        Ok(self)
     }
 
     /// TLS to every endpoint; the certificate is checked against the
-    /// target's hostname, and the default port becomes 443. Default:
-    /// plaintext.
+    /// target's hostname, and the default port becomes 443. Fails if the
+    /// configuration is not usable. Default: plaintext, or for an
+    /// `https://` target, the system's root certificates.
     #[cfg(feature = "tls")]
-    pub fn tls(mut self, tls: crate::subchannel::TlsConfig) -> Self {
-        self.subchannel = self.subchannel.tls(tls);
-        self
+    pub fn tls_config(mut self, tls: crate::subchannel::TlsConfig) -> Result<Self, Error> {
+        self.subchannel = self.subchannel.tls_config(tls)?;
+        Ok(self)
     }
 
     /// Starts the channel. It returns at once: resolution and connects run
     /// in the background. Needs a Tokio runtime; never blocks.
-    pub fn build(self) -> Result<LbChannel, Error> {
+    pub fn build(mut self) -> Result<LbChannel, Error> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::no_runtime("LbChannel::build"))?;
-        let default_port = self.subchannel.is_tls().then_some(443);
-        let target = Target::parse(&self.target, default_port)?;
+        let target = Target::parse(&self.target, self.subchannel.is_tls().then_some(443))?;
+        if target.wants_tls() && !self.subchannel.is_tls() {
+            self.subchannel = default_tls(self.subchannel, &target)?;
+        }
         if self.ready_timeout.is_zero() {
             return Err(Error::invalid_config(
                 "ready_timeout must be above zero; use fail_fast to fail at once",
             ));
         }
+        if self.timeout.is_some_and(|d| d.is_zero()) {
+            return Err(Error::invalid_config("timeout must be above zero"));
+        }
         self.subchannel.validate()?;
         let authority = Authority::try_from(target.authority().as_str()).ok();
         let resolver = Resolver::spawn(&target, self.resolve)?;
-        Ok(LbChannel::start(BalancerParts {
-            target: target.shared_str(),
-            resolver,
-            config: Arc::new(self.subchannel),
-            authority,
-            ready_timeout: self.ready_timeout,
-            fail_fast: self.fail_fast,
-            runtime,
-        }))
+        let running = Balancer::spawn(
+            Spec {
+                target: target.shared_str(),
+                resolver,
+                config: Arc::new(self.subchannel),
+                authority,
+                ready_timeout: self.ready_timeout,
+            },
+            &runtime,
+        );
+        Ok(LbChannel::new(
+            target.shared_str(),
+            running,
+            CallSettings {
+                ready_timeout: self.ready_timeout,
+                fail_fast: self.fail_fast,
+                timeout: self.timeout,
+            },
+        ))
     }
 
     /// Starts the channel and waits until an endpoint is SERVING, for at
@@ -212,4 +300,19 @@ impl Builder {
         channel.wait_for_serving(deadline).await?;
         Ok(channel)
     }
+}
+
+/// TLS for an `https://` target the user gave no TLS settings for: the
+/// system's root certificates, as a browser or tonic's `with_native_roots`.
+#[cfg(feature = "tls")]
+fn default_tls(config: SubchannelConfig, _: &Target) -> Result<SubchannelConfig, Error> {
+    config.tls_config(crate::subchannel::TlsConfig::new().with_native_roots())
+}
+
+#[cfg(not(feature = "tls"))]
+fn default_tls(_: SubchannelConfig, target: &Target) -> Result<SubchannelConfig, Error> {
+    Err(Error::invalid_target(
+        target.as_str(),
+        "an https:// target needs healthlb's `tls` feature",
+    ))
 }

@@ -2,10 +2,8 @@
 //! accepts, sending each call round robin to a SERVING endpoint.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,15 +13,14 @@ use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 
-use crate::balancer::{Balancer, Outputs, ServingSet};
-use crate::builder::Builder;
-use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
+use crate::balancer::{Running, ServingSet};
+use crate::deadline::{deadline_in, encode_grpc_timeout, grpc_timeout, with_deadline};
 use crate::discover::Discover;
+use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
+use crate::response::{BoxError, ResponseFuture};
 use crate::status::EndpointStatus;
-use crate::subchannel::service::{BoxError, MAX_ATTEMPTS};
-use crate::subchannel::{NoSlot, Pool, Replay, ResponseFuture, Sent, Subchannel};
-use crate::{Error, ErrorKind};
+use crate::subchannel::{MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, Subchannel};
 
 /// A load-balanced channel: round robin over the endpoints of one target that
 /// report SERVING.
@@ -34,7 +31,7 @@ use crate::{Error, ErrorKind};
 /// calls flow; the last clone's drop ends them all.
 ///
 /// See the crate's quickstart for use with a generated client. With
-/// [`Builder::connect`] the channel waits for a SERVING endpoint first, and
+/// [`Builder::connect`](crate::Builder::connect) the channel waits for a SERVING endpoint first, and
 /// [`discover`](Self::discover) feeds tower's own balancers:
 ///
 /// ```no_run
@@ -56,11 +53,6 @@ pub struct LbChannel {
     _stop: Arc<oneshot::Sender<()>>,
     /// The endpoint `poll_ready` picked for the next `call`.
     picked: Option<Arc<Pool>>,
-    /// `poll_ready`'s wait for an endpoint to serve.
-    wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-    /// `poll_ready` waited the whole ready timeout: the next call fails at
-    /// once unless an endpoint serves by then.
-    waited_out: bool,
 }
 
 pub(crate) struct ChannelShared {
@@ -70,6 +62,14 @@ pub(crate) struct ChannelShared {
     pub(crate) serving: watch::Receiver<ServingSet>,
     pub(crate) ready_timeout: Duration,
     pub(crate) fail_fast: bool,
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// How the channel treats each call.
+pub(crate) struct CallSettings {
+    pub(crate) ready_timeout: Duration,
+    pub(crate) fail_fast: bool,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Clone for LbChannel {
@@ -79,8 +79,6 @@ impl Clone for LbChannel {
             shared: self.shared.clone(),
             _stop: self._stop.clone(),
             picked: None,
-            wait: None,
-            waited_out: false,
         }
     }
 }
@@ -97,43 +95,19 @@ impl fmt::Debug for LbChannel {
 // === impl LbChannel ===
 
 impl LbChannel {
-    /// A builder for a channel to `target`, in gRPC's target syntax:
-    /// `dns:///host:port`, `dns://server/host:port`, `host:port`,
-    /// `ipv4:a:p,b:p`, `ipv6:[a]:p,...` or `srv:_grpc._tcp.name`.
-    pub fn builder(target: impl Into<String>) -> Builder {
-        Builder::new(target.into())
-    }
-
-    /// Starts the background tasks for a built configuration.
-    pub(crate) fn start(balancer: BalancerParts) -> Self {
-        let BalancerParts {
-            target,
-            resolver,
-            config,
-            authority,
+    /// A channel over a started balancer.
+    pub(crate) fn new(target: Arc<str>, running: Running, settings: CallSettings) -> Self {
+        let CallSettings {
             ready_timeout,
             fail_fast,
-            runtime,
-        } = balancer;
-        let picker = Arc::new(Picker::new(format!(
-            "0 endpoints ({target} is being resolved)"
-        )));
-        let endpoints = Arc::new(ArcSwap::from_pointee(Vec::new()));
-        let (serving_tx, serving) = watch::channel(ServingSet::default());
-        let (stop, stopped) = oneshot::channel();
-        let balancer = Balancer {
-            target: target.clone(),
-            resolver,
-            config,
-            authority,
-            ready_timeout,
-            outputs: Outputs {
-                picker: picker.clone(),
-                endpoints: endpoints.clone(),
-                serving: serving_tx,
-            },
-        };
-        runtime.spawn(balancer.run(stopped));
+            timeout,
+        } = settings;
+        let Running {
+            picker,
+            endpoints,
+            serving,
+            stop,
+        } = running;
         Self {
             shared: Arc::new(ChannelShared {
                 target,
@@ -142,11 +116,10 @@ impl LbChannel {
                 serving,
                 ready_timeout,
                 fail_fast,
+                timeout,
             }),
             _stop: Arc::new(stop),
             picked: None,
-            wait: None,
-            waited_out: false,
         }
     }
 
@@ -202,17 +175,6 @@ impl LbChannel {
     }
 }
 
-/// What [`Builder::build`] hands to [`LbChannel::start`].
-pub(crate) struct BalancerParts {
-    pub(crate) target: Arc<str>,
-    pub(crate) resolver: crate::resolve::Resolver,
-    pub(crate) config: Arc<crate::SubchannelConfig>,
-    pub(crate) authority: Option<http::uri::Authority>,
-    pub(crate) ready_timeout: Duration,
-    pub(crate) fail_fast: bool,
-    pub(crate) runtime: tokio::runtime::Handle,
-}
-
 impl ChannelShared {
     /// A serving endpoint, waiting until `until` for one.
     async fn wait_pick(&self, until: Instant) -> Result<Arc<Pool>, Status> {
@@ -261,45 +223,22 @@ impl tower::Service<Request<Body>> for LbChannel {
     type Error = BoxError;
     type Future = ResponseFuture;
 
-    /// Picks the endpoint for the next call. With none SERVING it waits, up
-    /// to the ready timeout, then reports ready anyway: the call then fails
-    /// with UNAVAILABLE and a summary, rather than hang. Never an error.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if self.picked.as_ref().is_some_and(|c| c.is_ready()) {
-            return Poll::Ready(Ok(()));
+    /// Picks the endpoint for the next call, and is always ready at once.
+    /// With none SERVING, the call itself waits, up to the ready timeout or
+    /// its deadline, whichever ends first: only the call knows its deadline.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if !self.picked.as_ref().is_some_and(|c| c.is_ready()) {
+            self.picked = self.shared.picker.pick();
         }
-        if let Some(conn) = self.shared.picker.pick() {
-            self.picked = Some(conn);
-            self.wait = None;
-            self.waited_out = false;
-            return Poll::Ready(Ok(()));
-        }
-        if self.shared.fail_fast {
-            return Poll::Ready(Ok(()));
-        }
-        let wait = self.wait.get_or_insert_with(|| {
-            let shared = self.shared.clone();
-            Box::pin(async move {
-                let _ = shared.wait_pick(deadline_in(shared.ready_timeout)).await;
-            })
-        });
-        ready!(wait.as_mut().poll(cx));
-        self.wait = None;
-        self.picked = self.shared.picker.pick();
-        self.waited_out = self.picked.is_none();
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+    fn call(&mut self, mut request: Request<Body>) -> ResponseFuture {
         let shared = self.shared.clone();
         let mut picked = self.picked.take();
-        let waited_out = std::mem::take(&mut self.waited_out);
-        let deadline = grpc_timeout(request.headers());
+        let deadline = call_deadline(&mut request, self.shared.timeout);
         ResponseFuture::new(with_deadline(deadline, async move {
-            let until = match waited_out {
-                true => Instant::now(),
-                false => deadline_in(shared.ready_timeout),
-            };
+            let until = deadline_in(shared.ready_timeout);
             let mut replay = Replay::new(request);
             for _ in 0..MAX_ATTEMPTS {
                 let pool = match picked.take() {
@@ -311,11 +250,11 @@ impl tower::Service<Request<Body>> for LbChannel {
                     Ok(slot) => slot,
                     // Its connections closed meanwhile: pick again.
                     Err(NoSlot::Closed) => continue,
-                    Err(NoSlot::Full) => {
+                    Err(why) => {
                         return Err(Status::unavailable(format!(
                             "{}: {}, after waiting {:?}",
                             shared.target,
-                            pool.full_message(),
+                            pool.refusal(why),
                             shared.ready_timeout
                         )));
                     }
@@ -333,5 +272,22 @@ impl tower::Service<Request<Body>> for LbChannel {
                 shared.target
             )))
         }))
+    }
+}
+
+/// The call's deadline: the shorter of its own `grpc-timeout` and the
+/// channel's `timeout`. A call without one is given the channel's, header
+/// included, so the server knows it too.
+fn call_deadline(request: &mut Request<Body>, timeout: Option<Duration>) -> Option<Duration> {
+    match (grpc_timeout(request.headers()), timeout) {
+        (Some(own), Some(channel)) => Some(own.min(channel)),
+        (Some(own), None) => Some(own),
+        (None, Some(channel)) => {
+            request
+                .headers_mut()
+                .insert("grpc-timeout", encode_grpc_timeout(channel));
+            Some(channel)
+        }
+        (None, None) => None,
     }
 }

@@ -54,6 +54,28 @@ pub(crate) async fn with_deadline<T>(
     }
 }
 
+/// `d` as a `grpc-timeout` value: at most 8 digits, in the finest unit
+/// that fits, rounded up so the server never sees a shorter deadline.
+pub(crate) fn encode_grpc_timeout(d: Duration) -> http::HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = d.as_nanos();
+    let units: [(u128, &str); 6] = [
+        (1, "n"),
+        (1_000, "u"),
+        (1_000_000, "m"),
+        (1_000_000_000, "S"),
+        (60_000_000_000, "M"),
+        (3_600_000_000_000, "H"),
+    ];
+    let (n, unit) = units
+        .iter()
+        .map(|(per, unit)| (nanos.div_ceil(*per), *unit))
+        .find(|(n, _)| *n <= MAX)
+        .unwrap_or((MAX, "H"));
+    http::HeaderValue::from_str(&format!("{n}{unit}"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("99999999H"))
+}
+
 /// The `grpc-timeout` header: up to 8 digits and a unit.
 pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
@@ -98,6 +120,28 @@ mod tests {
             assert_eq!(grpc_timeout(&headers), expected, "{value}");
         }
         assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn encoded_timeouts_round_trip_without_getting_shorter() {
+        for d in [
+            Duration::from_nanos(1),
+            Duration::from_micros(1500),
+            Duration::from_millis(250),
+            Duration::from_secs(5),
+            Duration::from_secs(100_000_000),
+            Duration::MAX,
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-timeout", encode_grpc_timeout(d));
+            let back = grpc_timeout(&headers).expect("a valid header");
+            assert!(
+                back >= d.min(Duration::from_secs(99_999_999 * 3600)),
+                "{d:?} -> {back:?}"
+            );
+        }
+        assert_eq!(encode_grpc_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(5)), "5000000u");
     }
 
     #[test]

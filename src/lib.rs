@@ -11,14 +11,23 @@
 //! target ─► resolve ─► subchannel per endpoint ─► picker ─► LbChannel
 //! ```
 //!
-//! - [`target`]: gRPC's target syntax (`dns:`, `srv:`, `ipv4:`, `ipv6:`).
+//! - [`target`]: gRPC's target syntax (`dns:`, `srv:`, `ipv4:`, `ipv6:`, and
+//!   tonic's `http://` and `https://`).
 //! - [`resolve`]: a live endpoint set from DNS, refreshed on the record's TTL.
-//! - [`subchannel`]: one health-checked, kept-alive, age-recycled connection
-//!   per endpoint.
-//! - `picker`: round robin over the SERVING endpoints, read lock-free.
-//! - [`LbChannel`]: the tower service tonic clients use, and [`Discover`]
-//!   for tower's own balancers.
-//! - [`BackoffConfig`]: gRPC's retry backoff, shared by the stages.
+//! - [`subchannel`]: one health-checked, kept-alive, age-recycled endpoint,
+//!   with its connections (its module docs map its files).
+//! - `balancer.rs`: the task that keeps one subchannel per resolved endpoint
+//!   and publishes the SERVING ones.
+//! - `picker.rs`: round robin over the SERVING endpoints, read lock-free.
+//! - [`LbChannel`] (`channel.rs`): the tower service tonic clients use, and
+//!   [`Discover`] (`discover.rs`) for tower's own balancers. [`Builder`]
+//!   (`builder.rs`) holds every setting of every stage.
+//!
+//! Beside the pipeline: [`BackoffConfig`] (`backoff.rs`), gRPC's retry
+//! backoff; `deadline.rs`, call deadlines and saturating time arithmetic;
+//! [`EndpointStatus`] (`status.rs`); [`ResponseFuture`] (`response.rs`);
+//! [`Error`] (`error.rs`); and
+//! `metrics.rs` (feature `metrics`).
 //!
 //! # Quickstart
 //!
@@ -57,14 +66,35 @@ mod channel;
 mod deadline;
 mod discover;
 mod error;
-#[doc(hidden)]
-pub mod metrics;
-#[doc(hidden)]
-pub mod picker;
+mod metrics;
+mod picker;
 pub mod resolve;
+mod response;
 mod status;
 pub mod subchannel;
 pub mod target;
+
+/// Hooks for healthlb's own benchmarks and fuzzers, with the feature
+/// `internals` (off by default). Not part of the API: they change without
+/// notice.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::metrics::bench::PerCall;
+    pub use crate::picker::bench::RoundRobin;
+
+    /// Runs the resolver's answer handling on a raw DNS message; how many
+    /// endpoints it kept.
+    pub fn fuzz_dns_answer(bytes: &[u8]) -> usize {
+        crate::resolve::dns::fuzz_answer(bytes)
+    }
+
+    /// Runs the HTTP/2 frame sniffer over `bytes`, split into chunks whose
+    /// size the first byte picks, checking the split changes nothing.
+    pub fn fuzz_frames(bytes: &[u8]) -> usize {
+        crate::subchannel::frames::fuzz(bytes)
+    }
+}
 
 pub use crate::backoff::BackoffConfig;
 pub use crate::builder::Builder;
@@ -72,6 +102,7 @@ pub use crate::channel::LbChannel;
 pub use crate::discover::Discover;
 pub use crate::error::{Error, ErrorKind};
 pub use crate::resolve::{Endpoint, Endpoints};
+pub use crate::response::ResponseFuture;
 pub use crate::status::EndpointStatus;
-pub use crate::subchannel::{ResponseFuture, Subchannel, SubchannelConfig, SubchannelState};
+pub use crate::subchannel::{Subchannel, SubchannelConfig, SubchannelState};
 pub use crate::target::Target;

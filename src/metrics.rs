@@ -290,8 +290,8 @@ impl GrpcFrames {
 
 /// The metrics work one unary call does on the request path, for the
 /// benchmarks. Not part of the API.
-#[doc(hidden)]
-pub mod bench {
+#[cfg(feature = "internals")]
+pub(crate) mod bench {
     use super::{EndpointMetrics, GrpcFrames};
 
     /// One endpoint's handles, and its request and response frame counters.

@@ -131,8 +131,8 @@ impl<T: Candidate> Picker<T> {
 
 /// The picker behind a generic service, so benchmarks can measure the
 /// request path's routing cost against no-op endpoints. Not part of the API.
-#[doc(hidden)]
-pub mod bench {
+#[cfg(feature = "internals")]
+pub(crate) mod bench {
     use std::sync::Arc;
     use std::task::{Context, Poll};
 

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::subchannel::{Subchannel, SubchannelState};
+use crate::subchannel::{HealthStatus, Subchannel, SubchannelState};
 
 /// One endpoint as [`LbChannel::endpoints`](crate::LbChannel::endpoints)
 /// reports it. The counters are atomics kept per endpoint, so reading them
@@ -21,8 +21,8 @@ pub struct EndpointStatus {
     pub state: SubchannelState,
     /// How long the state has held.
     pub state_for: Duration,
-    /// The last `grpc.health.v1` `ServingStatus` value the endpoint sent.
-    pub last_health: Option<i32>,
+    /// The last answer of the endpoint's health service, if any.
+    pub last_health: Option<HealthStatus>,
     /// The age of the endpoint's first connection, when there is one.
     pub connection_age: Option<Duration>,
     /// Connections open for calls: the first, plus extra ones opened because

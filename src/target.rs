@@ -7,6 +7,8 @@
 //! | `ipv4:1.2.3.4:50051,5.6.7.8:50051` | a fixed list. |
 //! | `ipv6:[::1]:50051,[::2]:50051` | a fixed list. |
 //! | `srv:[//server/]_grpc._tcp.svc.ns.svc.cluster.local` | SRV records; ports come from the records. |
+//! | `http://host[:port]` | the same as `dns:///host:port`, port 80 if none is given, as tonic users write it. |
+//! | `https://host[:port]` | the same, with TLS, port 443 if none is given. |
 //!
 //! A port is required, except that 443 is assumed when TLS is configured
 //! (the caller passes it as `default_port`). A `dns:` host that is an IP
@@ -35,8 +37,6 @@ const UNSUPPORTED_SCHEMES: &[&str] = &[
     "vsock",
     "xds",
     "passthrough",
-    "http",
-    "https",
     "grpc",
 ];
 
@@ -54,6 +54,8 @@ const UNSUPPORTED_SCHEMES: &[&str] = &[
 pub struct Target {
     input: Arc<str>,
     kind: TargetKind,
+    /// `https://`: TLS, whatever else is configured.
+    tls: bool,
 }
 
 /// What a [`Target`] resolves through.
@@ -95,7 +97,13 @@ impl Target {
         Ok(Self {
             input: input.into(),
             kind,
+            tls: scheme_of(input).is_some_and(|s| s.eq_ignore_ascii_case("https")),
         })
+    }
+
+    /// Whether the target asks for TLS itself: an `https://` URL.
+    pub fn wants_tls(&self) -> bool {
+        self.tls
     }
 
     /// What this target resolves through.
@@ -166,6 +174,14 @@ impl fmt::Display for Target {
 
 // === parsing ===
 
+/// The scheme of `input`, if it has one.
+fn scheme_of(input: &str) -> Option<&str> {
+    input
+        .split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| is_scheme(s))
+}
+
 fn parse_kind(input: &str, default_port: Option<u16>) -> Result<TargetKind, String> {
     if input.is_empty() {
         return Err("the target is empty".into());
@@ -180,6 +196,25 @@ fn parse_kind(input: &str, default_port: Option<u16>) -> Result<TargetKind, Stri
         _ => return parse_host_port(input, default_port),
     };
     match scheme.as_str() {
+        // URLs as tonic users write them: DNS, on port 80 or 443 unless
+        // given.
+        "http" | "https" => {
+            let Some(rest) = rest.strip_prefix("//") else {
+                return Err(format!("a {scheme}: target is a URL: {scheme}://host:port"));
+            };
+            let authority = rest.strip_suffix('/').unwrap_or(rest);
+            if authority.contains('/') || authority.contains('?') || authority.contains('#') {
+                return Err(
+                    "a URL target names a host and port only; remove the path, query or fragment"
+                        .into(),
+                );
+            }
+            if authority.contains('@') {
+                return Err("a URL target takes no user info; remove the \"user@\"".into());
+            }
+            let port = if scheme == "https" { 443 } else { 80 };
+            parse_host_port(authority, Some(port))
+        }
         "dns" => {
             let (server, endpoint) = split_authority(rest)?;
             match parse_host_port(endpoint, default_port)? {

@@ -104,7 +104,8 @@ struct Settings {
     backoffs: Vec<Option<BackoffConfig>>,
 }
 
-const DURATION_SETTERS: usize = 15;
+const DURATION_SETTERS: usize = 17;
+const COUNT_SETTERS: usize = 6;
 
 fn settings() -> impl Strategy<Value = Settings> {
     (
@@ -112,7 +113,7 @@ fn settings() -> impl Strategy<Value = Settings> {
             proptest::option::weighted(SET, duration()),
             DURATION_SETTERS,
         ),
-        proptest::collection::vec(proptest::option::weighted(SET, count()), 2),
+        proptest::collection::vec(proptest::option::weighted(SET, count()), COUNT_SETTERS),
         proptest::collection::vec(backoff(), 2),
     )
         .prop_map(|(durations, counts, backoffs)| Settings {
@@ -137,8 +138,8 @@ fn apply(mut b: Builder, s: &Settings) -> Builder {
     set!(3, v => b.max_refresh(v));
     set!(4, v => b.dns_timeout(v));
     set!(5, v => b.connect_timeout(v));
-    set!(6, v => b.http2_keep_alive_interval(Some(v)));
-    set!(7, v => b.http2_keep_alive_timeout(v));
+    set!(6, v => b.http2_keep_alive_interval(v));
+    set!(7, v => b.keep_alive_timeout(v));
     set!(8, v => b.tcp_keepalive(Some(v)));
     set!(9, v => b.liveness_interval(Some(v)));
     set!(10, v => b.liveness_timeout(v));
@@ -146,11 +147,25 @@ fn apply(mut b: Builder, s: &Settings) -> Builder {
     set!(12, v => b.max_connection_age_grace(v));
     set!(13, v => b.extra_connection_idle_timeout(v));
     set!(14, v => b.connect_deadline(v));
+    set!(15, v => b.timeout(v));
+    set!(16, v => b.rate_limit(s.counts[4].unwrap_or(10) as u64, v));
     if let Some(n) = s.counts[0] {
         b = b.max_endpoints(n);
     }
     if let Some(n) = s.counts[1] {
         b = b.max_connections_per_endpoint(n);
+    }
+    if let Some(n) = s.counts[2] {
+        b = b.concurrency_limit(n);
+    }
+    if let Some(n) = s.counts[3] {
+        b = b.initial_stream_window_size(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    if let Some(n) = s.counts[5] {
+        b = b
+            .initial_connection_window_size(u32::try_from(n).unwrap_or(u32::MAX))
+            .http2_adaptive_window(n % 2 == 0)
+            .tcp_nodelay(n % 3 == 0);
     }
     if let Some(backoff) = s.backoffs[0] {
         b = b.backoff(backoff);
@@ -195,7 +210,8 @@ fn case(s: &Settings) -> Result<(), TestCaseError> {
         let ended = tokio::time::timeout(Duration::from_secs(5), client.unary(request)).await;
         prop_assert!(
             ended.is_ok(),
-            "the call did not end within 5 s; endpoints: {:?}",
+            "the call did not end within 5 s with {:?}; endpoints: {:?}",
+            s,
             channel
                 .endpoints()
                 .iter()
@@ -243,7 +259,7 @@ fn each_duration_at_its_maximum_leaves_a_working_channel() {
         durations[i] = Some(Duration::MAX);
         let settings = Settings {
             durations,
-            counts: vec![None, None],
+            counts: vec![None; COUNT_SETTERS],
             backoffs: vec![None, None],
         };
         let panics = PANICS.load(Ordering::SeqCst);

@@ -208,6 +208,28 @@ async fn with_nothing_serving_calls_wait_then_fail_with_a_summary() {
         status.message()
     );
 
+    // A call's own deadline ends its wait, though the ready timeout is longer:
+    // tonic's client polls `ready()` before the call, which alone knows it.
+    let patient = LbChannel::builder(target.clone())
+        .ready_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut client = EchoClient::new(patient);
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "deadline".into(),
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let status = within(
+        Duration::from_secs(10),
+        "a call with a 300 ms deadline",
+        client.unary(request),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
     // A waiting call is served as soon as an endpoint comes up.
     let channel = LbChannel::builder(target.clone())
         .ready_timeout(Duration::from_secs(5))
@@ -544,7 +566,7 @@ async fn bad_targets_and_settings_are_refused_at_build() {
     assert_eq!(err.kind(), healthlb::ErrorKind::InvalidConfig);
 
     let err = LbChannel::builder("ipv4:127.0.0.1:1")
-        .http2_keep_alive_interval(Some(Duration::from_secs(1)))
+        .http2_keep_alive_interval(Duration::from_secs(1))
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("at least 10s"), "{err}");

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use healthlb::subchannel::HealthStatus;
 use healthlb::{LbChannel, SubchannelState};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
@@ -17,6 +18,7 @@ async fn headers_pass_through_untouched_for_trace_propagation() {
     let backend = Backend::start("t", loopback(200, port)).await;
     let channel = LbChannel::builder(format!("ipv4:{}", backend.addr))
         .user_agent("my-service/1.2")
+        .expect("a valid user agent")
         .connect()
         .await
         .unwrap();
@@ -81,7 +83,7 @@ async fn endpoint_status_reports_what_the_client_thinks() {
     assert!(matches!(up.state, SubchannelState::Serving));
     assert_eq!(
         up.last_health,
-        Some(1),
+        Some(HealthStatus::Serving),
         "the last health answer was SERVING"
     );
     assert_eq!(up.calls_started, 7);

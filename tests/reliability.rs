@@ -532,7 +532,7 @@ async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
     publish(&dns.zone(), &[proxy.addr, others[0].addr, others[1].addr]);
     let channel = connect_serving(
         LbChannel::builder(dns.target(HOST, port))
-            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
             .backoff(fast_backoff()),
         3,
     )

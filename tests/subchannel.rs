@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use healthlb::subchannel::{NotServing, SubchannelConfig, SubchannelState};
+use healthlb::subchannel::{HealthStatus, NotServingReason, SubchannelConfig, SubchannelState};
 use healthlb::{BackoffConfig, Endpoint, ErrorKind, Subchannel};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
@@ -106,23 +106,26 @@ async fn health_transitions_are_seen_in_order() {
     let backend = Backend::start("a", loopback(2, 0)).await;
     let sub = spawn(backend.addr, SubchannelConfig::default());
     serving(&sub).await;
-    assert_eq!(sub.status().last_health(), Some(1));
+    assert_eq!(sub.status().last_health(), Some(HealthStatus::Serving));
 
     // Every change is seen, in order. How fast is a benchmark's business
     // (BENCHMARKS.md section 3), not a test's.
     for _ in 0..5 {
         backend.set_serving(false).await;
         until(&sub, Duration::from_secs(5), |s| {
-            matches!(s, SubchannelState::NotServing(NotServing::NotServing))
+            matches!(
+                s,
+                SubchannelState::NotServing(NotServingReason::Health(HealthStatus::NotServing))
+            )
         })
         .await
         .expect("NOT_SERVING is seen");
-        assert_eq!(sub.status().last_health(), Some(2));
+        assert_eq!(sub.status().last_health(), Some(HealthStatus::NotServing));
         backend.set_serving(true).await;
         until(&sub, Duration::from_secs(5), SubchannelState::is_serving)
             .await
             .expect("SERVING is seen");
-        assert_eq!(sub.status().last_health(), Some(1));
+        assert_eq!(sub.status().last_health(), Some(HealthStatus::Serving));
     }
     assert_eq!(sub.state().label(), "SERVING");
 }
@@ -149,7 +152,10 @@ async fn a_named_health_service_is_watched() {
         SubchannelConfig::default().health_service("no.such.Service"),
     );
     let seen = until(&unknown, Duration::from_secs(3), |s| {
-        matches!(s, SubchannelState::NotServing(NotServing::ServiceUnknown))
+        matches!(
+            s,
+            SubchannelState::NotServing(NotServingReason::Health(HealthStatus::ServiceUnknown))
+        )
     })
     .await;
     assert!(
@@ -320,7 +326,7 @@ async fn a_health_stream_that_ends_is_retried_with_growing_delays() {
     let ended = until(&sub, Duration::from_secs(3), |s| {
         matches!(
             s,
-            SubchannelState::NotServing(NotServing::HealthStreamEnded(_))
+            SubchannelState::NotServing(NotServingReason::HealthStreamEnded(_))
         )
     })
     .await;
@@ -368,11 +374,17 @@ async fn an_unknown_health_value_is_not_serving() {
     let (addr, _) = odd_health_server(Behaviour::Status(7)).await;
     let sub = spawn(addr, SubchannelConfig::default());
     let seen = until(&sub, Duration::from_secs(3), |s| {
-        matches!(s, SubchannelState::NotServing(NotServing::Unrecognized(7)))
+        matches!(
+            s,
+            SubchannelState::NotServing(NotServingReason::Health(HealthStatus::Unrecognized(7)))
+        )
     })
     .await;
     assert!(seen.is_some(), "{}", sub.state());
-    assert_eq!(sub.status().last_health(), Some(7));
+    assert_eq!(
+        sub.status().last_health(),
+        Some(HealthStatus::Unrecognized(7))
+    );
 }
 
 #[tokio::test]
@@ -411,7 +423,7 @@ async fn max_age_recycles_under_load_without_failing_a_call() {
     support::init_tracing();
     let backend = Backend::start("a", loopback(6, 0)).await;
     let config = SubchannelConfig::default()
-        .max_connection_age(Some(Duration::from_millis(400)))
+        .max_connection_age(Duration::from_millis(400))
         .max_connection_age_grace(Duration::from_secs(5));
     let sub = spawn(backend.addr, config);
     serving(&sub).await;
@@ -459,7 +471,7 @@ async fn too_many_pings_doubles_the_keepalive_interval() {
     let backend = Backend::start("a", loopback(8, 0)).await;
     let proxy = Proxy::start(loopback(8, 0), backend.addr).await;
     let config = SubchannelConfig::default()
-        .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+        .http2_keep_alive_interval(Duration::from_secs(10))
         .backoff(fast_backoff());
     let sub = spawn(proxy.addr, config);
     serving(&sub).await;
@@ -611,7 +623,7 @@ async fn a_refused_connect_is_a_transient_failure() {
 async fn calls_through_a_subchannel_wait_then_fail_unavailable() {
     let port = support::echo::free_port();
     let sub = spawn(loopback(1, port), SubchannelConfig::default())
-        .with_ready_timeout(Duration::from_millis(300));
+        .ready_timeout(Duration::from_millis(300));
     let mut client = EchoClient::new(sub.clone());
     let started = Instant::now();
     let status = client
@@ -634,7 +646,7 @@ async fn bad_configuration_is_refused() {
     let endpoint = Endpoint::new(loopback(1, 1));
     let cases = [
         (
-            SubchannelConfig::default().http2_keep_alive_interval(Some(Duration::from_secs(1))),
+            SubchannelConfig::default().http2_keep_alive_interval(Duration::from_secs(1)),
             "http2_keep_alive_interval must be at least 10s (gRFC A8), got 1s",
         ),
         (

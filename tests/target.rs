@@ -31,6 +31,30 @@ fn srv(server: Option<&str>, name: &str) -> TargetKind {
     }
 }
 
+/// URLs, as tonic users write them: DNS targets, `https` with TLS and port
+/// 443 unless given, `http` with port 80.
+#[test]
+fn urls_are_dns_targets() {
+    let cases = [
+        ("http://echo.svc:50051", dns(None, "echo.svc", 50051), false),
+        ("http://echo.svc", dns(None, "echo.svc", 80), false),
+        ("https://echo.svc", dns(None, "echo.svc", 443), true),
+        ("https://echo.svc:8443/", dns(None, "echo.svc", 8443), true),
+        ("HTTPS://echo.svc:8443", dns(None, "echo.svc", 8443), true),
+        ("http://127.0.0.1:50051", fixed(&["127.0.0.1:50051"]), false),
+        ("https://[::1]:443", fixed(&["[::1]:443"]), true),
+    ];
+    for (input, kind, tls) in cases {
+        let target = Target::parse(input, None).unwrap_or_else(|e| panic!("{input}: {e}"));
+        assert_eq!(target.kind(), &kind, "{input}");
+        assert_eq!(target.wants_tls(), tls, "{input}");
+    }
+    assert_eq!(
+        Target::parse("https://echo.svc", None).unwrap().authority(),
+        "echo.svc:443"
+    );
+}
+
 #[test]
 fn good_targets() {
     let cases: Vec<(&str, Option<u16>, TargetKind)> = vec![
@@ -167,8 +191,16 @@ fn bad_targets_say_what_is_wrong() {
             "the scheme \"unix:\" is not supported; use dns:, srv:, ipv4: or ipv6:",
         ),
         (
-            "http://svc:80".into(),
-            "the scheme \"http:\" is not supported; use dns:, srv:, ipv4: or ipv6:",
+            "http:svc:80".into(),
+            "a http: target is a URL: http://host:port",
+        ),
+        (
+            "https://svc.test/echo.Echo/Unary".into(),
+            "a URL target names a host and port only; remove the path, query or fragment",
+        ),
+        (
+            "http://user@svc:80".into(),
+            "a URL target takes no user info; remove the \"user@\"",
         ),
         (
             "xds:///svc".into(),

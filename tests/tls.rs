@@ -56,7 +56,8 @@ async fn the_certificate_is_checked_against_the_service_name_not_the_pod_ip() {
     // As the balancer does: the target's host is the authority.
     let config = SubchannelConfig::default()
         .authority(format!("echo.test.local:{}", backend.addr.port()))
-        .tls(TlsConfig::from_ca_pem(ca.as_bytes()).unwrap());
+        .tls_config(TlsConfig::new().ca_certificate(ca.as_bytes()).unwrap())
+        .unwrap();
     let sub = Subchannel::spawn(Endpoint::new(backend.addr), config).unwrap();
     let mut client = EchoClient::new(sub.clone());
     let reply = client
@@ -74,11 +75,13 @@ async fn a_wrong_name_fails_the_handshake_with_a_clear_error() {
     let (backend, ca) = tls_backend(21, "echo.test.local").await;
     let config = SubchannelConfig::default()
         .authority(format!("echo.test.local:{}", backend.addr.port()))
-        .tls(
-            TlsConfig::from_ca_pem(ca.as_bytes())
+        .tls_config(
+            TlsConfig::new()
+                .ca_certificate(ca.as_bytes())
                 .unwrap()
-                .server_name("other.test.local"),
+                .domain_name("other.test.local"),
         )
+        .unwrap()
         .backoff(fast());
     let sub = Subchannel::spawn(Endpoint::new(backend.addr), config).unwrap();
     let mut rx = sub.subscribe();
@@ -100,33 +103,92 @@ async fn a_wrong_name_fails_the_handshake_with_a_clear_error() {
 
 #[test]
 fn bad_pem_is_refused_with_a_clear_error() {
-    let err = TlsConfig::from_ca_pem(b"not a certificate").unwrap_err();
+    let err = TlsConfig::new()
+        .ca_certificate(b"not a certificate")
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(
-        err.to_string().contains("the CA holds no PEM certificate"),
+        err.to_string()
+            .contains("the CA certificate holds no PEM certificate"),
         "{err}"
     );
 
     let (ca, _) = pki("x.test");
-    let err =
-        TlsConfig::from_ca_pem_with_identity(ca.as_bytes(), ca.as_bytes(), b"no key").unwrap_err();
+    let err = TlsConfig::new()
+        .identity(ca.as_bytes(), b"no key")
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("the client key is not a PEM private key"),
         "{err}"
     );
 
-    let tls = TlsConfig::from_ca_pem(ca.as_bytes())
+    let tls = TlsConfig::new()
+        .ca_certificate(ca.as_bytes())
         .unwrap()
-        .server_name("bad name!");
-    let err = Subchannel::spawn(
-        Endpoint::new(loopback(1, 1)),
-        SubchannelConfig::default().tls(tls),
-    )
-    .unwrap_err();
+        .domain_name("bad name!");
+    let err = SubchannelConfig::default().tls_config(tls).unwrap_err();
     assert!(
         err.to_string()
-            .contains("TLS server name \"bad name!\" is not valid"),
+            .contains("TLS domain name \"bad name!\" is not valid"),
         "{err}"
+    );
+
+    // No roots at all: nothing could be checked.
+    let err = SubchannelConfig::default()
+        .tls_config(TlsConfig::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("no root certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn an_https_target_turns_tls_on() {
+    let (backend, ca) = tls_backend(22, "echo.test.local").await;
+    // With the cluster's CA, as tonic users write it.
+    let tls = TlsConfig::new()
+        .ca_certificate(ca.as_bytes())
+        .unwrap()
+        .domain_name("echo.test.local");
+    let channel = healthlb::LbChannel::builder(format!("https://{}", backend.addr))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("SERVING over TLS");
+    let reply = EchoClient::new(channel)
+        .unary(EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().backend, "tls");
+
+    // Without any TLS settings, an https:// target still speaks TLS, with
+    // the system's roots, which don't know this test's private CA: the
+    // handshake fails on the certificate, not for want of TLS.
+    let channel = healthlb::LbChannel::builder(format!("https://{}", backend.addr))
+        .backoff(fast())
+        .build()
+        .unwrap();
+    let failed = support::wait_for(Duration::from_secs(10), || {
+        channel
+            .endpoints()
+            .iter()
+            .any(|e| matches!(&e.state, SubchannelState::TransientFailure(err) if err.label() == "TLS handshake failed"))
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "{:?}",
+        channel
+            .endpoints()
+            .iter()
+            .map(|e| e.state.to_string())
+            .collect::<Vec<_>>()
+    );
+    let state = channel.endpoints()[0].state.to_string();
+    assert!(
+        state.contains("UnknownIssuer") || state.contains("certificate"),
+        "{state}"
     );
 }

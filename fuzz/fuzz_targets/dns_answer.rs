@@ -6,6 +6,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let kept = healthlb::resolve::fuzz_answer(data);
+    let kept = healthlb::internals::fuzz_dns_answer(data);
     assert!(kept <= 1024);
 });

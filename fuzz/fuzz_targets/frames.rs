@@ -6,6 +6,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let found = healthlb::subchannel::fuzz_frames(data);
+    let found = healthlb::internals::fuzz_frames(data);
     assert!(found <= 2);
 });

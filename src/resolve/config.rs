@@ -108,9 +108,7 @@ impl ResolveConfig {
 
     /// The retry backoff, capped at `max_refresh`.
     pub(crate) fn retry_backoff(&self) -> BackoffConfig {
-        let max = self.backoff.get_max().min(self.max_refresh);
-        self.backoff
-            .max(max)
-            .initial(self.backoff.get_initial().min(max))
+        let max = self.backoff.max.min(self.max_refresh);
+        self.backoff.max(max).initial(self.backoff.initial.min(max))
     }
 }

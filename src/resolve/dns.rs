@@ -14,7 +14,6 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::op::Message;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::rdata::{CNAME, SRV};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
@@ -431,7 +430,10 @@ fn classify(name: &Name, rtype: RecordType, err: NetError) -> Result<Family, Fai
 /// each answer: the typed records of A, AAAA and SRV (with the CNAME check),
 /// the additional section's glue, and the capped endpoint set. Returns how
 /// many endpoints were kept. For the fuzzer; not part of the API.
+#[cfg(feature = "internals")]
 pub(crate) fn fuzz_answer(bytes: &[u8]) -> usize {
+    use hickory_resolver::proto::op::Message;
+
     let Ok(message) = Message::from_vec(bytes) else {
         return 0;
     };

@@ -7,9 +7,10 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info, warn};
 
+use super::config::ResolveConfig;
 use super::dns::{Answer, Dns, Failure};
 use super::endpoint::{Endpoint, Endpoints};
-use super::{ResolveConfig, ResolveStatus};
+use super::status::ResolveStatus;
 use crate::backoff::{Backoff, jittered};
 use crate::deadline::{capped, deadline_in};
 use crate::{Error, ErrorKind};

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::Shared;
 use super::config::SubchannelConfig;
 use super::connect::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
 use super::health::{HealthEvent, HealthWatch};
 use super::liveness::{Liveness, Probe, probe};
+use super::shared::Shared;
+use super::state::HealthStatus;
 use super::transport_errors::{chain, h2_error};
 use crate::Error;
 use crate::deadline::capped;
@@ -28,8 +29,11 @@ impl Ctx {
         // hyper adds these to an Instant itself.
         Http2Settings {
             keep_alive_interval: self.shared.keep_alive().map(capped),
-            keep_alive_timeout: capped(self.config.http2_keep_alive_timeout),
-            keep_alive_while_idle: self.config.http2_keep_alive_while_idle,
+            keep_alive_timeout: capped(self.config.keep_alive_timeout),
+            keep_alive_while_idle: self.config.keep_alive_while_idle,
+            initial_stream_window_size: self.config.initial_stream_window_size,
+            initial_connection_window_size: self.config.initial_connection_window_size,
+            adaptive_window: self.config.http2_adaptive_window,
         }
     }
 }
@@ -62,7 +66,7 @@ pub(crate) async fn establish(
             })
             .await;
             return match outcome.map_err(|lost| lost.error(addr))? {
-                Probe::Alive => Ok((active, HealthEvent::Status(1))),
+                Probe::Alive => Ok((active, HealthEvent::Status(HealthStatus::Serving))),
                 Probe::Closed => Err(Error::connect(
                     "connection closed",
                     format!("{addr} closed the connection right after it opened"),

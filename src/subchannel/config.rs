@@ -2,13 +2,18 @@
 
 use std::time::Duration;
 
+use http::HeaderValue;
+
 use crate::{BackoffConfig, Error};
 
 /// The HTTP/2 keepalive interval gRPC allows at the least (gRFC A8).
 pub(crate) const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// The largest HTTP/2 flow-control window (RFC 9113 §6.9.1).
+const MAX_WINDOW_SIZE: u32 = (1 << 31) - 1;
 
-/// How each endpoint's connection is made, checked and recycled. Setters take
-/// `self` by value; each states its default and why.
+/// How each endpoint's connections are made, checked and recycled. Setters
+/// take `self` by value; each states its default and why. Where tonic's
+/// `Endpoint` has the same setting, it has tonic's name, type and meaning.
 ///
 /// # Keepalive and dead peers
 ///
@@ -52,9 +57,13 @@ pub struct SubchannelConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) backoff: BackoffConfig,
     pub(crate) http2_keep_alive_interval: Option<Duration>,
-    pub(crate) http2_keep_alive_timeout: Duration,
-    pub(crate) http2_keep_alive_while_idle: bool,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) keep_alive_while_idle: bool,
     pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) initial_stream_window_size: Option<u32>,
+    pub(crate) initial_connection_window_size: Option<u32>,
+    pub(crate) http2_adaptive_window: bool,
     pub(crate) health_check: bool,
     pub(crate) health_service: String,
     pub(crate) liveness_interval: Option<Duration>,
@@ -63,8 +72,10 @@ pub struct SubchannelConfig {
     pub(crate) max_connection_age_grace: Duration,
     pub(crate) max_connections_per_endpoint: usize,
     pub(crate) extra_connection_idle_timeout: Duration,
+    pub(crate) concurrency_limit: Option<usize>,
+    pub(crate) rate_limit: Option<(u64, Duration)>,
     pub(crate) authority: Option<String>,
-    pub(crate) user_agent: Option<String>,
+    pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) metrics_method_label: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::subchannel::TlsConfig>,
@@ -76,9 +87,13 @@ impl Default for SubchannelConfig {
             connect_timeout: Duration::from_secs(20),
             backoff: BackoffConfig::default(),
             http2_keep_alive_interval: None,
-            http2_keep_alive_timeout: Duration::from_secs(20),
-            http2_keep_alive_while_idle: false,
+            keep_alive_timeout: Duration::from_secs(20),
+            keep_alive_while_idle: false,
             tcp_keepalive: Some(Duration::from_secs(60)),
+            tcp_nodelay: true,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+            http2_adaptive_window: false,
             health_check: true,
             health_service: String::new(),
             liveness_interval: Some(Duration::from_secs(15)),
@@ -87,6 +102,8 @@ impl Default for SubchannelConfig {
             max_connection_age_grace: Duration::from_secs(30),
             max_connections_per_endpoint: 8,
             extra_connection_idle_timeout: Duration::from_secs(60),
+            concurrency_limit: None,
+            rate_limit: None,
             authority: None,
             user_agent: None,
             metrics_method_label: false,
@@ -102,7 +119,7 @@ impl SubchannelConfig {
     /// How long one attempt may take: TCP, TLS, the HTTP/2 handshake and the
     /// first health answer. An attempt gets at least this, or the current
     /// backoff delay if that is longer, as gRPC's connection-backoff spec
-    /// says. Default: 20 s, the spec's MIN_CONNECT_TIMEOUT.
+    /// says. Default: 20 s, the spec's MIN_CONNECT_TIMEOUT (tonic: none).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
@@ -117,39 +134,69 @@ impl SubchannelConfig {
     }
 
     /// Sends HTTP/2 PINGs this often and closes the connection when one goes
-    /// unanswered. Default: off, as gRFC A8 advises: default grpc-go and
-    /// C-core servers answer pings more often than every 5 minutes with
-    /// GOAWAY `too_many_pings`. The liveness probe covers dead peers instead.
+    /// unanswered within [`keep_alive_timeout`](Self::keep_alive_timeout).
+    /// Default: off, as gRFC A8 advises: default grpc-go and C-core servers
+    /// answer pings more often than every 5 minutes with GOAWAY
+    /// `too_many_pings`. The liveness probe covers dead peers instead.
     /// Values below 10 s are refused, as in gRPC.
-    pub fn http2_keep_alive_interval(mut self, d: Option<Duration>) -> Self {
-        self.http2_keep_alive_interval = d;
+    pub fn http2_keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.http2_keep_alive_interval = Some(interval);
         self
     }
 
     /// How long to wait for a PING's answer. Default: 20 s (gRFC A8).
-    pub fn http2_keep_alive_timeout(mut self, d: Duration) -> Self {
-        self.http2_keep_alive_timeout = d;
+    pub fn keep_alive_timeout(mut self, d: Duration) -> Self {
+        self.keep_alive_timeout = d;
         self
     }
 
     /// Whether to PING with no call open. The health stream counts as a
     /// call, so this rarely matters. Default: false (gRFC A8).
-    pub fn http2_keep_alive_while_idle(mut self, on: bool) -> Self {
-        self.http2_keep_alive_while_idle = on;
+    pub fn keep_alive_while_idle(mut self, enabled: bool) -> Self {
+        self.keep_alive_while_idle = enabled;
         self
     }
 
     /// TCP keepalive idle time, a kernel-level backstop that no server
-    /// counts. `None` turns it off. Default: 60 s.
+    /// counts. `None` turns it off. Default: 60 s (tonic: off).
     pub fn tcp_keepalive(mut self, d: Option<Duration>) -> Self {
         self.tcp_keepalive = d;
         self
     }
 
+    /// Whether to set `TCP_NODELAY`, so small gRPC messages do not wait for
+    /// Nagle's algorithm. Default: true.
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.tcp_nodelay = enabled;
+        self
+    }
+
+    /// HTTP/2 SETTINGS_INITIAL_WINDOW_SIZE: stream-level flow control.
+    /// Default: hyper's, 2 MiB. Setting it turns the adaptive window off.
+    /// At most 2^31 − 1, as HTTP/2 allows; a larger size is refused.
+    pub fn initial_stream_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.initial_stream_window_size = size.into();
+        self
+    }
+
+    /// The connection-level flow-control window. Default: hyper's, 5 MiB.
+    /// Setting it turns the adaptive window off. At most 2^31 − 1.
+    pub fn initial_connection_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.initial_connection_window_size = size.into();
+        self
+    }
+
+    /// Whether to size flow-control windows from measured bandwidth-delay
+    /// (BDP pings). Default: false, as in hyper and tonic.
+    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
+        self.http2_adaptive_window = enabled;
+        self
+    }
+
     /// Whether to watch `grpc.health.v1.Health`. Off, a connected endpoint
     /// counts as serving. Default: on.
-    pub fn health_check(mut self, on: bool) -> Self {
-        self.health_check = on;
+    pub fn health_check(mut self, enabled: bool) -> Self {
+        self.health_check = enabled;
         self
     }
 
@@ -160,7 +207,8 @@ impl SubchannelConfig {
         self
     }
 
-    /// How often the liveness probe asks; `None` turns it off. Default: 15 s.
+    /// How long a connection may be silent before the liveness probe asks;
+    /// `None` turns it off. Default: 15 s.
     pub fn liveness_interval(mut self, d: Option<Duration>) -> Self {
         self.liveness_interval = d;
         self
@@ -169,6 +217,21 @@ impl SubchannelConfig {
     /// How long the liveness probe waits for an answer. Default: 15 s.
     pub fn liveness_timeout(mut self, d: Duration) -> Self {
         self.liveness_timeout = d;
+        self
+    }
+
+    /// Replaces each connection after this age, ±10 % per connection,
+    /// make-before-break: the new one takes calls once its health says
+    /// SERVING. Default: off.
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
+    }
+
+    /// How long calls on a replaced connection may run before it is closed
+    /// under them. Default: 30 s.
+    pub fn max_connection_age_grace(mut self, d: Duration) -> Self {
+        self.max_connection_age_grace = d;
         self
     }
 
@@ -189,46 +252,56 @@ impl SubchannelConfig {
         self
     }
 
-    /// Replaces each connection after this age, ±10 % per connection,
-    /// make-before-break: the new one takes calls once its health says
-    /// SERVING. Default: off.
-    pub fn max_connection_age(mut self, d: Option<Duration>) -> Self {
-        self.max_connection_age = d;
+    /// The most calls in flight on each endpoint; more wait for one to end,
+    /// up to the ready timeout. As tonic's, per endpoint. Default: none.
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        self.concurrency_limit = Some(limit);
         self
     }
 
-    /// How long calls on a replaced connection may run before it is closed
-    /// under them. Default: 30 s.
-    pub fn max_connection_age_grace(mut self, d: Duration) -> Self {
-        self.max_connection_age_grace = d;
+    /// The most calls each endpoint starts per `duration`; more wait for the
+    /// next window, up to the ready timeout. As tonic's, per endpoint.
+    /// Default: none.
+    pub fn rate_limit(mut self, limit: u64, duration: Duration) -> Self {
+        self.rate_limit = Some((limit, duration));
         self
     }
 
-    /// The `:authority` of calls. Default: the endpoint's address.
+    /// The `:authority` of calls, and the TLS server name unless one is set.
+    /// Default: the endpoint's address.
     pub fn authority(mut self, authority: impl Into<String>) -> Self {
         self.authority = Some(authority.into());
         self
     }
 
-    /// A `user-agent` prefix; `healthlb/VERSION` follows it. Default: none.
-    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
-        self.user_agent = Some(agent.into());
-        self
+    /// A `user-agent` prefix; `healthlb/VERSION` follows it. Fails if it is
+    /// not a valid header value. Default: none.
+    pub fn user_agent<T>(mut self, user_agent: T) -> Result<Self, Error>
+    where
+        T: TryInto<HeaderValue>,
+    {
+        let value = user_agent
+            .try_into()
+            .map_err(|_| Error::invalid_config("user_agent is not a valid header value"))?;
+        self.user_agent = Some(value);
+        Ok(self)
     }
 
     /// Adds a `method` label (the gRPC path) to the request and message
     /// metrics (feature `metrics`). Default: off, since every method then
     /// makes a series per endpoint.
-    pub fn metrics_method_label(mut self, on: bool) -> Self {
-        self.metrics_method_label = on;
+    pub fn metrics_method_label(mut self, enabled: bool) -> Self {
+        self.metrics_method_label = enabled;
         self
     }
 
-    /// Connects with TLS. Default: plaintext.
+    /// Connects with TLS. Fails if the configuration is not usable.
+    /// Default: plaintext.
     #[cfg(feature = "tls")]
-    pub fn tls(mut self, tls: crate::subchannel::TlsConfig) -> Self {
+    pub fn tls_config(mut self, tls: crate::subchannel::TlsConfig) -> Result<Self, Error> {
+        tls.validate()?;
         self.tls = Some(tls);
-        self
+        Ok(self)
     }
 
     /// Whether TLS is configured.
@@ -244,8 +317,19 @@ impl SubchannelConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        if self.connect_timeout.is_zero() {
-            return Err(Error::invalid_config("connect_timeout must be above zero"));
+        let positive = [
+            ("connect_timeout", self.connect_timeout),
+            ("keep_alive_timeout", self.keep_alive_timeout),
+            ("liveness_timeout", self.liveness_timeout),
+            (
+                "extra_connection_idle_timeout",
+                self.extra_connection_idle_timeout,
+            ),
+        ];
+        for (name, d) in positive {
+            if d.is_zero() {
+                return Err(Error::invalid_config(format!("{name} must be above zero")));
+            }
         }
         if let Some(d) = self.http2_keep_alive_interval
             && d < MIN_KEEP_ALIVE_INTERVAL
@@ -254,27 +338,9 @@ impl SubchannelConfig {
                 "http2_keep_alive_interval must be at least {MIN_KEEP_ALIVE_INTERVAL:?} (gRFC A8), got {d:?}"
             )));
         }
-        if self.http2_keep_alive_timeout.is_zero() {
-            return Err(Error::invalid_config(
-                "http2_keep_alive_timeout must be above zero",
-            ));
-        }
         if self.liveness_interval.is_some_and(|d| d.is_zero()) {
             return Err(Error::invalid_config(
                 "liveness_interval must be above zero",
-            ));
-        }
-        if self.liveness_timeout.is_zero() {
-            return Err(Error::invalid_config("liveness_timeout must be above zero"));
-        }
-        if self.max_connections_per_endpoint == 0 {
-            return Err(Error::invalid_config(
-                "max_connections_per_endpoint must be at least 1",
-            ));
-        }
-        if self.extra_connection_idle_timeout.is_zero() {
-            return Err(Error::invalid_config(
-                "extra_connection_idle_timeout must be above zero",
             ));
         }
         if self.max_connection_age.is_some_and(|d| d.is_zero()) {
@@ -282,18 +348,46 @@ impl SubchannelConfig {
                 "max_connection_age must be above zero",
             ));
         }
+        if self.max_connections_per_endpoint == 0 {
+            return Err(Error::invalid_config(
+                "max_connections_per_endpoint must be at least 1",
+            ));
+        }
+        if self.concurrency_limit == Some(0) {
+            return Err(Error::invalid_config(
+                "concurrency_limit must be at least 1",
+            ));
+        }
+        if let Some((limit, per)) = self.rate_limit
+            && (limit == 0 || per.is_zero())
+        {
+            return Err(Error::invalid_config(format!(
+                "rate_limit must allow at least 1 call per non-zero duration, got {limit} per {per:?}"
+            )));
+        }
+        let windows = [
+            (
+                "initial_stream_window_size",
+                self.initial_stream_window_size,
+            ),
+            (
+                "initial_connection_window_size",
+                self.initial_connection_window_size,
+            ),
+        ];
+        for (name, size) in windows {
+            // HTTP/2 caps a flow-control window at 2^31 - 1 (RFC 9113 §6.9.1).
+            if let Some(size) = size
+                && size > MAX_WINDOW_SIZE
+            {
+                return Err(Error::invalid_config(format!(
+                    "{name} must be at most {MAX_WINDOW_SIZE} (HTTP/2's limit), got {size}"
+                )));
+            }
+        }
         if let Some(authority) = &self.authority {
             http::uri::Authority::try_from(authority.as_str()).map_err(|e| {
                 Error::invalid_config(format!("authority {authority:?} is not valid: {e}"))
-            })?;
-        }
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.tls {
-            tls.validate()?;
-        }
-        if let Some(agent) = &self.user_agent {
-            http::HeaderValue::try_from(agent.as_str()).map_err(|_| {
-                Error::invalid_config(format!("user_agent {agent:?} is not a valid header value"))
             })?;
         }
         self.backoff.validate()

@@ -24,9 +24,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tonic::body::Body;
 
-use super::Stats;
 pub(crate) use super::frames::GoAway;
 use super::frames::{FrameSniffer, Seen};
+use super::stats::Stats;
 use crate::Error;
 
 /// The future that drives a connection's request dispatch. It ends when the
@@ -47,6 +47,9 @@ pub(crate) struct Http2Settings {
     pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) keep_alive_while_idle: bool,
+    pub(crate) initial_stream_window_size: Option<u32>,
+    pub(crate) initial_connection_window_size: Option<u32>,
+    pub(crate) adaptive_window: bool,
 }
 
 /// What a connection reserves of the server's stream limit for the
@@ -214,13 +217,14 @@ impl Conn {
             }
         }
         if self.draining.load(Ordering::SeqCst) {
-            self.call_ended();
+            self.call_ended(false);
             return false;
         }
         true
     }
 
-    pub(crate) fn call_ended(&self) {
+    /// A call is over; `wake` wakes the calls waiting for a slot.
+    pub(crate) fn call_ended(&self, wake: bool) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             if self.draining.load(Ordering::SeqCst) {
                 self.idle.notify_waiters();
@@ -230,7 +234,9 @@ impl Conn {
                 self.idle_since.store(ns, Ordering::Relaxed);
             }
         }
-        self.slots.released();
+        if wake {
+            self.slots.released();
+        }
     }
 
     /// Waits until no call is left on the connection. New calls must already
@@ -252,6 +258,7 @@ pub(crate) struct Dialer {
     pub(crate) addr: SocketAddr,
     pub(crate) origin: Arc<Origin>,
     pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) tcp_nodelay: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<super::TlsConfig>,
     pub(crate) stats: Arc<Stats>,
@@ -280,7 +287,7 @@ impl Dialer {
             )
         })?;
         // Small gRPC messages must not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_nodelay(self.tcp_nodelay);
         if let Some(idle) = self.tcp_keepalive {
             let keepalive = socket2::TcpKeepalive::new().with_time(idle);
             let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
@@ -307,7 +314,15 @@ impl Dialer {
             .timer(TokioTimer::new())
             .keep_alive_interval(settings.keep_alive_interval)
             .keep_alive_timeout(settings.keep_alive_timeout)
-            .keep_alive_while_idle(settings.keep_alive_while_idle);
+            .keep_alive_while_idle(settings.keep_alive_while_idle)
+            .adaptive_window(settings.adaptive_window);
+        // Set only when given: setting a window turns the adaptive one off.
+        if let Some(size) = settings.initial_stream_window_size {
+            builder.initial_stream_window_size(size);
+        }
+        if let Some(size) = settings.initial_connection_window_size {
+            builder.initial_connection_window_size(size);
+        }
         let (send, driver) = builder.handshake(io).await.map_err(|e| {
             Error::connect(
                 "HTTP/2 handshake failed",

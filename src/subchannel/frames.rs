@@ -172,6 +172,7 @@ impl FrameSniffer {
 /// Feeds `bytes` to a sniffer in chunks whose sizes come from the input
 /// itself, and checks what it reports against a parse of the whole. For the
 /// fuzzer; not part of the API.
+#[cfg(any(test, feature = "internals"))]
 pub(crate) fn fuzz(bytes: &[u8]) -> usize {
     let Some((&split, wire)) = bytes.split_first() else {
         return 0;

@@ -32,21 +32,19 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::call::Internal;
 use super::connect::Conn;
+use super::state::HealthStatus;
 use crate::backoff::{Backoff, BackoffConfig};
 
 /// What the health stream said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HealthEvent {
-    /// An answer: the raw `ServingStatus` value.
-    Status(i32),
+    /// An answer.
+    Status(HealthStatus),
     /// The server has no health service.
     Unimplemented,
     /// The stream ended or failed; a retry is scheduled.
     Ended(String),
 }
-
-/// `ServingStatus::ServiceUnknown`.
-const SERVICE_UNKNOWN: i32 = 3;
 
 /// The largest Watch message accepted. A `HealthCheckResponse` is 2 bytes;
 /// a server sending more is broken, and its stream ends with an error.
@@ -114,7 +112,7 @@ impl HealthWatch {
         if status.code() == Code::NotFound {
             // tonic-health ends the stream with NOT_FOUND where A17 sends
             // SERVICE_UNKNOWN; the service may be registered later, so retry.
-            return HealthEvent::Status(SERVICE_UNKNOWN);
+            return HealthEvent::Status(HealthStatus::ServiceUnknown);
         }
         HealthEvent::Ended(format!("{:?}: {}", status.code(), status.message()))
     }
@@ -130,7 +128,9 @@ impl HealthWatch {
                     match ready!(Pin::new(&mut **stream).poll_next(cx)) {
                         Some(Ok(answer)) => {
                             self.delivered = true;
-                            return Poll::Ready(HealthEvent::Status(answer.status));
+                            return Poll::Ready(HealthEvent::Status(HealthStatus::from_wire(
+                                answer.status,
+                            )));
                         }
                         Some(Err(status)) => return Poll::Ready(self.ended(&status)),
                         None => {

@@ -20,8 +20,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
@@ -34,6 +35,9 @@ use super::connect::{Conn, Slots};
 pub(crate) struct Pool {
     addr: SocketAddr,
     max_connections: usize,
+    /// `concurrency_limit`: calls in flight on the endpoint at most.
+    concurrency_limit: Option<usize>,
+    rate_limit: Option<RateLimit>,
     /// The first connection, when there is one, then the extras.
     conns: ArcSwap<Vec<Arc<Conn>>>,
     slots: Arc<Slots>,
@@ -55,15 +59,100 @@ pub(crate) enum NoSlot {
     Closed,
     /// Every connection stayed full until the wait ended.
     Full,
+    /// The endpoint's `concurrency_limit` stayed reached.
+    Limited,
+    /// The endpoint's `rate_limit` allows no more calls until then.
+    RateLimited(Instant),
+}
+
+/// `rate_limit`: at most `limit` calls start in each window of `per`,
+/// counted in one atomic as (window, calls) so that no call slips through
+/// at a window's turn.
+#[derive(Debug)]
+struct RateLimit {
+    limit: u64,
+    per: Duration,
+    epoch: Instant,
+    /// The window's index in the high 40 bits, its calls in the low 24.
+    state: AtomicU64,
+}
+
+/// The most calls a window counts; a larger limit is the same as none.
+const RATE_COUNT_BITS: u32 = 24;
+const RATE_COUNT_MASK: u64 = (1 << RATE_COUNT_BITS) - 1;
+
+impl RateLimit {
+    fn new(limit: u64, per: Duration) -> Self {
+        Self {
+            limit: limit.min(RATE_COUNT_MASK),
+            per,
+            epoch: Instant::now(),
+            state: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a call could be taken from the current window now.
+    fn peek(&self) -> Result<(), Instant> {
+        let (window, per) = self.window();
+        let state = self.state.load(Ordering::Acquire);
+        let (current, count) = (state >> RATE_COUNT_BITS, state & RATE_COUNT_MASK);
+        if current == window && count >= self.limit {
+            return Err(self.opens(window, per));
+        }
+        Ok(())
+    }
+
+    /// The current window's index, and a window's length in ns.
+    fn window(&self) -> (u64, u128) {
+        let per = self.per.as_nanos().max(1);
+        let window = (self.epoch.elapsed().as_nanos() / per) as u64 & ((1 << 40) - 1);
+        (window, per)
+    }
+
+    /// When the window after `window` opens.
+    fn opens(&self, window: u64, _per: u128) -> Instant {
+        let opens = u32::try_from(window + 1).unwrap_or(u32::MAX);
+        self.epoch + crate::deadline::capped(self.per.saturating_mul(opens))
+    }
+
+    /// Takes one call from the current window, or says when the next
+    /// window opens.
+    fn take(&self) -> Result<(), Instant> {
+        let (window, per) = self.window();
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let (current, count) = (state >> RATE_COUNT_BITS, state & RATE_COUNT_MASK);
+            let next = match (current == window, count < self.limit) {
+                (false, _) => (window << RATE_COUNT_BITS) | 1,
+                (true, true) => state + 1,
+                (true, false) => return Err(self.opens(window, per)),
+            };
+            match self
+                .state
+                .compare_exchange_weak(state, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => state = actual,
+            }
+        }
+    }
 }
 
 // === impl Pool ===
 
 impl Pool {
-    pub(crate) fn new(addr: SocketAddr, max_connections: usize, slots: Arc<Slots>) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        config: &super::config::SubchannelConfig,
+        slots: Arc<Slots>,
+    ) -> Self {
         Self {
             addr,
-            max_connections,
+            max_connections: config.max_connections_per_endpoint,
+            concurrency_limit: config.concurrency_limit,
+            rate_limit: config
+                .rate_limit
+                .map(|(limit, per)| RateLimit::new(limit, per)),
             conns: ArcSwap::from_pointee(Vec::new()),
             slots,
             serving: AtomicBool::new(false),
@@ -110,47 +199,81 @@ impl Pool {
     }
 
     /// A stream slot on the first connection that has one, while the
-    /// endpoint is SERVING.
+    /// endpoint is SERVING and within its limits.
+    ///
+    /// Limits are looked at before anything is taken, so a refusal takes
+    /// nothing back; a waiting call that took and gave back would wake
+    /// every waiter, itself included. Only a call that loses a race gives
+    /// back, quietly.
     pub(crate) fn try_acquire(&self) -> Result<Slot, NoSlot> {
-        let conns = self.conns.load();
-        let mut open = false;
-        for conn in conns.iter() {
-            if !conn.is_ready() {
-                continue;
-            }
-            open = true;
-            if conn.try_start_call() {
-                // Counted first, then checked (SeqCst both): once a
-                // NOT_SERVING endpoint shows no call in flight, none follows.
-                let slot = Slot::counted(conn.clone());
-                if !self.serving.load(Ordering::SeqCst) {
-                    return Err(NoSlot::Closed);
-                }
-                return Ok(slot);
-            }
+        if let Some(rate) = &self.rate_limit
+            && let Err(opens) = rate.peek()
+        {
+            return Err(NoSlot::RateLimited(opens));
         }
-        Err(if open { NoSlot::Full } else { NoSlot::Closed })
+        let conns = self.conns.load();
+        let Some(first) = conns.iter().find(|c| c.is_ready()) else {
+            return Err(NoSlot::Closed);
+        };
+        let in_flight = &first.stats.calls_in_flight;
+        if self
+            .concurrency_limit
+            .is_some_and(|limit| in_flight.load(Ordering::SeqCst) >= limit)
+        {
+            return Err(NoSlot::Limited);
+        }
+        let Some(conn) = conns.iter().find(|c| c.is_ready() && c.try_start_call()) else {
+            return Err(NoSlot::Full);
+        };
+        let mut slot = Slot {
+            conn: conn.clone(),
+            counted: false,
+            quiet: false,
+        };
+        if !count_in(in_flight, self.concurrency_limit) {
+            slot.quiet = true;
+            return Err(NoSlot::Limited);
+        }
+        slot.counted = true;
+        // Counted first, then checked (SeqCst both): once a NOT_SERVING
+        // endpoint shows no call in flight, none follows.
+        if !self.serving.load(Ordering::SeqCst) {
+            return Err(NoSlot::Closed);
+        }
+        if let Some(rate) = &self.rate_limit
+            && let Err(opens) = rate.take()
+        {
+            slot.quiet = true;
+            return Err(NoSlot::RateLimited(opens));
+        }
+        Ok(slot)
     }
 
-    /// A stream slot, waiting until `until` while every connection is full.
-    /// Meanwhile the subchannel task is asked for another connection.
+    /// A stream slot, waiting until `until` while every connection is
+    /// full, or a limit holds. Full connections make the subchannel task
+    /// open another one.
     pub(crate) async fn acquire(&self, until: Instant) -> Result<Slot, NoSlot> {
+        // The common case costs no registration: a free slot at once.
+        match self.try_acquire() {
+            Err(NoSlot::Full | NoSlot::Limited | NoSlot::RateLimited(_)) => {}
+            done => return done,
+        }
         loop {
-            match self.try_acquire() {
-                Err(NoSlot::Full) => {}
-                done => return done,
-            }
             // Registered before looking again, so a slot freed in between
             // wakes this call.
             let freed = self.slots.freed.notified();
             let _waiting = Waiting::new(&self.slots);
-            match self.try_acquire() {
-                Err(NoSlot::Full) => {}
+            let wake = match self.try_acquire() {
+                Err(NoSlot::Full) => {
+                    self.grow.store(true, Ordering::Release);
+                    self.grow_waker.wake();
+                    until
+                }
+                Err(NoSlot::Limited) => until,
+                Err(NoSlot::RateLimited(opens)) => opens.min(until),
                 done => return done,
-            }
-            self.grow.store(true, Ordering::Release);
-            self.grow_waker.wake();
-            if tokio::time::timeout_at(until, freed).await.is_err() {
+            };
+            if tokio::time::timeout_at(wake, freed).await.is_err() && wake >= until {
                 return self.try_acquire();
             }
         }
@@ -166,16 +289,33 @@ impl Pool {
     }
 
     /// Why a call waited out its time for a slot, for its error.
-    pub(crate) fn full_message(&self) -> String {
-        let conns = self.conns.load();
-        let limit = conns.iter().map(|c| c.max_streams()).min().unwrap_or(0);
-        format!(
-            "every stream slot on {} is taken: {} connections of at most {} \
-             (max_connections_per_endpoint), each limited by the server to {limit} concurrent streams",
-            self.addr,
-            conns.len(),
-            self.max_connections,
-        )
+    pub(crate) fn refusal(&self, why: NoSlot) -> String {
+        let addr = self.addr;
+        match why {
+            NoSlot::Closed => format!("{addr} has no connection that takes calls"),
+            NoSlot::Full => {
+                let conns = self.conns.load();
+                let limit = conns.iter().map(|c| c.max_streams()).min().unwrap_or(0);
+                format!(
+                    "every stream slot on {addr} is taken: {} connections of at most {} \
+                     (max_connections_per_endpoint), each limited by the server to {limit} \
+                     concurrent streams",
+                    conns.len(),
+                    self.max_connections,
+                )
+            }
+            NoSlot::Limited => format!(
+                "{addr} has {} calls in flight, its concurrency_limit",
+                self.concurrency_limit.unwrap_or(0)
+            ),
+            NoSlot::RateLimited(_) => match &self.rate_limit {
+                Some(rate) => format!(
+                    "{addr} started its rate_limit of {} calls per {:?}",
+                    rate.limit, rate.per
+                ),
+                None => format!("{addr} is rate limited"),
+            },
+        }
     }
 
     /// Calls waiting for a slot right now.
@@ -206,22 +346,34 @@ impl Drop for Waiting<'_> {
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) conn: Arc<Conn>,
+    /// Counted on the endpoint too.
+    counted: bool,
+    /// Given back by a call that lost a race: nobody waits for it, and
+    /// waking the waiters would wake the call itself.
+    quiet: bool,
 }
 
-impl Slot {
-    /// Counts the call on the endpoint too; the connection has counted it.
-    fn counted(conn: Arc<Conn>) -> Self {
-        conn.stats.calls_in_flight.fetch_add(1, Ordering::SeqCst);
-        Self { conn }
-    }
+/// Counts a call in on `in_flight`, unless that would pass `limit`.
+fn count_in(in_flight: &std::sync::atomic::AtomicUsize, limit: Option<usize>) -> bool {
+    let Some(limit) = limit else {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        return true;
+    };
+    in_flight
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.conn
-            .stats
-            .calls_in_flight
-            .fetch_sub(1, Ordering::SeqCst);
-        self.conn.call_ended();
+        if self.counted {
+            self.conn
+                .stats
+                .calls_in_flight
+                .fetch_sub(1, Ordering::SeqCst);
+        }
+        self.conn.call_ended(!self.quiet);
     }
 }

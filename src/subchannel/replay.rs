@@ -32,6 +32,10 @@ use http_body::{Body as HttpBody, Frame};
 use tonic::Status;
 use tonic::body::Body;
 
+/// How many times a call is handed to a connection, when each one closes,
+/// or refuses it unprocessed, before the call could leave the client.
+pub(crate) const MAX_ATTEMPTS: usize = 8;
+
 /// The most request bytes kept for a replay. A unary call's message is
 /// usually far smaller; a call past it is not retried.
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
@@ -75,7 +79,7 @@ enum Mode {
 
 /// What the request's messages are counted into.
 pub(crate) struct Counting {
-    pub(crate) stats: Arc<super::Stats>,
+    pub(crate) stats: Arc<super::stats::Stats>,
     pub(crate) method: Arc<str>,
     pub(crate) frames: crate::metrics::GrpcFrames,
 }

@@ -1,58 +1,20 @@
 //! A subchannel as a [`tower::Service`] on its own connection.
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use http::{Request, Response};
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
 use tonic::Status;
 use tonic::body::Body;
 
-use super::pool::Slot;
-use super::{NoSlot, Pool, Replay, Sent, Subchannel, SubchannelState, SubchannelStatus};
-
-/// The error type of healthlb's services: a boxed [`tonic::Status`], which
-/// tonic's generated clients hand to the caller as it is.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How many times a call is handed to a connection, when each one closes
-/// before the call could leave the client.
-pub(crate) const MAX_ATTEMPTS: usize = 8;
-
-/// The response future of [`Subchannel`] and [`LbChannel`](crate::LbChannel).
-pub struct ResponseFuture {
-    inner: BoxFuture<'static, Result<Response<Body>, BoxError>>,
-}
-
-impl ResponseFuture {
-    pub(crate) fn new(
-        fut: impl Future<Output = Result<Response<Body>, Status>> + Send + 'static,
-    ) -> Self {
-        Self {
-            inner: Box::pin(async move { fut.await.map_err(BoxError::from) }),
-        }
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Response<Body>, BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+use super::call::Sent;
+use super::handle::Subchannel;
+use super::pool::{NoSlot, Pool, Slot};
+use super::replay::{MAX_ATTEMPTS, Replay};
+use super::state::{SubchannelState, SubchannelStatus};
+use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
+use crate::response::{BoxError, ResponseFuture};
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
 /// waiting until `until`, `waited` after the call began.
@@ -74,10 +36,10 @@ async fn serving_slot(
                 Ok(slot) => return Ok(slot),
                 // Lost since: the state changes next.
                 Err(NoSlot::Closed) => {}
-                Err(NoSlot::Full) => {
+                Err(why) => {
                     return Err(Status::unavailable(format!(
                         "{}, after waiting {waited:?}",
-                        pool.full_message()
+                        pool.refusal(why)
                     )));
                 }
             }

@@ -21,11 +21,11 @@ use tokio::task::JoinSet;
 use tokio::time::{Sleep, sleep};
 use tracing::{debug, info, warn};
 
-use super::SubchannelState;
 use super::active::{Active, ConnEvent, Ctx, Lost, establish, establish_extra};
 use super::drain::drain;
 use super::health::HealthEvent;
 use super::max_age::Recycle;
+use super::state::{HealthStatus, SubchannelState};
 use crate::Error;
 use crate::backoff::{Backoff, jittered};
 
@@ -192,7 +192,11 @@ impl Task {
                 shared.stats.metrics.recycle("max_age");
                 let conn = active.conn.clone();
                 self.publish_pool();
-                shared.publish(SubchannelState::Serving, Some(conn), Some(1));
+                shared.publish(
+                    SubchannelState::Serving,
+                    Some(conn),
+                    Some(HealthStatus::Serving),
+                );
                 info!(
                     endpoint = %addr,
                     age_ms = old.conn.established.elapsed().as_millis() as u64,
@@ -473,10 +477,10 @@ impl Task {
     }
 }
 
-/// The raw health value of an event, for `EndpointStatus::last_health`.
-fn health_value(event: &HealthEvent) -> Option<i32> {
+/// The health answer in an event, for `EndpointStatus::last_health`.
+fn health_value(event: &HealthEvent) -> Option<HealthStatus> {
     match event {
-        HealthEvent::Status(value) => Some(*value),
+        HealthEvent::Status(status) => Some(*status),
         _ => None,
     }
 }

@@ -1,0 +1,134 @@
+//! [`Resolver`]: the handle on one target's resolution, and how it starts.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+
+use super::config::ResolveConfig;
+use super::endpoint::{Endpoint, Endpoints};
+use super::status::ResolveStatus;
+use super::task;
+use crate::Error;
+use crate::target::{Target, TargetKind};
+
+/// A handle to one target's resolution.
+///
+/// Cloning is cheap. The background task ends when the last handle and the
+/// last [`subscribe`](Resolver::subscribe)d receiver are dropped.
+#[derive(Clone, Debug)]
+pub struct Resolver {
+    target: Arc<str>,
+    endpoints: watch::Receiver<Endpoints>,
+    status: watch::Receiver<ResolveStatus>,
+    now: Arc<Notify>,
+    /// For fixed lists no task holds the senders, so the handle does.
+    _fixed: Option<Arc<(watch::Sender<Endpoints>, watch::Sender<ResolveStatus>)>>,
+}
+
+// === impl Resolver ===
+
+impl Resolver {
+    /// Starts resolving `target` in the background. Needs a Tokio runtime;
+    /// returns at once.
+    pub fn spawn(target: &Target, config: ResolveConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let name = target.shared_str();
+        let seed = config.subset_seed.unwrap_or_else(rand::random);
+        let query = match target.kind() {
+            TargetKind::Static { addrs } => {
+                let list = addrs.iter().map(|a| Endpoint::new(*a)).collect();
+                let (set, _) = Endpoints::normalize(list, config.max_endpoints, seed);
+                let (etx, endpoints) = watch::channel(set);
+                let (stx, status) = watch::channel(ResolveStatus::Resolved { at: Instant::now() });
+                let mut endpoints = endpoints;
+                endpoints.mark_changed();
+                return Ok(Self {
+                    target: name,
+                    endpoints,
+                    status,
+                    now: Arc::new(Notify::new()),
+                    _fixed: Some(Arc::new((etx, stx))),
+                });
+            }
+            TargetKind::Dns { server, host, port } => task::Query::Addresses {
+                server: *server,
+                host: host.clone(),
+                port: *port,
+            },
+            TargetKind::Srv { server, name } => task::Query::Srv {
+                server: *server,
+                name: name.clone(),
+            },
+        };
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::no_runtime("Resolver::spawn"))?;
+        let (etx, endpoints) = watch::channel(Endpoints::default());
+        let (stx, status) = watch::channel(ResolveStatus::Pending);
+        let now = Arc::new(Notify::new());
+        let publisher = task::Publisher {
+            endpoints: etx,
+            status: stx,
+        };
+        runtime.spawn(task::run(
+            name.clone(),
+            query,
+            config,
+            seed,
+            publisher,
+            now.clone(),
+        ));
+        Ok(Self {
+            target: name,
+            endpoints,
+            status,
+            now,
+            _fixed: None,
+        })
+    }
+
+    /// The target, as written.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The current set; empty until the first answer.
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints.borrow().clone()
+    }
+
+    /// Waits for the next published set (the first one, if none has been
+    /// seen through this handle yet). `None` if resolution has ended.
+    pub async fn changed(&mut self) -> Option<Endpoints> {
+        self.endpoints.changed().await.ok()?;
+        Some(self.endpoints.borrow_and_update().clone())
+    }
+
+    /// A receiver of every published set, for use elsewhere. It keeps the
+    /// resolution running as long as it lives.
+    pub fn subscribe(&self) -> watch::Receiver<Endpoints> {
+        self.endpoints.clone()
+    }
+
+    /// How resolution is going.
+    pub fn status(&self) -> ResolveStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of every status change.
+    pub(crate) fn status_receiver(&self) -> watch::Receiver<ResolveStatus> {
+        self.status.clone()
+    }
+
+    /// Asks to resolve again soon, without waiting for the TTL. Requests are
+    /// coalesced, and honoured at most once per `min_refresh`.
+    pub fn resolve_now(&self) {
+        self.now.notify_one();
+    }
+
+    /// The notifier behind [`resolve_now`](Self::resolve_now), for the
+    /// subchannels, which must not keep the resolution alive.
+    pub(crate) fn resolve_now_handle(&self) -> Arc<Notify> {
+        self.now.clone()
+    }
+}

@@ -1,0 +1,15 @@
+//! Counters of one endpoint.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+/// Counters of one endpoint, kept as atomics so the request path pays one
+/// add per call; [`EndpointStatus`](crate::EndpointStatus) reads them.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) metrics: crate::metrics::EndpointMetrics,
+    pub(crate) calls_started: AtomicU64,
+    pub(crate) calls_in_flight: AtomicUsize,
+    pub(crate) calls_failed: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) recycles: AtomicU64,
+}

@@ -1,0 +1,155 @@
+//! The settings a tonic user knows from `Endpoint`, with tonic's meaning:
+//! `timeout`, `concurrency_limit` and `rate_limit` (both per endpoint),
+//! `user_agent`, and `http://` targets. Real tonic servers on loopback.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use healthlb::LbChannel;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::pb::{EchoRequest, StreamRequest};
+use support::echo::{Backend, free_port, loopback};
+use support::proxy::Proxy;
+use support::{connect_serving, within};
+
+async fn unary(channel: &LbChannel) -> Result<String, tonic::Status> {
+    let reply = EchoClient::new(channel.clone())
+        .unary(EchoRequest {
+            message: "x".into(),
+        })
+        .await?;
+    Ok(reply.into_inner().backend)
+}
+
+#[tokio::test]
+async fn timeout_is_the_deadline_of_calls_that_carry_none_and_reaches_the_server() {
+    let backend = Backend::start("t", loopback(190, free_port())).await;
+    let proxy = Proxy::start(loopback(190, 0), backend.addr).await;
+    let channel = connect_serving(
+        LbChannel::builder(format!("ipv4:{}", proxy.addr)).timeout(Duration::from_millis(300)),
+        1,
+    )
+    .await;
+    unary(&channel).await.expect("a call");
+    let sent = backend
+        .counters
+        .last_headers
+        .lock()
+        .unwrap()
+        .get("grpc-timeout")
+        .cloned();
+    assert_eq!(sent.as_deref(), Some("300000u"), "the server learns it");
+
+    // A call of its own with a longer deadline: the shorter one applies.
+    proxy.go_silent(true);
+    let started = Instant::now();
+    let mut request = tonic::Request::new(EchoRequest::default());
+    request.set_timeout(Duration::from_secs(10));
+    let status = within(
+        Duration::from_secs(5),
+        "a call to a silent backend",
+        EchoClient::new(channel.clone()).unary(request),
+    )
+    .await
+    .expect_err("no answer comes");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(status.message().contains("300ms"), "{status:?}");
+}
+
+#[tokio::test]
+async fn concurrency_limit_holds_per_endpoint() {
+    let port = free_port();
+    let backends = [
+        Backend::start("c1", loopback(191, port)).await,
+        Backend::start("c2", loopback(192, port)).await,
+    ];
+    let target = format!("ipv4:{},{}", backends[0].addr, backends[1].addr);
+    let channel = connect_serving(LbChannel::builder(target).concurrency_limit(2), 2).await;
+    // 8 streams of 300 ms over 2 endpoints, 2 at a time on each.
+    let calls = (0..8).map(|_| {
+        let mut client = EchoClient::new(channel.clone());
+        async move {
+            let request = StreamRequest {
+                message: "s".into(),
+                count: 2,
+                interval_ms: 300,
+            };
+            let mut replies = client.server_stream(request).await?.into_inner();
+            while replies.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        }
+    });
+    let started = Instant::now();
+    let results = within(Duration::from_secs(20), "the streams", join_all(calls)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for backend in &backends {
+        assert_eq!(
+            backend.counters.max_open_streams.load(Ordering::SeqCst),
+            2,
+            "{} held at 2",
+            backend.name
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "two rounds of calls"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_spreads_calls_over_windows() {
+    let backend = Backend::start("r", loopback(193, free_port())).await;
+    let channel = connect_serving(
+        LbChannel::builder(format!("ipv4:{}", backend.addr))
+            .rate_limit(5, Duration::from_millis(400))
+            .ready_timeout(Duration::from_secs(10)),
+        1,
+    )
+    .await;
+    // 15 calls at 5 per window need three windows: at least two window
+    // turns, so at least one whole window of 400 ms.
+    let started = Instant::now();
+    let results = within(
+        Duration::from_secs(20),
+        "rate-limited calls",
+        join_all((0..15).map(|_| unary(&channel))),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.counters.unary.load(Ordering::SeqCst), 15);
+}
+
+#[tokio::test]
+async fn the_user_agent_and_an_http_target_work_as_with_tonic() {
+    let backend = Backend::start("u", loopback(194, free_port())).await;
+    let channel = LbChannel::builder(format!("http://{}", backend.addr))
+        .user_agent("my-service/1.2")
+        .expect("a valid user agent")
+        .connect()
+        .await
+        .expect("serving");
+    assert_eq!(unary(&channel).await.unwrap(), "u");
+    let agent = backend
+        .counters
+        .last_headers
+        .lock()
+        .unwrap()
+        .get("user-agent")
+        .cloned()
+        .unwrap_or_default();
+    assert!(agent.starts_with("my-service/1.2 healthlb/"), "{agent}");
+
+    let err = LbChannel::builder("http://x:1")
+        .user_agent("bad\nagent")
+        .unwrap_err();
+    assert_eq!(err.kind(), healthlb::ErrorKind::InvalidConfig);
+}
