@@ -1,9 +1,10 @@
-//! The balancer task: keeps one subchannel per resolved endpoint and
-//! publishes the picker's snapshot whenever anything changes.
+//! The balancer task: keeps one subchannel per resolved endpoint, ejects
+//! outliers, and publishes the picker's snapshot whenever anything changes.
 //!
 //! It runs whether or not calls flow, so a new pod is connected and
-//! health-checked before the first call that could use it. It owns its state;
-//! the request path only reads what it publishes.
+//! health-checked before the first call that could use it. It owns its state,
+//! the outlier detector's included; the request path only reads what it
+//! publishes, and records outcomes in per-endpoint atomics.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,11 +13,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::picker::{Picker, Snapshot};
+use crate::outlier::{Counts, Detector, Ejection, OutlierDetection};
+use crate::picker::{Pick, Picker, Snapshot};
+use crate::policy::{Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
-use crate::subchannel::{Hooks, Subchannel, SubchannelConfig};
+use crate::subchannel::{CodeSet, Hooks, Judge, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
 /// The handles don't keep the subchannels running: only the balancer does.
@@ -36,6 +40,9 @@ pub(crate) struct Spec {
     pub(crate) config: Arc<SubchannelConfig>,
     pub(crate) authority: Option<Authority>,
     pub(crate) ready_timeout: std::time::Duration,
+    pub(crate) policy: Policy,
+    pub(crate) slow_start: Option<SlowStart>,
+    pub(crate) outlier_detection: Option<OutlierDetection>,
 }
 
 /// What a started balancer hands to its channel.
@@ -53,7 +60,17 @@ pub(crate) struct Balancer {
     config: Arc<SubchannelConfig>,
     authority: Option<Authority>,
     ready_timeout: std::time::Duration,
+    /// How the subchannels judge their calls.
+    judge: Judge,
     outputs: Outputs,
+}
+
+/// The balancer's own state, beside its subchannels.
+struct Ejections {
+    detector: Option<Detector>,
+    /// Told when an endpoint reaches its consecutive-failure threshold.
+    failing: Arc<Notify>,
+    next_interval: Option<Instant>,
 }
 
 impl Balancer {
@@ -65,10 +82,38 @@ impl Balancer {
             config,
             authority,
             ready_timeout,
+            policy,
+            slow_start,
+            outlier_detection,
         } = spec;
-        let picker = Arc::new(Picker::new(format!(
-            "0 endpoints ({target} is being resolved)"
-        )));
+        let picker = Arc::new(Picker::new(
+            format!("0 endpoints ({target} is being resolved)"),
+            Pick::from(&policy),
+            slow_start,
+        ));
+        crate::metrics::policy(&target, policy.name(), outlier_detection.is_some());
+        let failing = Arc::new(Notify::new());
+        let judge = Judge {
+            failures: outlier_detection
+                .as_ref()
+                .map_or(CodeSet::SERVER_ERRORS, OutlierDetection::codes),
+            consecutive: outlier_detection
+                .as_ref()
+                .and_then(|o| o.consecutive_failures)
+                .map_or(0, |c| c.threshold),
+            notify: Some(failing.clone()),
+            decay: match policy {
+                Policy::PeakEwma { decay, .. } => decay,
+                _ => Judge::default().decay,
+            },
+        };
+        let ejections = Ejections {
+            next_interval: outlier_detection
+                .as_ref()
+                .map(|o| Instant::now() + crate::deadline::capped(o.interval)),
+            detector: outlier_detection.map(Detector::new),
+            failing,
+        };
         let endpoints = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (serving_tx, serving) = watch::channel(ServingSet::default());
         let (stop, stopped) = oneshot::channel();
@@ -78,13 +123,14 @@ impl Balancer {
             config,
             authority,
             ready_timeout,
+            judge,
             outputs: Outputs {
                 picker: picker.clone(),
                 endpoints: endpoints.clone(),
                 serving: serving_tx,
             },
         };
-        runtime.spawn(balancer.run(stopped));
+        runtime.spawn(balancer.run(stopped, ejections));
         Running {
             picker,
             endpoints,
@@ -96,15 +142,30 @@ impl Balancer {
     /// Runs until `stopped` fires (the last `LbChannel` clone is gone) or
     /// resolution ends. Dropping the subchannels then closes their
     /// connections once their calls are done.
-    async fn run(self, mut stopped: oneshot::Receiver<()>) {
+    async fn run(self, mut stopped: oneshot::Receiver<()>, mut ejections: Ejections) {
         let changed = Arc::new(Notify::new());
         let mut subchannels: BTreeMap<SocketAddr, Subchannel> = BTreeMap::new();
         let mut resolved = self.resolver.subscribe();
         let mut status = self.resolver.status_receiver();
         let first = resolved.borrow_and_update().clone();
-        self.apply(&mut subchannels, &first, &changed);
-        self.publish(&subchannels);
+        self.apply(&mut subchannels, &first, &changed, &mut ejections);
+        let mut ramp_end = self.publish(&subchannels, &ejections);
         loop {
+            // The next timed event: an interval, a return, a ramp's end.
+            let wake = [
+                ejections.next_interval,
+                ejections.detector.as_ref().and_then(Detector::next_return),
+                ramp_end,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timer = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut stopped => break,
                 result = resolved.changed() => {
@@ -112,20 +173,104 @@ impl Balancer {
                         break;
                     }
                     let set = resolved.borrow_and_update().clone();
-                    self.apply(&mut subchannels, &set, &changed);
-                    self.publish(&subchannels);
+                    self.apply(&mut subchannels, &set, &changed, &mut ejections);
                 }
-                _ = changed.notified() => self.publish(&subchannels),
+                _ = changed.notified() => {}
+                _ = ejections.failing.notified() => self.eject_failing(&subchannels, &mut ejections),
+                _ = timer => self.on_timer(&subchannels, &mut ejections),
                 result = status.changed() => {
                     if result.is_err() {
                         break;
                     }
                     // Only the error summary depends on it.
-                    self.publish(&subchannels);
                 }
             }
+            ramp_end = self.publish(&subchannels, &ejections);
         }
         debug!(target = %self.target, "balancer stopped");
+    }
+
+    /// Consecutive-failure ejection: at once, not at the next interval.
+    fn eject_failing(
+        &self,
+        subchannels: &BTreeMap<SocketAddr, Subchannel>,
+        ejections: &mut Ejections,
+    ) {
+        let Some(detector) = ejections.detector.as_mut() else {
+            return;
+        };
+        let counts: Vec<(SocketAddr, u32)> = subchannels
+            .iter()
+            .map(|(a, s)| (*a, s.shared.stats.outcomes.consecutive_failures()))
+            .collect();
+        let ejected = detector.on_failures(Instant::now(), &counts);
+        self.ejected(subchannels, ejected);
+    }
+
+    /// Returns endpoints whose ejection is over, and runs A50's interval.
+    fn on_timer(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>, ejections: &mut Ejections) {
+        let now = Instant::now();
+        let Some(detector) = ejections.detector.as_mut() else {
+            return;
+        };
+        for addr in detector.returns(now) {
+            if let Some(sub) = subchannels.get(&addr) {
+                sub.shared.stats.outcomes.reset();
+                *sub.shared.stats.ejection.lock().expect("ejection") = None;
+            }
+            info!(target = %self.target, endpoint = %addr, "an ejected endpoint returns to rotation");
+        }
+        if ejections.next_interval.is_some_and(|at| at <= now) {
+            let interval = crate::deadline::capped(detector.config().interval);
+            ejections.next_interval = Some(now + interval);
+            let counts: Vec<(SocketAddr, Counts)> = subchannels
+                .iter()
+                .map(|(a, s)| {
+                    let outcomes = &s.shared.stats.outcomes;
+                    let (successes, failures) = outcomes.take_counts();
+                    let consecutive = outcomes.consecutive_failures();
+                    (
+                        *a,
+                        Counts {
+                            successes,
+                            failures,
+                            consecutive,
+                        },
+                    )
+                })
+                .collect();
+            let mut ejected = if detector.has_interval_rules() {
+                detector.on_interval(now, &counts)
+            } else {
+                detector.on_interval(now, &[])
+            };
+            // Failures in a row that could not eject before (the cap) may now.
+            let consecutive: Vec<_> = counts.iter().map(|(a, c)| (*a, c.consecutive)).collect();
+            ejected.extend(detector.on_failures(now, &consecutive));
+            self.ejected(subchannels, ejected);
+        }
+    }
+
+    /// Applies ejections: status, logs and metrics.
+    fn ejected(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>, ejected: Vec<Ejection>) {
+        for e in ejected {
+            let length = e.until.saturating_duration_since(Instant::now());
+            if let Some(sub) = subchannels.get(&e.addr) {
+                let until = std::time::Instant::now() + length;
+                *sub.shared.stats.ejection.lock().expect("ejection") =
+                    Some((until, e.reason.label()));
+            }
+            warn!(
+                target = %self.target,
+                endpoint = %e.addr,
+                reason = e.reason.label(),
+                figure = e.figure,
+                bar = e.bar,
+                ejected_for = ?length,
+                "an endpoint is ejected as an outlier"
+            );
+            crate::metrics::ejection(&self.target, e.addr, e.reason.label());
+        }
     }
 
     /// Starts subchannels for new endpoints and drops those that left.
@@ -134,6 +279,7 @@ impl Balancer {
         subchannels: &mut BTreeMap<SocketAddr, Subchannel>,
         set: &Endpoints,
         changed: &Arc<Notify>,
+        ejections: &mut Ejections,
     ) {
         let before = subchannels.len();
         subchannels.retain(|addr, _| set.contains(*addr));
@@ -149,6 +295,7 @@ impl Balancer {
                 resolve_now: Some(self.resolver.resolve_now_handle()),
                 authority: self.authority.clone(),
                 target: Some(self.target.clone()),
+                judge: self.judge.clone(),
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
                 Ok(sub) => {
@@ -163,13 +310,29 @@ impl Balancer {
         if added + removed > 0 {
             info!(target = %self.target, added, removed, endpoints = subchannels.len(), "endpoint set changed");
         }
+        if let Some(detector) = ejections.detector.as_mut() {
+            detector.retain(subchannels.keys().copied());
+        }
     }
 
-    /// Publishes the picker's snapshot, the endpoint list and the SERVING set.
-    fn publish(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>) {
+    /// Publishes the picker's snapshot, the endpoint list and the SERVING
+    /// set, without ejected endpoints unless no other is left (panic mode).
+    /// Returns when the last slow-start ramp ends, if one is running.
+    fn publish(
+        &self,
+        subchannels: &BTreeMap<SocketAddr, Subchannel>,
+        ejections: &Ejections,
+    ) -> Option<Instant> {
         let mut ready = Vec::new();
+        let mut since = Vec::new();
+        let mut ejected_ready = Vec::new();
+        let mut ejected_since = Vec::new();
+        let mut ejected_serving = BTreeMap::new();
         let mut labels = Vec::with_capacity(subchannels.len());
         let mut serving = BTreeMap::new();
+        let ramp = self.outputs.picker.slow_start();
+        let window = crate::picker::ramp_window(ramp);
+        let mut ramp_end: Option<std::time::Instant> = None;
         let mut states = [
             ("serving", 0),
             ("not_serving", 0),
@@ -186,12 +349,47 @@ impl Balancer {
             }
             if status.state().is_serving() {
                 let pool = &sub.shared.pool;
+                let ejected = ejections
+                    .detector
+                    .as_ref()
+                    .is_some_and(|d| d.is_ejected(addr));
+                let (ready, since, serving) = match ejected {
+                    false => (&mut ready, &mut since, &mut serving),
+                    true => (&mut ejected_ready, &mut ejected_since, &mut ejected_serving),
+                };
                 if pool.is_ready() {
                     ready.push(pool.clone());
+                    since.push(status.since());
+                    if ramp.is_some() && status.since().elapsed() < window {
+                        let end = status.since() + window;
+                        ramp_end = Some(ramp_end.map_or(end, |e| e.max(end)));
+                    }
                 }
                 serving.insert(*addr, sub.handle());
             }
-            labels.push(status.state().label().to_owned());
+            labels.push(
+                match ejections
+                    .detector
+                    .as_ref()
+                    .and_then(|d| d.ejected_until(addr))
+                {
+                    Some(_) if status.state().is_serving() => "SERVING but ejected".to_owned(),
+                    _ => status.state().label().to_owned(),
+                },
+            );
+        }
+        let ejected = ejected_serving.len();
+        let panic = ready.is_empty() && !ejected_ready.is_empty();
+        if panic {
+            // Panic mode: ejected endpoints that still say SERVING beat none.
+            ready = ejected_ready;
+            since = ejected_since;
+            serving = ejected_serving;
+            debug!(target = %self.target, endpoints = ready.len(), "every serving endpoint is ejected: calls go to them anyway");
+        }
+        crate::metrics::ejected(&self.target, ejected, panic);
+        if ramp_end.is_none() {
+            since.clear();
         }
         let note = match self.resolver.status() {
             ResolveStatus::Pending => Some("the first resolution has not finished".to_owned()),
@@ -201,7 +399,11 @@ impl Balancer {
         };
         crate::metrics::endpoints(&self.target, states);
         let summary = Snapshot::summarize(labels.iter().map(String::as_str), note.as_deref());
-        self.outputs.picker.publish(Snapshot { ready, summary });
+        self.outputs.picker.publish(Snapshot {
+            ready,
+            since,
+            summary,
+        });
         self.outputs.endpoints.store(Arc::new(
             subchannels.values().map(Subchannel::handle).collect(),
         ));
@@ -219,5 +421,6 @@ impl Balancer {
             *current = Arc::new(serving);
             true
         });
+        ramp_end.map(Instant::from_std)
     }
 }

@@ -10,7 +10,9 @@ use crate::balancer::{Balancer, Spec};
 use crate::channel::{CallSettings, LbChannel};
 use crate::resolve::{ResolveConfig, Resolver};
 use crate::target::Target;
-use crate::{BackoffConfig, Error, SubchannelConfig};
+use crate::{
+    BackoffConfig, Error, OutlierDetection, Policy, ServiceConfig, SlowStart, SubchannelConfig,
+};
 
 /// Builds an [`LbChannel`]. Setters take `self` by value; each states its
 /// default. Where tonic's `Endpoint` has the same setting, it has tonic's
@@ -55,6 +57,10 @@ pub struct Builder {
     fail_fast: bool,
     connect_deadline: Duration,
     timeout: Option<Duration>,
+    policy: Policy,
+    slow_start: Option<SlowStart>,
+    outlier_detection: Option<OutlierDetection>,
+    service_config: Option<Arc<ServiceConfig>>,
 }
 
 /// Setters that hand their value to one stage's configuration.
@@ -95,7 +101,55 @@ impl Builder {
             fail_fast: false,
             connect_deadline: Duration::from_secs(20),
             timeout: None,
+            policy: Policy::RoundRobin,
+            slow_start: None,
+            outlier_detection: Some(OutlierDetection::default()),
+            service_config: None,
         }
+    }
+
+    /// How calls are spread over the SERVING endpoints. Default:
+    /// [`Policy::RoundRobin`].
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Slow start for endpoints that just became SERVING; `None` is off.
+    /// Default: off.
+    pub fn slow_start(mut self, slow_start: impl Into<Option<SlowStart>>) -> Self {
+        self.slow_start = slow_start.into();
+        self
+    }
+
+    /// Outlier ejection; `None` turns it off. Default:
+    /// [`OutlierDetection::default`], on: 5 failures in a row (UNKNOWN,
+    /// INTERNAL, UNAVAILABLE, DATA_LOSS, or a transport failure) eject an
+    /// endpoint for 30 s, doubling on each repeat up to 300 s; at most
+    /// 10 % of the endpoints, but always one, are ejected at once.
+    pub fn outlier_detection(mut self, config: impl Into<Option<OutlierDetection>>) -> Self {
+        self.outlier_detection = config.into();
+        self
+    }
+
+    /// A gRPC service config (gRFC A2), as grpc-go's
+    /// `WithDefaultServiceConfig` takes it. Its `loadBalancingConfig` sets
+    /// the policy, slow start and outlier ejection (when its entry is
+    /// `outlier_detection_experimental`; otherwise the default ejection
+    /// stays on). Its `methodConfig` and `retryThrottling` are kept, and
+    /// [`LbChannel::service_config`] returns them. Fails with an error
+    /// naming the field for an invalid config. Default: none.
+    pub fn default_service_config(mut self, json: &str) -> Result<Self, Error> {
+        let config = ServiceConfig::parse(json)?;
+        if let Some(policy) = &config.policy {
+            self.policy = policy.clone();
+            self.slow_start = config.slow_start;
+        }
+        if let Some(outlier) = &config.outlier_detection {
+            self.outlier_detection = Some(outlier.clone());
+        }
+        self.service_config = Some(Arc::new(config));
+        Ok(self)
     }
 
     /// How long a call waits for an endpoint to become SERVING, or for a
@@ -268,6 +322,13 @@ impl Builder {
             return Err(Error::invalid_config("timeout must be above zero"));
         }
         self.subchannel.validate()?;
+        self.policy.validate()?;
+        if let Some(slow_start) = &self.slow_start {
+            slow_start.validate()?;
+        }
+        if let Some(outlier) = &self.outlier_detection {
+            outlier.validate()?;
+        }
         let authority = Authority::try_from(target.authority().as_str()).ok();
         let resolver = Resolver::spawn(&target, self.resolve)?;
         let running = Balancer::spawn(
@@ -277,6 +338,9 @@ impl Builder {
                 config: Arc::new(self.subchannel),
                 authority,
                 ready_timeout: self.ready_timeout,
+                policy: self.policy,
+                slow_start: self.slow_start,
+                outlier_detection: self.outlier_detection,
             },
             &runtime,
         );
@@ -287,6 +351,7 @@ impl Builder {
                 ready_timeout: self.ready_timeout,
                 fail_fast: self.fail_fast,
                 timeout: self.timeout,
+                service_config: self.service_config,
             },
         ))
     }

@@ -19,6 +19,7 @@ use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
 use crate::response::{BoxError, ResponseFuture};
+use crate::service_config::ServiceConfig;
 use crate::status::EndpointStatus;
 use crate::subchannel::{MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, Subchannel};
 
@@ -63,6 +64,7 @@ pub(crate) struct ChannelShared {
     pub(crate) ready_timeout: Duration,
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) service_config: Option<Arc<ServiceConfig>>,
 }
 
 /// How the channel treats each call.
@@ -70,6 +72,7 @@ pub(crate) struct CallSettings {
     pub(crate) ready_timeout: Duration,
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) service_config: Option<Arc<ServiceConfig>>,
 }
 
 impl Clone for LbChannel {
@@ -101,6 +104,7 @@ impl LbChannel {
             ready_timeout,
             fail_fast,
             timeout,
+            service_config,
         } = settings;
         let Running {
             picker,
@@ -117,6 +121,7 @@ impl LbChannel {
                 ready_timeout,
                 fail_fast,
                 timeout,
+                service_config,
             }),
             _stop: Arc::new(stop),
             picked: None,
@@ -126,6 +131,13 @@ impl LbChannel {
     /// The target, as written.
     pub fn target(&self) -> &str {
         &self.shared.target
+    }
+
+    /// The service config given to
+    /// [`Builder::default_service_config`](crate::Builder::default_service_config),
+    /// parsed; `None` without one.
+    pub fn service_config(&self) -> Option<&ServiceConfig> {
+        self.shared.service_config.as_deref()
     }
 
     /// Every resolved endpoint with its state and counters. It reads what

@@ -18,7 +18,9 @@
 //!   with its connections (its module docs map its files).
 //! - `balancer.rs`: the task that keeps one subchannel per resolved endpoint
 //!   and publishes the SERVING ones.
-//! - `picker.rs`: round robin over the SERVING endpoints, read lock-free.
+//! - `picker.rs`: the [`Policy`] (`policy.rs`) over the SERVING endpoints,
+//!   read lock-free; `outlier.rs` ejects the ones whose calls fail, and
+//!   `service_config.rs` reads all of it from gRPC's service config.
 //! - [`LbChannel`] (`channel.rs`): the tower service tonic clients use, and
 //!   [`Discover`] (`discover.rs`) for tower's own balancers. [`Builder`]
 //!   (`builder.rs`) holds every setting of every stage.
@@ -67,9 +69,12 @@ mod deadline;
 mod discover;
 mod error;
 mod metrics;
+mod outlier;
 mod picker;
+mod policy;
 pub mod resolve;
 mod response;
+mod service_config;
 mod status;
 pub mod subchannel;
 pub mod target;
@@ -101,8 +106,15 @@ pub use crate::builder::Builder;
 pub use crate::channel::LbChannel;
 pub use crate::discover::Discover;
 pub use crate::error::{Error, ErrorKind};
+pub use crate::outlier::{
+    ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
+};
+pub use crate::policy::{Policy, SlowStart};
 pub use crate::resolve::{Endpoint, Endpoints};
 pub use crate::response::ResponseFuture;
+pub use crate::service_config::{
+    HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
+};
 pub use crate::status::EndpointStatus;
 pub use crate::subchannel::{Subchannel, SubchannelConfig, SubchannelState};
 pub use crate::target::Target;

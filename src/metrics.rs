@@ -210,6 +210,40 @@ pub(crate) fn endpoints(target: &str, counts: [(&'static str, usize); 4]) {
 }
 
 /// `healthlb_resolutions_total{target,result}`.
+/// An endpoint ejected as an outlier, and why.
+pub(crate) fn ejection(target: &str, endpoint: std::net::SocketAddr, reason: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_ejections_total", "target" => target.to_owned(), "endpoint" => endpoint.to_string(), "reason" => reason)
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, endpoint, reason);
+}
+
+/// Endpoints ejected now, and whether panic mode sends calls to them.
+pub(crate) fn ejected(target: &str, ejected: usize, panic: bool) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::gauge!("healthlb_ejected_endpoints", "target" => target.to_owned())
+            .set(ejected as f64);
+        metrics::gauge!("healthlb_panic_mode", "target" => target.to_owned()).set(if panic {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, ejected, panic);
+}
+
+/// The policy in use: a gauge of 1 labelled with its name.
+pub(crate) fn policy(target: &str, policy: &'static str, outlier_detection: bool) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("healthlb_policy", "target" => target.to_owned(), "policy" => policy, "outlier_detection" => if outlier_detection { "on" } else { "off" })
+        .set(1.0);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, policy, outlier_detection);
+}
+
 pub(crate) fn resolution(target: &str, result: &'static str) {
     #[cfg(feature = "metrics")]
     metrics::counter!("healthlb_resolutions_total", "target" => target.to_owned(), "result" => result).increment(1);

@@ -1,40 +1,162 @@
-//! The picker: round robin over the SERVING endpoints of a snapshot.
+//! The picker: the policy's choice among the endpoints of a snapshot.
 //!
-//! The balancer task publishes a [`Snapshot`] whenever an endpoint's state
-//! or the endpoint set changes. The request path loads it through
-//! [`ArcSwap`], which takes no lock the background tasks hold, and picks in
-//! O(1): one atomic add, and one index into the list. Only when the picked
-//! endpoint's connections have just closed (a GOAWAY not yet published)
-//! does it look at the next ones. The picker chooses endpoints, not
-//! connections: an endpoint with extra connections gets no more calls.
+//! The balancer task publishes a [`Snapshot`] whenever an endpoint's state,
+//! its ejection or the endpoint set changes. The request path loads it
+//! through [`ArcSwap`], which takes no lock the background tasks hold, and
+//! picks in O(1) whatever the number of endpoints:
+//!
+//! - round robin: one atomic add and one index into the list;
+//! - least request and peak EWMA: a few random indexes (a thread-local
+//!   xorshift, no shared state) and a few atomic loads per sample.
+//!
+//! Only when the chosen endpoint's connections have just closed (a GOAWAY
+//! not yet published) does it look further. The picker chooses endpoints,
+//! not connections: an endpoint with extra connections gets no more calls.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::subchannel::Pool;
+use crate::policy::{Policy, SlowStart};
+use crate::subchannel::{Pool, now_ns};
 
 /// Something a call can be routed to.
 pub(crate) trait Candidate: Clone {
     /// Whether it can take a new call right now.
     fn can_take_call(&self) -> bool;
+    /// Calls in flight on it.
+    fn in_flight(&self) -> usize;
+    /// Its latency estimate in ns at `now`, if it has answered yet.
+    fn latency_ns(&self, now: u64) -> Option<f64>;
 }
 
 impl Candidate for Arc<Pool> {
     fn can_take_call(&self) -> bool {
         self.is_ready()
     }
+
+    fn in_flight(&self) -> usize {
+        self.stats().calls_in_flight.load(Ordering::Relaxed)
+    }
+
+    fn latency_ns(&self, now: u64) -> Option<f64> {
+        self.stats().outcomes.latency_ns(now)
+    }
+}
+
+/// The policy as the picker runs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pick {
+    RoundRobin,
+    /// The fewest calls in flight of `choices` samples.
+    LeastRequest {
+        choices: usize,
+    },
+    /// The lowest latency × (in flight + 1) of two samples.
+    PeakEwma {
+        default_rtt_ns: f64,
+    },
+}
+
+impl From<&Policy> for Pick {
+    fn from(policy: &Policy) -> Self {
+        match policy {
+            Policy::RoundRobin => Pick::RoundRobin,
+            Policy::LeastRequest { choice_count } => Pick::LeastRequest {
+                choices: (*choice_count).clamp(2, 10),
+            },
+            Policy::PeakEwma { default_rtt, .. } => Pick::PeakEwma {
+                default_rtt_ns: default_rtt.as_nanos() as f64,
+            },
+        }
+    }
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+}
+
+/// A random index below `n`: xorshift64*, per thread, so picks share no
+/// cache line.
+fn random_below(n: usize) -> usize {
+    RNG.with(|rng| {
+        let mut x = rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        rng.set(x);
+        ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as usize * n) >> 32
+    })
+}
+
+/// A random fraction in [0, 1).
+fn random_fraction() -> f64 {
+    random_below(1 << 24) as f64 / f64::from(1u32 << 24)
+}
+
+/// Power of `choices` random choices (gRFC A48, Linkerd's P2C): the index,
+/// among that many distinct random samples of `ready` that can take a
+/// call, of the lowest `cost / weight`. Distinct, unlike A48's: two draws
+/// of the same slow endpoint would send it a call in `1 / n²` of picks.
+fn best_of<T: Candidate>(
+    ready: &[T],
+    choices: usize,
+    cost: impl Fn(&T) -> f64,
+    weight: &impl Fn(usize) -> f64,
+) -> Option<usize> {
+    let n = ready.len();
+    let mut best: Option<(usize, f64)> = None;
+    let mut consider = |i: usize| {
+        let candidate = &ready[i];
+        if !candidate.can_take_call() {
+            return;
+        }
+        let c = cost(candidate) / weight(i);
+        if best.is_none_or(|(_, b)| c < b) {
+            best = Some((i, c));
+        }
+    };
+    if choices >= n {
+        // From a random start, so that ties don't all go to the first.
+        let start = random_below(n);
+        (0..n).for_each(|k| consider((start + k) % n));
+    } else {
+        // Distinct samples: a repeat is drawn again, a few times at most.
+        let mut seen = [usize::MAX; 10];
+        for k in 0..choices.min(10) {
+            let mut i = random_below(n);
+            for _ in 0..8 {
+                if !seen[..k].contains(&i) {
+                    break;
+                }
+                i = random_below(n);
+            }
+            seen[k] = i;
+            consider(i);
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// How long a ramp of `slow_start` lasts, for the balancer to stop sending
+/// times once every endpoint is past it.
+pub(crate) fn ramp_window(slow_start: Option<SlowStart>) -> Duration {
+    slow_start.map_or(Duration::ZERO, |s| s.window)
 }
 
 /// What the request path sees: the endpoints calls may go to, and a
 /// summary of every endpoint for error messages.
 #[derive(Debug)]
 pub(crate) struct Snapshot<T = Arc<Pool>> {
-    /// The serving endpoints, in address order.
+    /// The endpoints calls may go to, in address order.
     pub(crate) ready: Vec<T>,
+    /// When each became SERVING, for slow start; empty without it.
+    pub(crate) since: Vec<Instant>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
 }
@@ -75,20 +197,30 @@ pub(crate) struct Picker<T = Arc<Pool>> {
     /// Bumped after every publish, to wake calls waiting for an endpoint.
     published: watch::Sender<u64>,
     next: AtomicUsize,
+    pick: Pick,
+    slow_start: Option<SlowStart>,
 }
 
 impl<T: Candidate> Picker<T> {
     /// A picker starting at a random offset, so that many clients don't all
     /// begin with the same endpoint.
-    pub(crate) fn new(summary: String) -> Self {
+    pub(crate) fn new(summary: String, pick: Pick, slow_start: Option<SlowStart>) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 ready: Vec::new(),
+                since: Vec::new(),
                 summary,
             }),
             published: watch::channel(0).0,
             next: AtomicUsize::new(rand::random_range(0..usize::MAX / 2)),
+            pick,
+            slow_start,
         }
+    }
+
+    /// Whether the picker wants to know when each endpoint became SERVING.
+    pub(crate) fn slow_start(&self) -> Option<SlowStart> {
+        self.slow_start
     }
 
     pub(crate) fn publish(&self, snapshot: Snapshot<T>) {
@@ -96,26 +228,68 @@ impl<T: Candidate> Picker<T> {
         self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// The next serving endpoint that can take a call, if any.
+    /// The policy's choice among the endpoints that can take a call, if
+    /// any can.
     pub(crate) fn pick(&self) -> Option<T> {
         let snapshot = self.snapshot.load();
         let n = snapshot.ready.len();
         if n == 0 {
             return None;
         }
+        // Slow start only costs a clock read while an endpoint ramps up.
+        let ramp = self.slow_start.filter(|_| !snapshot.since.is_empty());
+        let now = ramp.map(|_| Instant::now());
+        let weight = |i: usize| match (ramp, now) {
+            (Some(ramp), Some(now)) => {
+                ramp.weight(now.saturating_duration_since(snapshot.since[i]))
+            }
+            _ => 1.0,
+        };
+        match self.pick {
+            Pick::RoundRobin => {}
+            Pick::LeastRequest { choices } => {
+                if let Some(i) =
+                    best_of(&snapshot.ready, choices, |c| c.in_flight() as f64, &weight)
+                {
+                    return Some(snapshot.ready[i].clone());
+                }
+            }
+            Pick::PeakEwma { default_rtt_ns } => {
+                let now_ns = now_ns();
+                if let Some(i) = best_of(
+                    &snapshot.ready,
+                    2,
+                    |c| {
+                        let latency = c.latency_ns(now_ns).unwrap_or(default_rtt_ns);
+                        latency * (c.in_flight() + 1) as f64
+                    },
+                    &weight,
+                ) {
+                    return Some(snapshot.ready[i].clone());
+                }
+            }
+        }
+        // Round robin, and the fallback when no sample could take a call.
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
         for i in 0..n {
-            let candidate = &snapshot.ready[start.wrapping_add(i) % n];
+            let index = start.wrapping_add(i) % n;
+            let candidate = &snapshot.ready[index];
             if candidate.can_take_call() {
+                // A ramping endpoint is skipped in proportion to its ramp.
+                if ramp.is_some() && random_fraction() >= weight(index) {
+                    fallback.get_or_insert(index);
+                    continue;
+                }
                 if i > 0 {
                     // Skip the closed ones next time too.
                     self.next.fetch_add(i, Ordering::Relaxed);
                 }
-                tracing::trace!(index = start.wrapping_add(i) % n, of = n, "picked");
+                tracing::trace!(index, of = n, "picked");
                 return Some(candidate.clone());
             }
         }
-        None
+        fallback.map(|i| snapshot.ready[i].clone())
     }
 
     /// The summary of the current snapshot.
@@ -145,6 +319,14 @@ pub(crate) mod bench {
         fn can_take_call(&self) -> bool {
             true
         }
+
+        fn in_flight(&self) -> usize {
+            0
+        }
+
+        fn latency_ns(&self, _: u64) -> Option<f64> {
+            None
+        }
     }
 
     /// Round robin over `services` through healthlb's picker, with
@@ -160,9 +342,10 @@ pub(crate) mod bench {
         /// A picker over `services`, all SERVING; `None` if there are none.
         pub fn new(services: Vec<S>) -> Option<Self> {
             let first = Ready(services.first()?.clone());
-            let picker = Picker::new(String::new());
+            let picker = Picker::new(String::new(), super::Pick::RoundRobin, None);
             picker.publish(Snapshot {
                 ready: services.into_iter().map(Ready).collect(),
+                since: Vec::new(),
                 summary: String::new(),
             });
             Some(Self {

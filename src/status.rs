@@ -41,6 +41,18 @@ pub struct EndpointStatus {
     pub calls_in_flight: usize,
     /// Calls that failed in transport after they were sent.
     pub calls_failed: u64,
+    /// Until when outlier ejection keeps it out of rotation; `None` when
+    /// it is in rotation.
+    pub ejected_until: Option<Instant>,
+    /// Why it was ejected: `consecutive_failures`, `success_rate` or
+    /// `failure_percentage`.
+    pub ejection_reason: Option<&'static str>,
+    /// Failures in a row, by the outlier detector's codes, up to the last
+    /// success.
+    pub consecutive_failures: u32,
+    /// The peak-EWMA of its time to response headers, decayed to now;
+    /// `None` before its first answer.
+    pub latency_ewma: Option<Duration>,
     /// The last connection failure.
     pub last_error: Option<Error>,
     /// The HTTP/2 keepalive interval of its next connection: the configured
@@ -53,6 +65,7 @@ impl EndpointStatus {
         let status = sub.status();
         let stats = &sub.shared.stats;
         let now = Instant::now();
+        let ejection = *stats.ejection.lock().expect("ejection");
         Self {
             addr: sub.endpoint().addr(),
             hostname: sub.endpoint().hostname().map(str::to_owned),
@@ -69,6 +82,10 @@ impl EndpointStatus {
             calls_started: stats.calls_started.load(Ordering::Relaxed),
             calls_in_flight: stats.calls_in_flight.load(Ordering::SeqCst),
             calls_failed: stats.calls_failed.load(Ordering::Relaxed),
+            ejected_until: ejection.map(|(until, _)| until),
+            ejection_reason: ejection.map(|(_, reason)| reason),
+            consecutive_failures: stats.outcomes.consecutive_failures(),
+            latency_ewma: stats.outcomes.latency(),
             last_error: sub.last_error(),
             http2_keep_alive_interval: sub.http2_keep_alive_interval(),
         }

@@ -65,18 +65,22 @@ impl Slot {
         };
         prepare(&mut req, &conn.origin);
         let mut send = conn.send.clone();
+        let sent_at = std::time::Instant::now();
         match send.try_send_request(req).await {
             Ok(response) => {
                 drop(replay);
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                stats.outcomes.observe(sent_at.elapsed());
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
                     frames: GrpcFrames::default(),
                     done: false,
                 });
-                if let Some(counting) = &mut counting {
-                    // A trailers-only response carries its status in the headers.
-                    if let Some(code) = grpc_status(response.headers()) {
+                // A trailers-only response carries its status in the headers.
+                let status = grpc_status(response.headers());
+                if let Some(code) = status {
+                    stats.outcomes.record(code);
+                    if let Some(counting) = &mut counting {
                         stats.metrics.request_done(code, &counting.method);
                         counting.done = true;
                     }
@@ -85,6 +89,7 @@ impl Slot {
                     Body::new(TrackedBody {
                         body,
                         counting,
+                        judged: status.is_some(),
                         slot: self,
                     })
                 }))
@@ -102,6 +107,7 @@ impl Slot {
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 stats.calls_failed.fetch_add(1, Ordering::Relaxed);
                 let status = transport_status(conn.addr, &err);
+                stats.outcomes.record(status.code());
                 if let Some(method) = &method {
                     stats.metrics.request_done(status.code(), method);
                 }
@@ -154,6 +160,8 @@ fn prepare(req: &mut Request<Body>, origin: &Origin) {
 struct TrackedBody {
     body: Incoming,
     counting: Option<ResponseCounting>,
+    /// The call's status went to the endpoint's outcomes.
+    judged: bool,
     slot: Slot,
 }
 
@@ -202,6 +210,23 @@ impl HttpBody for TrackedBody {
         let polled = Pin::new(&mut this.body)
             .poll_frame(cx)
             .map(|frame| frame.map(|f| f.map_err(|e| transport_status(addr, &e))));
+        if !this.judged
+            && let Poll::Ready(result) = &polled
+        {
+            let code = match result {
+                Some(Ok(frame)) => frame.trailers_ref().map(|t| {
+                    // Trailers without a status break the protocol.
+                    grpc_status(t).unwrap_or(tonic::Code::Internal)
+                }),
+                Some(Err(status)) => Some(status.code()),
+                // The stream ended without trailers: no status at all.
+                None => Some(tonic::Code::Internal),
+            };
+            if let Some(code) = code {
+                this.slot.conn.stats.outcomes.record(code);
+                this.judged = true;
+            }
+        }
         if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {
             let metrics = &this.slot.conn.stats.metrics;
             match result {

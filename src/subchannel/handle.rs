@@ -13,6 +13,7 @@ use tracing::error;
 use super::active::Ctx;
 use super::config::SubchannelConfig;
 use super::connect::{Dialer, Origin, Slots};
+use super::outcome::Outcomes;
 use super::pool::Pool;
 use super::shared::{Hooks, Shared};
 use super::state::{SubchannelState, SubchannelStatus};
@@ -73,6 +74,7 @@ impl Subchannel {
                 addr,
                 config.metrics_method_label,
             ),
+            outcomes: Outcomes::new(hooks.judge),
             ..Stats::default()
         });
         let slots = Arc::new(Slots::default());
@@ -86,7 +88,7 @@ impl Subchannel {
             stats: stats.clone(),
             slots: slots.clone(),
         };
-        let pool = Arc::new(Pool::new(addr, &config, slots));
+        let pool = Arc::new(Pool::new(addr, &config, slots, stats.clone()));
         let shared = Arc::new(Shared::new(
             endpoint,
             stats,

@@ -29,11 +29,14 @@ use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
 use super::connect::{Conn, Slots};
+use super::stats::Stats;
 
 /// The open connections of one endpoint that may take calls.
 #[derive(Debug)]
 pub(crate) struct Pool {
     addr: SocketAddr,
+    /// The endpoint's counters: calls in flight and outcomes, for policies.
+    stats: Arc<Stats>,
     max_connections: usize,
     /// `concurrency_limit`: calls in flight on the endpoint at most.
     concurrency_limit: Option<usize>,
@@ -145,9 +148,11 @@ impl Pool {
         addr: SocketAddr,
         config: &super::config::SubchannelConfig,
         slots: Arc<Slots>,
+        stats: Arc<Stats>,
     ) -> Self {
         Self {
             addr,
+            stats,
             max_connections: config.max_connections_per_endpoint,
             concurrency_limit: config.concurrency_limit,
             rate_limit: config
@@ -163,6 +168,11 @@ impl Pool {
 
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The endpoint's counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Whether some connection can take a call now, or after a wait for a

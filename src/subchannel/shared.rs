@@ -25,6 +25,8 @@ pub(crate) struct Hooks {
     pub(crate) authority: Option<Authority>,
     /// The target, for metrics labels.
     pub(crate) target: Option<Arc<str>>,
+    /// How calls' outcomes are judged.
+    pub(crate) judge: super::outcome::Judge,
 }
 
 /// State shared by the subchannel's task, its handles and the request path.

@@ -12,4 +12,8 @@ pub(crate) struct Stats {
     pub(crate) calls_failed: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) recycles: AtomicU64,
+    /// What calls show: status and latency.
+    pub(crate) outcomes: super::outcome::Outcomes,
+    /// Until when the balancer keeps it out of rotation, and why.
+    pub(crate) ejection: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,11 @@ pub struct Counters {
     /// Server and bidi streams open right now, and the most at once.
     pub open_streams: AtomicU64,
     pub max_open_streams: AtomicU64,
+    /// Unary calls fail with this gRPC code when not 0 (a gray failure:
+    /// the health service still says SERVING).
+    pub fail_with: AtomicI32,
+    /// Unary calls take this long first, in µs (a slow pod).
+    pub delay_us: AtomicU64,
 }
 
 /// Counts a stream open until dropped, with the high-water mark.
@@ -93,6 +98,17 @@ impl Echo for EchoImpl {
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
             .collect();
         *self.counters.last_headers.lock().unwrap() = headers;
+        let delay = self.counters.delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
+        let code = self.counters.fail_with.load(Ordering::Relaxed);
+        if code != 0 {
+            return Err(Status::new(
+                tonic::Code::from_i32(code),
+                format!("{} fails on purpose", self.name),
+            ));
+        }
         Ok(Response::new(EchoReply {
             message: request.into_inner().message,
             backend: self.name.to_string(),

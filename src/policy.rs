@@ -1,0 +1,170 @@
+//! Load-balancing policies: how the picker chooses among the endpoints a
+//! call may go to. Set with [`Builder::policy`](crate::Builder::policy) or
+//! the service config's `loadBalancingConfig`.
+
+use std::time::Duration;
+
+use crate::Error;
+
+/// How calls are spread over the SERVING endpoints. Default: round robin.
+#[derive(Clone, Debug, PartialEq, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// `round_robin`: each endpoint in turn. Even, and the cheapest, when
+    /// the endpoints are alike.
+    #[default]
+    RoundRobin,
+    /// `least_request_experimental` (gRFC A48): sample `choice_count`
+    /// endpoints at random and pick the one with the fewest calls in
+    /// flight. It keeps calls off an endpoint that slows down under load.
+    LeastRequest {
+        /// Endpoints sampled per pick, 2 to 10. Default: 2.
+        choice_count: usize,
+    },
+    /// `peak_ewma`, Linkerd's policy: sample two endpoints and pick the one
+    /// with the lower latency estimate × (calls in flight + 1). The
+    /// estimate is a peak-sensitive moving average of the time to response
+    /// headers, so a slow endpoint is avoided even at a concurrency of 1.
+    PeakEwma {
+        /// How fast the estimate forgets. Default: 10 s.
+        decay: Duration,
+        /// The estimate of an endpoint before its first answer. Default:
+        /// 30 ms.
+        default_rtt: Duration,
+    },
+}
+
+impl Policy {
+    /// `least_request_experimental` with `choice_count` samples (2 to 10;
+    /// more is taken as 10, as gRFC A48 says).
+    pub fn least_request(choice_count: usize) -> Self {
+        Policy::LeastRequest { choice_count }
+    }
+
+    /// `peak_ewma` with a decay of 10 s and a default latency of 30 ms.
+    pub fn peak_ewma() -> Self {
+        Policy::PeakEwma {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+        }
+    }
+
+    /// The policy's name in the service config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastRequest { .. } => "least_request_experimental",
+            Policy::PeakEwma { .. } => "peak_ewma",
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        match self {
+            Policy::RoundRobin => Ok(()),
+            Policy::LeastRequest { choice_count } if *choice_count < 2 => {
+                Err(Error::invalid_config(format!(
+                    "least_request_experimental.choiceCount must be at least 2, got {choice_count}"
+                )))
+            }
+            Policy::LeastRequest { .. } => Ok(()),
+            Policy::PeakEwma { decay, .. } if decay.is_zero() => {
+                Err(Error::invalid_config("peak_ewma.decay must be above zero"))
+            }
+            Policy::PeakEwma { .. } => Ok(()),
+        }
+    }
+}
+
+/// Slow start, as Envoy has it: an endpoint that just became SERVING gets
+/// a share of calls that grows from `min_weight_percent` to a full one over
+/// `window`, so a cold pod (empty caches, a JIT not warmed up) is not
+/// flooded. Off by default.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SlowStart {
+    /// How long the ramp lasts. Default: 30 s.
+    pub window: Duration,
+    /// The ramp's shape: the share at time `t` is `(t / window)^(1 /
+    /// aggression)`; 1.0 is linear, larger ramps faster at first. Default:
+    /// 1.0.
+    pub aggression: f64,
+    /// The smallest share, in percent. Default: 10.
+    pub min_weight_percent: f64,
+}
+
+impl Default for SlowStart {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(30),
+            aggression: 1.0,
+            min_weight_percent: 10.0,
+        }
+    }
+}
+
+impl SlowStart {
+    /// A linear ramp over `window`, from 10 %.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the ramp's shape. Default: 1.0, linear.
+    pub fn aggression(mut self, aggression: f64) -> Self {
+        self.aggression = aggression;
+        self
+    }
+
+    /// Sets the smallest share, in percent. Default: 10.
+    pub fn min_weight_percent(mut self, percent: f64) -> Self {
+        self.min_weight_percent = percent;
+        self
+    }
+
+    /// The share of a full weight an endpoint `age` into its ramp gets,
+    /// from `min_weight_percent / 100` to 1.
+    pub(crate) fn weight(&self, age: Duration) -> f64 {
+        if age >= self.window {
+            return 1.0;
+        }
+        let t = age.as_secs_f64() / self.window.as_secs_f64();
+        let min = self.min_weight_percent / 100.0;
+        t.powf(1.0 / self.aggression).clamp(min, 1.0)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.window.is_zero() {
+            return Err(Error::invalid_config("slowStart.window must be above zero"));
+        }
+        if !(self.aggression.is_finite() && self.aggression > 0.0) {
+            return Err(Error::invalid_config(format!(
+                "slowStart.aggression must be a positive number, got {}",
+                self.aggression
+            )));
+        }
+        if !(0.0..=100.0).contains(&self.min_weight_percent) {
+            return Err(Error::invalid_config(format!(
+                "slowStart.minWeightPercent must be from 0 to 100, got {}",
+                self.min_weight_percent
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_start_ramps_from_the_minimum_to_full() {
+        let ramp = SlowStart::new(Duration::from_secs(10));
+        assert_eq!(ramp.weight(Duration::ZERO), 0.1);
+        assert!((ramp.weight(Duration::from_secs(5)) - 0.5).abs() < 1e-9);
+        assert_eq!(ramp.weight(Duration::from_secs(10)), 1.0);
+        let eager = ramp.aggression(2.0);
+        assert!((eager.weight(Duration::from_secs(5)) - 0.5f64.sqrt()).abs() < 1e-9);
+    }
+}
