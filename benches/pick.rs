@@ -1,7 +1,11 @@
-//! Pick cost: `poll_ready` + `call` through healthlb's picker over 1, 10, 100
-//! and 1000 SERVING endpoints, against no-op services, next to tower's
+//! Pick cost: `poll_ready` + `call` through healthlb's picker, for each
+//! policy (round robin, least request, peak EWMA), over 1, 10, 100, 1000
+//! and 10,000 SERVING endpoints, against no-op services, next to tower's
 //! `p2c::Balance` (the balancer under tonic's `balance_list`) over the same
-//! services. healthlb's cost must be flat in the number of endpoints.
+//! services. healthlb's cost must be flat in the number of endpoints. The
+//! no-op endpoints report no calls in flight and no latency, so the
+//! policies' cost here is their sampling, not the atomic loads of a real
+//! endpoint's counters.
 //!
 //! `cargo bench --bench pick`
 
@@ -11,7 +15,8 @@ use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use healthlb::internals::RoundRobin;
+use healthlb::Policy;
+use healthlb::internals::Picked;
 use tower::Service;
 use tower::discover::ServiceList;
 
@@ -51,11 +56,18 @@ fn route<S: Service<u32>>(service: &mut S, cx: &mut Context<'_>) -> Option<S::Fu
 fn pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
     let mut cx = Context::from_waker(Waker::noop());
-    for n in [1usize, 10, 100, 1000] {
-        let mut healthlb = RoundRobin::new(vec![Noop; n]).expect("at least one endpoint");
-        group.bench_with_input(BenchmarkId::new("healthlb", n), &n, |b, _| {
-            b.iter(|| black_box(route(&mut healthlb, &mut cx)))
-        });
+    let policies = [
+        ("healthlb", Policy::RoundRobin),
+        ("healthlb_least_request", Policy::least_request(2)),
+        ("healthlb_peak_ewma", Policy::peak_ewma()),
+    ];
+    for n in [1usize, 10, 100, 1000, 10_000] {
+        for (name, policy) in &policies {
+            let mut healthlb = Picked::new(vec![Noop; n], policy).expect("at least one endpoint");
+            group.bench_with_input(BenchmarkId::new(*name, n), &n, |b, _| {
+                b.iter(|| black_box(route(&mut healthlb, &mut cx)))
+            });
+        }
 
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()

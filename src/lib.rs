@@ -86,7 +86,7 @@ pub mod target;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::metrics::bench::PerCall;
-    pub use crate::picker::bench::RoundRobin;
+    pub use crate::picker::bench::Picked;
 
     /// Runs the resolver's answer handling on a raw DNS message; how many
     /// endpoints it kept.

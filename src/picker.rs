@@ -329,20 +329,20 @@ pub(crate) mod bench {
         }
     }
 
-    /// Round robin over `services` through healthlb's picker, with
+    /// `policy` over `services` through healthlb's picker, with
     /// `poll_ready` picking and `call` using the pick, as `LbChannel` does.
     #[allow(missing_debug_implementations)]
-    pub struct RoundRobin<S> {
+    pub struct Picked<S> {
         picker: Arc<Picker<Ready<S>>>,
         picked: Option<Ready<S>>,
         first: Ready<S>,
     }
 
-    impl<S: Clone> RoundRobin<S> {
+    impl<S: Clone> Picked<S> {
         /// A picker over `services`, all SERVING; `None` if there are none.
-        pub fn new(services: Vec<S>) -> Option<Self> {
+        pub fn new(services: Vec<S>, policy: &crate::Policy) -> Option<Self> {
             let first = Ready(services.first()?.clone());
-            let picker = Picker::new(String::new(), super::Pick::RoundRobin, None);
+            let picker = Picker::new(String::new(), super::Pick::from(policy), None);
             picker.publish(Snapshot {
                 ready: services.into_iter().map(Ready).collect(),
                 since: Vec::new(),
@@ -356,7 +356,7 @@ pub(crate) mod bench {
         }
     }
 
-    impl<S, R> tower::Service<R> for RoundRobin<S>
+    impl<S, R> tower::Service<R> for Picked<S>
     where
         S: tower::Service<R> + Clone,
     {

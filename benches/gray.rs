@@ -1,0 +1,222 @@
+//! Gray failures, side by side in one run: 4 tonic backends on loopback
+//! (127.0.0.2–5), all SERVING by the health protocol, and
+//!
+//! 1. **a failing pod**: one backend answers every call UNAVAILABLE. Each
+//!    contender runs 16 callers for `HEALTHLB_GRAY_SECS` (default 10) and
+//!    reports the share of calls that failed.
+//! 2. **a slow pod**: one backend answers 50 ms late. Each contender runs
+//!    16 callers and then 1 caller, for `HEALTHLB_BENCH_SECS` (default 5)
+//!    each, with and without the slow pod; it reports calls/s against
+//!    all-fast, p99, and (at 1 caller) mean latency against all-fast.
+//!
+//! Contenders: healthlb with each policy and its defaults (outlier ejection
+//! on), tonic's `balance_list`, ginepro 0.9 and warm_channels 0.3. Every
+//! healthlb measurement starts from a fresh channel, so no ejection or
+//! latency estimate carries over. Criterion measures one call through each
+//! contender with the slow pod, at 16 callers.
+//!
+//! `cargo bench --bench gray`; the table also goes to
+//! `target/healthlb-bench/gray.txt`.
+
+#[path = "peers/mod.rs"]
+mod peers;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use criterion::Criterion;
+use healthlb::{LbChannel, Policy};
+use peers::{Contender, Sample, StaticLookup, env_or, healthlb_all_serving, measure};
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::{Backend, free_port, loopback};
+use tonic::transport::{Channel, Endpoint};
+
+const SLOW: Duration = Duration::from_millis(50);
+
+/// Which contender to build.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Healthlb(&'static str),
+    BalanceList,
+    Ginepro,
+    WarmChannels,
+}
+
+const KINDS: [Kind; 6] = [
+    Kind::Healthlb("healthlb round_robin"),
+    Kind::Healthlb("healthlb least_request"),
+    Kind::Healthlb("healthlb peak_ewma"),
+    Kind::BalanceList,
+    Kind::Ginepro,
+    Kind::WarmChannels,
+];
+
+async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
+    let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
+    let mut contender = match kind {
+        Kind::Healthlb(name) => {
+            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+            let policy = match name {
+                "healthlb least_request" => Policy::least_request(2),
+                "healthlb peak_ewma" => Policy::peak_ewma(),
+                _ => Policy::RoundRobin,
+            };
+            let channel = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+                .policy(policy)
+                .connect()
+                .await
+                .expect("healthlb connects");
+            healthlb_all_serving(&channel, addrs.len()).await;
+            Contender::HealthlbPolicy(name, EchoClient::new(channel))
+        }
+        Kind::BalanceList => Contender::BalanceList(EchoClient::new(Channel::balance_list(
+            addrs.iter().map(endpoint),
+        ))),
+        Kind::Ginepro => {
+            let channel =
+                ginepro::LoadBalancedChannel::builder(("echo.bench.local", addrs[0].port()))
+                    .lookup_service(StaticLookup(addrs.to_vec()))
+                    .channel()
+                    .await
+                    .expect("ginepro channel");
+            Contender::Ginepro(tonic013::client::Grpc::new(channel))
+        }
+        Kind::WarmChannels => {
+            let uri: http::Uri = format!("http://{}", addrs[0]).parse().expect("uri");
+            Contender::WarmChannels(EchoClient::with_origin(peers::warm_channel(addrs), uri))
+        }
+    };
+    // Warm up: connections open, discovery done. Bounded in count and time.
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        if started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        let _ = contender.call().await;
+    }
+    contender
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let runtime = peers::client_runtime();
+    // Without `--bench` (as `cargo test --all-targets` runs it), a short
+    // smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let scale = if full { 1.0 } else { 0.03 };
+    let gray = Duration::from_secs_f64(env_or("HEALTHLB_GRAY_SECS", 10.0) * scale);
+    let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 5.0) * scale);
+    let port = free_port();
+    let backends = runtime.block_on(async {
+        let mut backends = Vec::new();
+        for n in 2..=5u8 {
+            backends.push(Backend::start(&format!("b{n}"), loopback(n, port)).await);
+        }
+        backends
+    });
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let bad = &backends[0].counters;
+    let mut out = String::new();
+
+    // 1. A failing pod.
+    let _ = writeln!(
+        out,
+        "## One pod failing every call with UNAVAILABLE, 16 callers, {gray:?}\n"
+    );
+    let _ = writeln!(out, "| contender | calls | failed | failed share |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+    for kind in KINDS {
+        let sample = runtime.block_on(async {
+            let contender = build(kind, &addrs).await;
+            bad.fail_with
+                .store(tonic::Code::Unavailable as i32, Ordering::SeqCst);
+            let sample = measure(&contender, 16, gray).await;
+            bad.fail_with.store(0, Ordering::SeqCst);
+            (contender.name().to_owned(), sample)
+        });
+        let (name, s) = sample;
+        let calls = (s.calls_per_sec * gray.as_secs_f64()).round() as u64 + s.failed;
+        let share = 100.0 * s.failed as f64 / calls.max(1) as f64;
+        let _ = writeln!(out, "| {name} | {calls} | {} | {share:.3} % |", s.failed);
+    }
+
+    // 2. A slow pod.
+    let _ = writeln!(
+        out,
+        "\n## One pod {} slower, against all four fast, {length:?} per figure\n",
+        ms(SLOW)
+    );
+    let _ = writeln!(
+        out,
+        "| contender | c=16 calls/s vs all-fast | c=16 p99 (all-fast) | c=1 mean vs all-fast | c=1 mean (all-fast) |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let mut slow_contenders = Vec::new();
+    for kind in KINDS {
+        let row = runtime.block_on(async {
+            let mut figures: Vec<Sample> = Vec::new();
+            for (slow, concurrency) in [(false, 16), (true, 16), (false, 1), (true, 1)] {
+                bad.delay_us.store(
+                    if slow { SLOW.as_micros() as u64 } else { 0 },
+                    Ordering::SeqCst,
+                );
+                let contender = build(kind, &addrs).await;
+                figures.push(measure(&contender, concurrency, length).await);
+                if slow && concurrency == 16 {
+                    slow_contenders.push(contender);
+                }
+            }
+            bad.delay_us.store(0, Ordering::SeqCst);
+            figures
+        });
+        let [fast16, slow16, fast1, slow1] = [row[0], row[1], row[2], row[3]];
+        let name = slow_contenders.last().expect("built").name();
+        let _ = writeln!(
+            out,
+            "| {name} | {:.2}× ({:.0} vs {:.0}) | {} ({}) | {:.2}× | {} ({}) |",
+            slow16.calls_per_sec / fast16.calls_per_sec.max(1.0),
+            slow16.calls_per_sec,
+            fast16.calls_per_sec,
+            ms(slow16.p99),
+            ms(fast16.p99),
+            slow1.mean.as_secs_f64() / fast1.mean.as_secs_f64().max(1e-9),
+            ms(slow1.mean),
+            ms(fast1.mean),
+        );
+    }
+    eprintln!("{out}");
+    let dir = std::path::Path::new("target/healthlb-bench");
+    let _ = std::fs::create_dir_all(dir);
+    if full {
+        let _ = std::fs::write(dir.join("gray.txt"), &out);
+    }
+
+    // Criterion: one call through each contender with the slow pod.
+    if full {
+        bad.delay_us
+            .store(SLOW.as_micros() as u64, Ordering::SeqCst);
+        let mut criterion = Criterion::default()
+            .configure_from_args()
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(3));
+        let mut group = criterion.benchmark_group("slow_pod_call");
+        for contender in &slow_contenders {
+            group.bench_function(contender.name(), |b| {
+                b.to_async(&runtime).iter(|| {
+                    let mut contender = contender.clone();
+                    async move { contender.call().await }
+                })
+            });
+        }
+        group.finish();
+        bad.delay_us.store(0, Ordering::SeqCst);
+    }
+    drop(backends);
+}
