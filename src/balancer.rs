@@ -239,11 +239,7 @@ impl Balancer {
                     )
                 })
                 .collect();
-            let mut ejected = if detector.has_interval_rules() {
-                detector.on_interval(now, &counts)
-            } else {
-                detector.on_interval(now, &[])
-            };
+            let mut ejected = detector.on_interval(now, &counts);
             // Failures in a row that could not eject before (the cap) may now.
             let consecutive: Vec<_> = counts.iter().map(|(a, c)| (*a, c.consecutive)).collect();
             ejected.extend(detector.on_failures(now, &consecutive));
@@ -331,7 +327,7 @@ impl Balancer {
         let mut labels = Vec::with_capacity(subchannels.len());
         let mut serving = BTreeMap::new();
         let ramp = self.outputs.picker.slow_start();
-        let window = crate::picker::ramp_window(ramp);
+        let window = ramp.map_or(std::time::Duration::ZERO, |r| r.window);
         let mut ramp_end: Option<std::time::Instant> = None;
         let mut states = [
             ("serving", 0),

@@ -483,22 +483,14 @@ impl Detector {
         counts: &[(SocketAddr, Counts)],
     ) -> Vec<Ejection> {
         let mut out = Vec::new();
-        let rate = |c: &Counts| {
-            let total = c.successes + c.failures;
-            (total, c.successes as f64 / total.max(1) as f64)
-        };
         if let Some(rule) = self.config.success_rate {
-            let volume: Vec<(SocketAddr, f64)> = counts
-                .iter()
-                .filter(|(a, c)| !self.is_ejected(a) && rate(c).0 >= u64::from(rule.request_volume))
-                .map(|(a, c)| (*a, rate(c).1))
-                .collect();
-            if volume.len() >= rule.minimum_hosts.max(1) as usize {
-                let n = volume.len() as f64;
-                let mean = volume.iter().map(|(_, r)| r).sum::<f64>() / n;
-                let variance = volume.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+            let rates = self.with_volume(counts, rule.request_volume, rule.minimum_hosts);
+            if !rates.is_empty() {
+                let n = rates.len() as f64;
+                let mean = rates.iter().map(|(_, r)| r).sum::<f64>() / n;
+                let variance = rates.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
                 let bar = mean - variance.sqrt() * (f64::from(rule.stdev_factor) / 1000.0);
-                for (addr, r) in volume {
+                for (addr, r) in rates {
                     if r < bar && self.may_eject() && self.roll(rule.enforcement_percentage) {
                         out.extend(self.eject(now, addr, Reason::SuccessRate, r, bar));
                     }
@@ -506,17 +498,11 @@ impl Detector {
             }
         }
         if let Some(rule) = self.config.failure_percentage {
-            let volume: Vec<(SocketAddr, f64)> = counts
-                .iter()
-                .filter(|(a, c)| !self.is_ejected(a) && rate(c).0 >= u64::from(rule.request_volume))
-                .map(|(a, c)| (*a, 100.0 * (1.0 - rate(c).1)))
-                .collect();
-            if volume.len() >= rule.minimum_hosts.max(1) as usize {
-                let bar = f64::from(rule.threshold);
-                for (addr, pct) in volume {
-                    if pct > bar && self.may_eject() && self.roll(rule.enforcement_percentage) {
-                        out.extend(self.eject(now, addr, Reason::FailurePercentage, pct, bar));
-                    }
+            let bar = f64::from(rule.threshold);
+            for (addr, r) in self.with_volume(counts, rule.request_volume, rule.minimum_hosts) {
+                let pct = 100.0 * (1.0 - r);
+                if pct > bar && self.may_eject() && self.roll(rule.enforcement_percentage) {
+                    out.extend(self.eject(now, addr, Reason::FailurePercentage, pct, bar));
                 }
             }
         }
@@ -526,6 +512,31 @@ impl Detector {
             }
         }
         out
+    }
+
+    /// The success rates of the endpoints in rotation with at least
+    /// `volume` calls, if there are at least `minimum_hosts` of them; none
+    /// otherwise (A50's thresholds for both algorithms).
+    fn with_volume(
+        &self,
+        counts: &[(SocketAddr, Counts)],
+        volume: u32,
+        minimum_hosts: u32,
+    ) -> Vec<(SocketAddr, f64)> {
+        let rates: Vec<(SocketAddr, f64)> = counts
+            .iter()
+            .filter(|(a, c)| !self.is_ejected(a) && c.successes + c.failures >= u64::from(volume))
+            .map(|(a, c)| {
+                (
+                    *a,
+                    c.successes as f64 / (c.successes + c.failures).max(1) as f64,
+                )
+            })
+            .collect();
+        match rates.len() >= minimum_hosts.max(1) as usize {
+            true => rates,
+            false => Vec::new(),
+        }
     }
 
     /// Returns the endpoints whose ejection is over.
@@ -543,11 +554,6 @@ impl Detector {
     /// When the next ejection ends.
     pub(crate) fn next_return(&self) -> Option<Instant> {
         self.entries.values().filter_map(|e| e.ejected_until).min()
-    }
-
-    /// Whether the interval algorithms run at all.
-    pub(crate) fn has_interval_rules(&self) -> bool {
-        self.config.success_rate.is_some() || self.config.failure_percentage.is_some()
     }
 
     pub(crate) fn config(&self) -> &OutlierDetection {

@@ -17,7 +17,7 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -141,12 +141,6 @@ fn best_of<T: Candidate>(
         }
     }
     best.map(|(i, _)| i)
-}
-
-/// How long a ramp of `slow_start` lasts, for the balancer to stop sending
-/// times once every endpoint is past it.
-pub(crate) fn ramp_window(slow_start: Option<SlowStart>) -> Duration {
-    slow_start.map_or(Duration::ZERO, |s| s.window)
 }
 
 /// What the request path sees: the endpoints calls may go to, and a

@@ -299,6 +299,12 @@ impl<'a> Field<'a> {
         Ok(n as u64)
     }
 
+    /// A whole number from `min` to `u32::MAX`.
+    fn count(&self, min: u32) -> Result<u32, Error> {
+        self.whole(u64::from(min), u64::from(u32::MAX))
+            .map(|n| n as u32)
+    }
+
     fn percent(&self) -> Result<u32, Error> {
         self.whole(0, 100).map(|n| n as u32)
     }
@@ -515,16 +521,16 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
         let so = s.object()?;
         let mut rule = SuccessRateEjection::default();
         if let Some(v) = s.get(so, "stdevFactor") {
-            rule.stdev_factor = v.whole(0, u64::from(u32::MAX))? as u32;
+            rule.stdev_factor = v.count(0)?;
         }
         if let Some(v) = s.get(so, "enforcementPercentage") {
             rule.enforcement_percentage = v.percent()?;
         }
         if let Some(v) = s.get(so, "minimumHosts") {
-            rule.minimum_hosts = v.whole(0, u64::from(u32::MAX))? as u32;
+            rule.minimum_hosts = v.count(0)?;
         }
         if let Some(v) = s.get(so, "requestVolume") {
-            rule.request_volume = v.whole(0, u64::from(u32::MAX))? as u32;
+            rule.request_volume = v.count(0)?;
         }
         od.success_rate = Some(rule);
     }
@@ -538,10 +544,10 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
             rule.enforcement_percentage = v.percent()?;
         }
         if let Some(v) = f.get(fo, "minimumHosts") {
-            rule.minimum_hosts = v.whole(0, u64::from(u32::MAX))? as u32;
+            rule.minimum_hosts = v.count(0)?;
         }
         if let Some(v) = f.get(fo, "requestVolume") {
-            rule.request_volume = v.whole(0, u64::from(u32::MAX))? as u32;
+            rule.request_volume = v.count(0)?;
         }
         od.failure_percentage = Some(rule);
     }
@@ -549,7 +555,7 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
         let co = c.object()?;
         let mut rule = ConsecutiveFailures::default();
         if let Some(v) = c.get(co, "threshold") {
-            rule.threshold = v.whole(1, u64::from(u32::MAX))? as u32;
+            rule.threshold = v.count(1)?;
         }
         if let Some(v) = c.get(co, "enforcementPercentage") {
             rule.enforcement_percentage = v.percent()?;
@@ -612,9 +618,7 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
     }
     if let Some(r) = retry {
         let ro = r.object()?;
-        let max_attempts = r
-            .require(ro, "maxAttempts")?
-            .whole(2, u64::from(u32::MAX))? as u32;
+        let max_attempts = r.require(ro, "maxAttempts")?.count(2)?;
         let initial_backoff = positive(&r.require(ro, "initialBackoff")?)?;
         let max_backoff = positive(&r.require(ro, "maxBackoff")?)?;
         let multiplier = r.require(ro, "backoffMultiplier")?;
@@ -640,9 +644,7 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
     }
     if let Some(h) = hedging {
         let ho = h.object()?;
-        let max_attempts = h
-            .require(ho, "maxAttempts")?
-            .whole(2, u64::from(u32::MAX))? as u32;
+        let max_attempts = h.require(ho, "maxAttempts")?.count(2)?;
         let hedging_delay = match h.get(ho, "hedgingDelay") {
             Some(d) => d.duration()?,
             None => Duration::ZERO,

@@ -70,7 +70,7 @@ impl Slot {
             Ok(response) => {
                 drop(replay);
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
-                stats.outcomes.observe(sent_at.elapsed());
+                stats.outcomes.observe(sent_at);
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
                     frames: GrpcFrames::default(),

@@ -124,9 +124,13 @@ impl Outcomes {
     /// Records how long a call took to its response headers, into a
     /// peak-sensitive EWMA: a slower answer replaces the estimate at once, a
     /// faster one pulls it down over the decay time (Linkerd's, Finagle's).
-    pub(crate) fn observe(&self, rtt: Duration) {
-        let now = now_ns();
-        let rtt = rtt.as_nanos() as f64;
+    /// `sent_at` is when the call left; one clock read serves for both the
+    /// latency and the estimate's timestamp.
+    pub(crate) fn observe(&self, sent_at: Instant) {
+        let received = Instant::now();
+        let rtt = received.saturating_duration_since(sent_at).as_nanos() as f64;
+        let now = u64::try_from(received.saturating_duration_since(epoch()).as_nanos())
+            .unwrap_or(u64::MAX);
         let prev = f64::from_bits(self.ewma.load(Ordering::Relaxed));
         let at = self.ewma_at.load(Ordering::Relaxed);
         let next = if rtt > prev || at == 0 {
@@ -215,8 +219,9 @@ mod tests {
     fn the_estimate_takes_peaks_at_once_and_decays() {
         let outcomes = Outcomes::default();
         assert_eq!(outcomes.latency(), None);
-        outcomes.observe(Duration::from_millis(1));
-        outcomes.observe(Duration::from_millis(50));
+        let now = Instant::now();
+        outcomes.observe(now - Duration::from_millis(1));
+        outcomes.observe(now - Duration::from_millis(50));
         let now = now_ns();
         let at_once = outcomes.latency_ns(now).unwrap();
         assert!(at_once > 49e6, "{at_once}");
