@@ -1,6 +1,6 @@
 //! The Prometheus metrics, recorded in-process and checked against the calls
 //! made: requests by status, live stream messages, endpoint states, health
-//! transitions, resolutions and connections.
+//! transitions, resolutions, connections, the policy and outlier ejections.
 //!
 //! A test binary of its own, since a metrics recorder is global to the
 //! process. It needs nothing built beside it, so it passes under
@@ -10,6 +10,7 @@
 mod support;
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use healthlb::LbChannel;
@@ -30,7 +31,7 @@ fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
 }
 
 #[tokio::test]
-async fn calls_and_live_stream_messages_are_counted() {
+async fn calls_streams_and_ejections_are_counted() {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).expect("the only recorder in this binary");
@@ -116,4 +117,57 @@ async fn calls_and_live_stream_messages_are_counted() {
     assert!(sum(&text, "healthlb_resolutions_total", &["result=\"ok\""]) >= 1.0);
     // One connection per endpoint: none reached its server's stream limit.
     assert_eq!(sum(&text, "healthlb_connections", &[]), 4.0, "{text}");
+    assert_eq!(
+        sum(
+            &text,
+            "healthlb_policy",
+            &["policy=\"round_robin\"", "outlier_detection=\"on\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sum(&text, "healthlb_ejected_endpoints", &[]), 0.0);
+    drop(stream);
+
+    // A pod that says SERVING but fails: five failures in a row eject it.
+    let bad = &backends[0];
+    bad.counters
+        .fail_with
+        .store(tonic::Code::Unavailable as i32, Ordering::SeqCst);
+    let mut failed = 0;
+    for _ in 0..40 {
+        let call = client.unary(EchoRequest {
+            message: "f".into(),
+        });
+        if within(Duration::from_secs(5), "a unary call", call)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 5, "only the calls that ejected it fail");
+    let text = handle.render();
+    let endpoint = format!("endpoint=\"{}\"", bad.addr);
+    assert_eq!(
+        sum(
+            &text,
+            "healthlb_ejections_total",
+            &[&endpoint, "reason=\"consecutive_failures\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sum(&text, "healthlb_ejections_total", &[]), 1.0);
+    assert_eq!(sum(&text, "healthlb_ejected_endpoints", &[]), 1.0);
+    assert_eq!(sum(&text, "healthlb_panic_mode", &[]), 0.0);
+    assert_eq!(
+        sum(
+            &text,
+            "healthlb_requests_total",
+            &[&endpoint, "code=\"UNAVAILABLE\""]
+        ),
+        5.0,
+        "{text}"
+    );
 }
