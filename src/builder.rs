@@ -137,7 +137,9 @@ impl Builder {
     /// the policy, slow start and outlier ejection (when its entry is
     /// `outlier_detection_experimental`; otherwise the default ejection
     /// stays on). Its `methodConfig` and `retryThrottling` are kept, and
-    /// [`LbChannel::service_config`] returns them. Fails with an error
+    /// calls follow them: `timeout`, `waitForReady`, `retryPolicy` and
+    /// `hedgingPolicy` per method, and the token bucket channel-wide
+    /// (README, "Retries and hedging"). Fails with an error
     /// naming the field for an invalid config. Default: none.
     pub fn default_service_config(mut self, json: &str) -> Result<Self, Error> {
         let config = ServiceConfig::parse(json)?;
@@ -271,6 +273,12 @@ impl Builder {
         fn extra_connection_idle_timeout(d: Duration);
         /// The most calls in flight on each endpoint. Default: none.
         fn concurrency_limit(limit: usize);
+        /// The request bytes kept so a call can be sent again until it
+        /// commits (transparent retries, and the service config's retries
+        /// and hedges): at most `per_call` for one call and `total` for the
+        /// whole channel. A call past either commits to its attempt rather
+        /// than failing. Default: 256 KiB and 16 MiB, grpc-go's.
+        fn retry_buffer_size(per_call: usize, total: usize);
         /// The most calls each endpoint starts per `duration`. Default:
         /// none.
         fn rate_limit(limit: u64, duration: Duration);
@@ -330,6 +338,7 @@ impl Builder {
             outlier.validate()?;
         }
         let authority = Authority::try_from(target.authority().as_str()).ok();
+        let retry_buffer = self.subchannel.retry_buffer.clone();
         let resolver = Resolver::spawn(&target, self.resolve)?;
         let running = Balancer::spawn(
             Spec {
@@ -352,6 +361,7 @@ impl Builder {
                 fail_fast: self.fail_fast,
                 timeout: self.timeout,
                 service_config: self.service_config,
+                retry_buffer,
             },
         ))
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{Request, Response};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -19,9 +19,10 @@ use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
 use crate::response::{BoxError, ResponseFuture};
-use crate::service_config::ServiceConfig;
+use crate::retry::{AttemptPolicy, Plan, Throttle};
+use crate::service_config::{MethodConfig, ServiceConfig};
 use crate::status::EndpointStatus;
-use crate::subchannel::{MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, Subchannel};
+use crate::subchannel::{Pool, Replay, RetryBuffer, Subchannel};
 
 /// A load-balanced channel: round robin over the endpoints of one target that
 /// report SERVING.
@@ -64,7 +65,26 @@ pub(crate) struct ChannelShared {
     pub(crate) ready_timeout: Duration,
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) service_config: Option<Arc<ServiceConfig>>,
+    /// The service config in force, from the builder or DNS.
+    pub(crate) service_config: ArcSwapOption<AppliedConfig>,
+    pub(crate) retry_buffer: Arc<RetryBuffer>,
+}
+
+/// A service config as calls use it, with its token bucket.
+#[derive(Debug)]
+pub(crate) struct AppliedConfig {
+    pub(crate) config: Arc<ServiceConfig>,
+    pub(crate) throttle: Option<Arc<Throttle>>,
+}
+
+impl AppliedConfig {
+    pub(crate) fn new(config: Arc<ServiceConfig>) -> Arc<Self> {
+        let throttle = config
+            .retry_throttling
+            .as_ref()
+            .map(|t| Arc::new(Throttle::new(t)));
+        Arc::new(Self { config, throttle })
+    }
 }
 
 /// How the channel treats each call.
@@ -73,6 +93,7 @@ pub(crate) struct CallSettings {
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) service_config: Option<Arc<ServiceConfig>>,
+    pub(crate) retry_buffer: Arc<RetryBuffer>,
 }
 
 impl Clone for LbChannel {
@@ -105,6 +126,7 @@ impl LbChannel {
             fail_fast,
             timeout,
             service_config,
+            retry_buffer,
         } = settings;
         let Running {
             picker,
@@ -121,7 +143,8 @@ impl LbChannel {
                 ready_timeout,
                 fail_fast,
                 timeout,
-                service_config,
+                service_config: ArcSwapOption::new(service_config.map(AppliedConfig::new)),
+                retry_buffer,
             }),
             _stop: Arc::new(stop),
             picked: None,
@@ -133,11 +156,17 @@ impl LbChannel {
         &self.shared.target
     }
 
-    /// The service config given to
-    /// [`Builder::default_service_config`](crate::Builder::default_service_config),
-    /// parsed; `None` without one.
-    pub fn service_config(&self) -> Option<&ServiceConfig> {
-        self.shared.service_config.as_deref()
+    /// The service config in force, parsed: the last good one from DNS
+    /// (with [`Builder::service_config_from_dns`](crate::Builder::service_config_from_dns)),
+    /// else the one given to
+    /// [`Builder::default_service_config`](crate::Builder::default_service_config);
+    /// `None` without either.
+    pub fn service_config(&self) -> Option<Arc<ServiceConfig>> {
+        self.shared
+            .service_config
+            .load()
+            .as_ref()
+            .map(|a| a.config.clone())
     }
 
     /// Every resolved endpoint with its state and counters. It reads what
@@ -163,7 +192,11 @@ impl LbChannel {
     /// Not named `ready`, so it doesn't hide `tower::ServiceExt::ready`.
     pub async fn wait_for_serving(&self, limit: Duration) -> Result<(), Error> {
         let until = deadline_in(limit);
-        match self.shared.wait_pick(until).await {
+        match self
+            .shared
+            .wait_pick(until, self.shared.fail_fast, &[])
+            .await
+        {
             Ok(_) => Ok(()),
             Err(_) => {
                 let mut states: Vec<String> = self
@@ -188,20 +221,26 @@ impl LbChannel {
 }
 
 impl ChannelShared {
-    /// A serving endpoint, waiting until `until` for one.
-    async fn wait_pick(&self, until: Instant) -> Result<Arc<Pool>, Status> {
+    /// A serving endpoint, not one of `tried` if another can take the
+    /// call, waiting until `until` for one unless `fail_fast`.
+    pub(crate) async fn wait_pick(
+        &self,
+        until: Instant,
+        fail_fast: bool,
+        tried: &[Arc<Pool>],
+    ) -> Result<Arc<Pool>, Status> {
         let mut published = self.picker.subscribe();
         let started = Instant::now();
         let mut waited = false;
         loop {
-            if let Some(conn) = self.picker.pick() {
+            if let Some(conn) = self.picker.pick_avoiding(tried) {
                 if waited {
                     crate::metrics::pick_wait(&self.target, started.elapsed());
                 }
                 return Ok(conn);
             }
             waited = true;
-            if self.fail_fast {
+            if fail_fast {
                 return Err(Status::unavailable(format!(
                     "{}: no endpoint is SERVING (fail_fast); {}",
                     self.target,
@@ -247,44 +286,44 @@ impl tower::Service<Request<Body>> for LbChannel {
 
     fn call(&mut self, mut request: Request<Body>) -> ResponseFuture {
         let shared = self.shared.clone();
-        let mut picked = self.picked.take();
-        let deadline = call_deadline(&mut request, self.shared.timeout);
-        ResponseFuture::new(with_deadline(deadline, async move {
-            let until = deadline_in(shared.ready_timeout);
-            let mut replay = Replay::new(request);
-            for _ in 0..MAX_ATTEMPTS {
-                let pool = match picked.take() {
-                    Some(pool) if pool.is_ready() => pool,
-                    // Closed since it was picked: take the next one.
-                    _ => shared.wait_pick(until).await?,
-                };
-                let slot = match pool.acquire(until).await {
-                    Ok(slot) => slot,
-                    // Its connections closed meanwhile: pick again.
-                    Err(NoSlot::Closed) => continue,
-                    Err(why) => {
-                        return Err(Status::unavailable(format!(
-                            "{}: {}, after waiting {:?}",
-                            shared.target,
-                            pool.refusal(why),
-                            shared.ready_timeout
-                        )));
-                    }
-                };
-                match slot.send(replay).await {
-                    Sent::Response(response) => return Ok(response),
-                    Sent::Failed(status) => return Err(status),
-                    // The connection closed before the call left: another
-                    // endpoint takes it.
-                    Sent::Unsent(unsent) => replay = unsent,
-                }
-            }
-            Err(Status::unavailable(format!(
-                "{}: {MAX_ATTEMPTS} connections closed in a row before the call could be sent",
-                shared.target
-            )))
-        }))
+        let picked = self.picked.take();
+        let applied = shared.service_config.load();
+        let method = applied
+            .as_ref()
+            .and_then(|a| method_config(&a.config, request.uri().path()));
+        let timeout = match (shared.timeout, method.and_then(|m| m.timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = call_deadline(&mut request, timeout);
+        let plan = Plan {
+            fail_fast: method
+                .and_then(|m| m.wait_for_ready)
+                .map_or(shared.fail_fast, |wait| !wait),
+            policy: method.and_then(|m| {
+                m.retry_policy
+                    .clone()
+                    .map(AttemptPolicy::Retry)
+                    .or_else(|| m.hedging_policy.clone().map(AttemptPolicy::Hedge))
+            }),
+            throttle: applied.as_ref().and_then(|a| a.throttle.clone()),
+        };
+        drop(applied);
+        let replay = Replay::new(request, shared.retry_buffer.clone());
+        ResponseFuture::new(with_deadline(
+            deadline,
+            crate::retry::run(shared, picked, replay, plan),
+        ))
     }
+}
+
+/// The `methodConfig` entry for a request path `/service/method`.
+fn method_config<'a>(config: &'a ServiceConfig, path: &str) -> Option<&'a MethodConfig> {
+    if config.method_config.is_empty() {
+        return None;
+    }
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    config.method(service, method)
 }
 
 /// The call's deadline: the shorter of its own `grpc-timeout` and the

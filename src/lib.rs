@@ -74,6 +74,7 @@ mod picker;
 mod policy;
 pub mod resolve;
 mod response;
+mod retry;
 mod service_config;
 mod status;
 pub mod subchannel;

@@ -14,6 +14,14 @@
 //! | `healthlb_connection_recycles_total` | counter | `target`, `endpoint`, `reason` (max_age, goaway, too_many_pings, lost) |
 //! | `healthlb_connections` | gauge | `target`, `endpoint`; connections open for calls, extra ones included |
 //! | `healthlb_pick_wait_seconds` | histogram | `target`; calls that had to wait for a SERVING endpoint |
+//! | `healthlb_policy` | gauge | `target`, `policy`, `outlier_detection` (on, off); 1 for the policy in use |
+//! | `healthlb_ejections_total` | counter | `target`, `endpoint`, `reason` (consecutive_failures, success_rate, failure_percentage) |
+//! | `healthlb_ejected_endpoints` | gauge | `target` |
+//! | `healthlb_panic_mode` | gauge | `target`; 1 while every endpoint is ejected and calls go to them anyway |
+//! | `healthlb_call_attempts` | histogram | `target`, `kind` (retry, hedge); attempts per call under a retry or hedging policy, transparent ones not counted |
+//! | `healthlb_retries_total` | counter | `target`, `kind` (retry, hedge), `code` (the status that caused it) |
+//! | `healthlb_retries_throttled_total` | counter | `target`; retries and hedges the token bucket held back |
+//! | `healthlb_retry_pushbacks_total` | counter | `target`, `action` (delay, stop); `grpc-retry-pushback-ms` obeyed |
 //!
 //! Messages are counted from the 5-byte gRPC length prefixes in request and
 //! response bodies as they pass, so a long-lived stream's messages show up
@@ -233,6 +241,42 @@ pub(crate) fn ejected(target: &str, ejected: usize, panic: bool) {
     }
     #[cfg(not(feature = "metrics"))]
     let _ = (target, ejected, panic);
+}
+
+/// A call under a retry or hedging policy ended after `attempts`.
+pub(crate) fn call_attempts(target: &str, kind: &'static str, attempts: u32) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("healthlb_call_attempts", "target" => target.to_owned(), "kind" => kind)
+        .record(f64::from(attempts));
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, kind, attempts);
+}
+
+/// Another attempt, after one that ended with `code`.
+pub(crate) fn retry(target: &str, kind: &'static str, code: tonic::Code) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_retries_total", "target" => target.to_owned(), "kind" => kind, "code" => code_name(code))
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, kind, code);
+}
+
+/// A retry or hedge the token bucket held back.
+pub(crate) fn retry_throttled(target: &str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_retries_throttled_total", "target" => target.to_owned())
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = target;
+}
+
+/// A server's `grpc-retry-pushback-ms`, obeyed: `delay` or `stop`.
+pub(crate) fn pushback(target: &str, action: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_retry_pushbacks_total", "target" => target.to_owned(), "action" => action)
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, action);
 }
 
 /// The policy in use: a gauge of 1 labelled with its name.

@@ -297,6 +297,27 @@ impl<T: Candidate> Picker<T> {
     }
 }
 
+impl Picker<Arc<Pool>> {
+    /// The policy's choice, unless it is one of `tried`: then any other
+    /// endpoint that can take a call, from a random start. Only a retry or
+    /// a hedge has a `tried`, so the O(n) look is off the common path.
+    pub(crate) fn pick_avoiding(&self, tried: &[Arc<Pool>]) -> Option<Arc<Pool>> {
+        let first = self.pick()?;
+        let was_tried = |c: &Arc<Pool>| tried.iter().any(|t| Arc::ptr_eq(t, c));
+        if !was_tried(&first) {
+            return Some(first);
+        }
+        let snapshot = self.snapshot.load();
+        let n = snapshot.ready.len();
+        let start = random_below(n);
+        (0..n)
+            .map(|k| &snapshot.ready[(start + k) % n])
+            .find(|c| c.can_take_call() && !was_tried(c))
+            .cloned()
+            .or(Some(first))
+    }
+}
+
 /// The picker behind a generic service, so benchmarks can measure the
 /// request path's routing cost against no-op endpoints. Not part of the API.
 #[cfg(feature = "internals")]

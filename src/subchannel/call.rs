@@ -15,19 +15,20 @@ use tonic::body::Body;
 
 use super::connect::{Conn, Origin};
 use super::pool::Slot;
-use super::replay::{Counting, Replay};
+use super::replay::{AttemptId, Counting, Replay};
 use super::transport_errors::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
 pub(crate) enum Sent {
-    /// The server answered; the body is tracked until it ends.
-    Response(Response<Body>),
+    /// The server answered this attempt; the body is tracked until it
+    /// ends. The caller commits to it, or retires it to try again.
+    Response(Response<Body>, AttemptId),
     /// The request never left the client, because the connection had closed,
     /// or the server refused it unprocessed (GOAWAY, REFUSED_STREAM). It is
     /// safe to send it elsewhere.
-    Unsent(Replay),
+    Unsent,
     /// The call failed in transport, after it may have reached the server.
     Failed(Status),
 }
@@ -44,10 +45,10 @@ pub(crate) enum Internal {
 // === impl Slot ===
 
 impl Slot {
-    /// Sends the next attempt of a caller's request on this slot's
-    /// connection. Once the response headers arrive the call is committed:
-    /// `replay` is dropped, and the recording with it.
-    pub(crate) async fn send(self, mut replay: Replay) -> Sent {
+    /// Sends another attempt of a caller's request on this slot's
+    /// connection, after `previous` counted attempts. An attempt that ends
+    /// without a response is retired here.
+    pub(crate) async fn send(self, replay: &Replay, previous: u32) -> Sent {
         let conn = self.conn.clone();
         let stats = &conn.stats;
         // Metrics: the method, and counting of the request's messages.
@@ -57,7 +58,7 @@ impl Slot {
             method,
             frames: GrpcFrames::default(),
         });
-        let Some(mut req) = replay.attempt(counting) else {
+        let Some((attempt, mut req)) = replay.attempt(counting, previous) else {
             return Sent::Failed(Status::unavailable(format!(
                 "the call to {} cannot be sent again: its request was not kept whole",
                 conn.addr
@@ -68,7 +69,6 @@ impl Slot {
         let sent_at = std::time::Instant::now();
         match send.try_send_request(req).await {
             Ok(response) => {
-                drop(replay);
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 stats.outcomes.observe(sent_at);
                 let mut counting = method.map(|method| ResponseCounting {
@@ -85,16 +85,18 @@ impl Slot {
                         counting.done = true;
                     }
                 }
-                Sent::Response(response.map(|body| {
+                let response = response.map(|body| {
                     Body::new(TrackedBody {
                         body,
                         counting,
                         judged: status.is_some(),
                         slot: self,
                     })
-                }))
+                });
+                Sent::Response(response, attempt)
             }
             Err(mut e) => {
+                replay.retire(attempt);
                 // Never sent: the recorded body is untouched.
                 let never_sent = e.take_message().is_some();
                 let err = e.into_error();
@@ -102,7 +104,7 @@ impl Slot {
                     if !never_sent {
                         tracing::debug!(endpoint = %conn.addr, error = %err, "the server refused the call unprocessed; sending it again");
                     }
-                    return Sent::Unsent(replay);
+                    return Sent::Unsent;
                 }
                 stats.calls_started.fetch_add(1, Ordering::Relaxed);
                 stats.calls_failed.fetch_add(1, Ordering::Relaxed);

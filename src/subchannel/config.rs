@@ -1,9 +1,11 @@
 //! Settings of the subchannel stage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
 
+use super::replay::RetryBuffer;
 use crate::{BackoffConfig, Error};
 
 /// The HTTP/2 keepalive interval gRPC allows at the least (gRFC A8).
@@ -77,6 +79,8 @@ pub struct SubchannelConfig {
     pub(crate) authority: Option<String>,
     pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) metrics_method_label: bool,
+    /// Shared by every subchannel of one channel.
+    pub(crate) retry_buffer: Arc<RetryBuffer>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::subchannel::TlsConfig>,
 }
@@ -107,6 +111,7 @@ impl Default for SubchannelConfig {
             authority: None,
             user_agent: None,
             metrics_method_label: false,
+            retry_buffer: RetryBuffer::new(256 * 1024, 16 * 1024 * 1024),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -122,6 +127,15 @@ impl SubchannelConfig {
     /// says. Default: 20 s, the spec's MIN_CONNECT_TIMEOUT (tonic: none).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+
+    /// The request bytes kept so that a call can be sent again until it
+    /// commits: at most `per_call` for one call, and `total` for every call
+    /// of the channel together. A call past either commits to the attempt
+    /// it is on; it is not failed. Default: 256 KiB and 16 MiB, grpc-go's.
+    pub fn retry_buffer_size(mut self, per_call: usize, total: usize) -> Self {
+        self.retry_buffer = RetryBuffer::new(per_call, total);
         self
     }
 

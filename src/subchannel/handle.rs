@@ -96,6 +96,7 @@ impl Subchannel {
             config.http2_keep_alive_interval,
             hooks.changed,
             hooks.resolve_now,
+            config.retry_buffer.clone(),
         ));
         let status = shared.status.subscribe();
         let (stop, stopped) = oneshot::channel();

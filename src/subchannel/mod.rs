@@ -65,7 +65,7 @@ pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
 pub(crate) use self::outcome::{CodeSet, Judge, now_ns};
 pub(crate) use self::pool::{NoSlot, Pool};
-pub(crate) use self::replay::{MAX_ATTEMPTS, Replay};
+pub(crate) use self::replay::{AttemptId, MAX_ATTEMPTS, Replay, RetryBuffer};
 pub(crate) use self::shared::Hooks;
 pub use self::state::{HealthStatus, NotServingReason, SubchannelState, SubchannelStatus};
 #[cfg(feature = "tls")]

@@ -1,80 +1,146 @@
-//! Transparent retry (gRFC A6): a call the server refused without
-//! processing it is sent again, on another connection.
+//! Re-sending a call until it commits (gRFC A6): transparent retry of calls
+//! the server refused unprocessed, and the service config's retries and
+//! hedges.
 //!
-//! HTTP/2 says which calls those are. A GOAWAY names the last stream the
-//! server will process; every later stream fails with the GOAWAY's error.
-//! A stream reset with REFUSED_STREAM was not processed either (RFC 9113
-//! §8.7). grpc-go and C-core servers send GOAWAY on MAX_CONNECTION_AGE and
-//! on shutdown, so without this a deploy fails the calls that crossed it.
+//! HTTP/2 says which calls were refused unprocessed. A GOAWAY names the last
+//! stream the server will process; every later stream fails with the
+//! GOAWAY's error. A stream reset with REFUSED_STREAM was not processed
+//! either (RFC 9113 §8.7). grpc-go and C-core servers send GOAWAY on
+//! MAX_CONNECTION_AGE and on shutdown, so without this a deploy fails the
+//! calls that crossed it.
 //!
 //! hyper consumes the request, so its body is recorded while it is sent, up
-//! to [`REPLAY_LIMIT`] bytes. The rest of the body stays shared, so a
-//! streaming call that had not sent more than that can be replayed too.
+//! to the per-call limit and within the channel's total ([`RetryBuffer`]).
+//! The rest of the body stays shared, so a streaming call that had not sent
+//! more than that can be replayed too.
 //!
-//! The recording lives only as long as the call can be re-sent. When the
-//! response headers arrive, the call is committed: the [`Replay`] is
-//! dropped, and with it every recorded frame the current attempt has already
-//! sent. A call that outgrows the limit drops its recording at once.
-//!
-//! Each attempt gets a generation. Only the body of the latest attempt may
-//! read on; an earlier attempt's body, still polled by a connection that
-//! failed it, gets an error instead. So two attempts can never interleave
-//! what they send.
+//! Each attempt reads the recording at its own cursor, so hedged attempts
+//! run side by side; whichever is furthest ahead reads on from the caller's
+//! body. The recording lives only as long as the call can be re-sent. When
+//! an attempt's response headers arrive, the call commits to it: every other
+//! attempt's body fails, and every frame it has already sent is freed. A
+//! call that outgrows its buffer commits to the attempt that read past it,
+//! rather than failing.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 use http_body::{Body as HttpBody, Frame};
 use tonic::Status;
 use tonic::body::Body;
 
 /// How many times a call is handed to a connection, when each one closes,
-/// or refuses it unprocessed, before the call could leave the client.
+/// or refuses it unprocessed, before the call could leave the client. These
+/// transparent retries don't count against a retry policy's attempts.
 pub(crate) const MAX_ATTEMPTS: usize = 8;
 
-/// The most request bytes kept for a replay. A unary call's message is
-/// usually far smaller; a call past it is not retried.
-pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
+/// The header that tells the server how many attempts came before this one.
+const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
-/// A request that can be sent again until it commits.
+/// The bytes of request bodies kept for another attempt: per call, and in
+/// total for one channel. grpc-go's defaults: 256 KiB and 16 MiB.
+#[derive(Debug)]
+pub(crate) struct RetryBuffer {
+    per_call: usize,
+    total: usize,
+    used: AtomicUsize,
+}
+
+impl RetryBuffer {
+    pub(crate) fn new(per_call: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_call,
+            total,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Takes `n` more bytes for a call already holding `held`, if both
+    /// limits allow it.
+    fn reserve(&self, held: usize, n: usize) -> bool {
+        if held.saturating_add(n) > self.per_call {
+            return false;
+        }
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = used.checked_add(n).filter(|&u| u <= self.total) else {
+                return false;
+            };
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes held now by every call of the channel.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Which attempt of a call a response belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AttemptId(u64);
+
+/// A request that can be sent again until it commits. Clones share it; the
+/// last one's drop commits to the latest attempt.
+#[derive(Clone)]
 pub(crate) struct Replay {
+    inner: Arc<ReplayInner>,
+}
+
+struct ReplayInner {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
     recording: Arc<Mutex<Recording>>,
-    /// Attempts so far.
-    attempts: u64,
 }
 
 struct Recording {
     /// The body not yet read; `None` once it ended.
     inner: Option<Body>,
+    /// How the body failed, for every attempt that reads past it.
+    failed: Option<Status>,
     /// Messages counted for metrics, as they are first read.
     counting: Option<Counting>,
-    /// Frames read so far that a later attempt may need.
+    /// Frames read so far that an attempt may still need.
     frames: VecDeque<Recorded>,
-    /// How many of `frames` the current attempt has sent.
-    cursor: usize,
-    size: usize,
+    /// The index, counted from the body's start, of `frames[0]`.
+    base: usize,
+    /// The attempts whose bodies may read, and the next frame of each.
+    readers: Vec<(u64, usize)>,
+    /// Attempts started so far.
+    attempts: u64,
+    /// Bytes held in `buffer`.
+    held: usize,
+    buffer: Arc<RetryBuffer>,
     mode: Mode,
-    /// The attempt whose body may read.
-    generation: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     /// Frames are kept for another attempt.
     Recording,
-    /// Over the limit: nothing is kept, no other attempt.
-    Overflowed,
-    /// Response headers arrived: nothing more is kept, and frames leave the
-    /// recording as the current attempt sends them.
-    Committed,
+    /// Committed to one attempt: nothing more is kept, and frames leave
+    /// the recording as that attempt sends them.
+    Committed(u64),
 }
 
 /// What the request's messages are counted into.
@@ -96,76 +162,110 @@ impl Recorded {
             Recorded::Trailers(trailers) => Frame::trailers(trailers.clone()),
         }
     }
-
-    fn into_frame(self) -> Frame<Bytes> {
-        match self {
-            Recorded::Data(data) => Frame::data(data),
-            Recorded::Trailers(trailers) => Frame::trailers(trailers),
-        }
-    }
 }
 
 // === impl Replay ===
 
 impl Replay {
-    /// Takes over `request`; [`attempt`](Self::attempt) sends it.
-    pub(crate) fn new(request: Request<Body>) -> Self {
+    /// Takes over `request`; [`attempt`](Self::attempt) sends it. Its body
+    /// is kept within `buffer`.
+    pub(crate) fn new(request: Request<Body>, buffer: Arc<RetryBuffer>) -> Self {
         let (parts, body) = request.into_parts();
         Self {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            recording: Arc::new(Mutex::new(Recording {
-                inner: Some(body),
-                counting: None,
-                frames: VecDeque::new(),
-                cursor: 0,
-                size: 0,
-                mode: Mode::Recording,
-                generation: 0,
-            })),
-            attempts: 0,
+            inner: Arc::new(ReplayInner {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: parts.headers,
+                recording: Arc::new(Mutex::new(Recording {
+                    inner: Some(body),
+                    failed: None,
+                    counting: None,
+                    frames: VecDeque::new(),
+                    base: 0,
+                    readers: Vec::new(),
+                    attempts: 0,
+                    held: 0,
+                    buffer,
+                    mode: Mode::Recording,
+                })),
+            }),
         }
     }
 
-    /// The request's path, for metrics labels.
+    /// The request's path.
     pub(crate) fn path(&self) -> &str {
-        self.uri.path()
+        self.inner.uri.path()
     }
 
-    /// The request for the next attempt, whose body replays what earlier
-    /// attempts read and then reads on. `None` when the body was not kept
-    /// whole, so it cannot be sent again. New messages count into
-    /// `counting`.
-    pub(crate) fn attempt(&mut self, counting: Option<Counting>) -> Option<Request<Body>> {
+    /// The request for another attempt, whose body replays what earlier
+    /// attempts read and then reads on. `previous` attempts came before it
+    /// (transparent ones not counted); the server is told so. `None` once
+    /// the call committed. New messages count into `counting`.
+    pub(crate) fn attempt(
+        &self,
+        counting: Option<Counting>,
+        previous: u32,
+    ) -> Option<(AttemptId, Request<Body>)> {
         let generation = {
-            let mut rec = lock(&self.recording);
-            if self.attempts > 0 && rec.mode != Mode::Recording {
+            let mut rec = lock(&self.inner.recording);
+            if rec.mode != Mode::Recording {
                 return None;
             }
-            rec.generation += 1;
-            rec.cursor = 0;
-            if counting.is_some() {
+            rec.attempts += 1;
+            let generation = rec.attempts;
+            let start = rec.base;
+            rec.readers.push((generation, start));
+            if counting.is_some() && rec.counting.is_none() {
                 rec.counting = counting;
             }
-            rec.generation
+            generation
         };
-        self.attempts += 1;
         let mut request = Request::new(Body::new(ReplayBody {
-            recording: self.recording.clone(),
+            recording: self.inner.recording.clone(),
             generation,
         }));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        Some(request)
+        *request.method_mut() = self.inner.method.clone();
+        *request.uri_mut() = self.inner.uri.clone();
+        *request.version_mut() = self.inner.version;
+        *request.headers_mut() = self.inner.headers.clone();
+        if previous > 0 {
+            request
+                .headers_mut()
+                .insert(PREVIOUS_ATTEMPTS, HeaderValue::from(previous));
+        }
+        Some((AttemptId(generation), request))
     }
 
-    /// Whether another attempt is possible: the body so far was kept whole.
+    /// Whether another attempt is possible: the call has not committed.
     pub(crate) fn can_retry(&self) -> bool {
-        lock(&self.recording).mode == Mode::Recording
+        lock(&self.inner.recording).mode == Mode::Recording
+    }
+
+    /// The attempt the call committed to, if it has.
+    pub(crate) fn committed_to(&self) -> Option<AttemptId> {
+        match lock(&self.inner.recording).mode {
+            Mode::Committed(g) => Some(AttemptId(g)),
+            Mode::Recording => None,
+        }
+    }
+
+    /// Commits the call to `attempt`: no other attempt may send anything
+    /// more, and what `attempt` has sent is freed.
+    pub(crate) fn commit(&self, attempt: AttemptId) {
+        lock(&self.inner.recording).commit(attempt.0);
+    }
+
+    /// `attempt` is over: its body may not read any more.
+    pub(crate) fn retire(&self, attempt: AttemptId) {
+        lock(&self.inner.recording)
+            .readers
+            .retain(|(g, _)| *g != attempt.0);
+    }
+
+    #[cfg(test)]
+    fn frames(&self) -> usize {
+        lock(&self.inner.recording).frames.len()
     }
 }
 
@@ -177,25 +277,70 @@ impl std::fmt::Debug for Replay {
     }
 }
 
-impl Drop for Replay {
-    /// Commits: no other attempt can come, so the recording goes, except
-    /// frames the current attempt has still to send.
+impl Drop for ReplayInner {
+    /// No other attempt can come: commit to the latest.
     fn drop(&mut self) {
         let mut rec = lock(&self.recording);
         if rec.mode == Mode::Recording {
-            rec.mode = Mode::Committed;
-        }
-        let sent = rec.cursor.min(rec.frames.len());
-        rec.frames.drain(..sent);
-        rec.cursor = 0;
-        if rec.frames.is_empty() {
-            rec.frames = VecDeque::new();
+            let latest = rec.readers.iter().map(|(g, _)| *g).max().unwrap_or(0);
+            rec.commit(latest);
         }
     }
 }
 
 fn lock(recording: &Mutex<Recording>) -> MutexGuard<'_, Recording> {
     recording.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Recording {
+    fn commit(&mut self, generation: u64) {
+        if self.mode != Mode::Recording {
+            return;
+        }
+        self.mode = Mode::Committed(generation);
+        self.readers.retain(|(g, _)| *g == generation);
+        let end = self.base + self.frames.len();
+        let sent = self.readers.first().map_or(end, |(_, c)| *c);
+        while self.base < sent && self.frames.pop_front().is_some() {
+            self.base += 1;
+        }
+        if self.frames.is_empty() {
+            self.frames = VecDeque::new();
+            self.base = sent.max(self.base);
+        }
+        self.buffer.release(std::mem::take(&mut self.held));
+    }
+
+    /// Keeps a frame the furthest attempt just read, or commits to that
+    /// attempt once the body outgrows its buffer.
+    fn record(&mut self, reader: usize, frame: &Frame<Bytes>) {
+        let recorded = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(data), _) => {
+                if !self.buffer.reserve(self.held, data.len()) {
+                    let generation = self.readers[reader].0;
+                    tracing::debug!(
+                        bytes = self.held + data.len(),
+                        "the request outgrew its retry buffer; the call commits to its attempt"
+                    );
+                    self.readers[reader].1 += 1;
+                    self.commit(generation);
+                    return;
+                }
+                self.held += data.len();
+                Recorded::Data(data.clone())
+            }
+            (None, Some(trailers)) => Recorded::Trailers(trailers.clone()),
+            (None, None) => return,
+        };
+        self.frames.push_back(recorded);
+        self.readers[reader].1 = self.base + self.frames.len();
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.buffer.release(self.held);
+    }
 }
 
 /// One attempt's request body: replays what was recorded, then reads on.
@@ -215,22 +360,31 @@ impl HttpBody for ReplayBody {
         let this = self.get_mut();
         let mut guard = lock(&this.recording);
         let rec = &mut *guard;
-        if rec.generation != this.generation {
+        let Some(reader) = rec.readers.iter().position(|(g, _)| *g == this.generation) else {
             return Poll::Ready(Some(Err(Status::cancelled(
                 "this attempt was superseded by another",
             ))));
-        }
-        if rec.cursor < rec.frames.len() {
+        };
+        let cursor = rec.readers[reader].1;
+        let end = rec.base + rec.frames.len();
+        if cursor < end {
             let frame = match rec.mode {
-                Mode::Committed => rec.frames.pop_front().map(Recorded::into_frame),
-                _ => {
-                    rec.cursor += 1;
-                    rec.frames.get(rec.cursor - 1).map(Recorded::to_frame)
+                Mode::Committed(_) => {
+                    rec.base += 1;
+                    rec.frames.pop_front().map(|f| match f {
+                        Recorded::Data(data) => Frame::data(data),
+                        Recorded::Trailers(trailers) => Frame::trailers(trailers),
+                    })
                 }
+                Mode::Recording => rec.frames.get(cursor - rec.base).map(Recorded::to_frame),
             };
+            rec.readers[reader].1 += 1;
             if let Some(frame) = frame {
                 return Poll::Ready(Some(Ok(frame)));
             }
+        }
+        if let Some(failed) = &rec.failed {
+            return Poll::Ready(Some(Err(failed.clone())));
         }
         let Some(inner) = rec.inner.as_mut() else {
             return Poll::Ready(None);
@@ -243,12 +397,20 @@ impl HttpBody for ReplayBody {
                         counting.stats.metrics.messages_sent(n, &counting.method);
                     }
                 }
-                if rec.mode == Mode::Recording {
-                    rec.record(&frame);
+                match rec.mode {
+                    Mode::Recording => rec.record(reader, &frame),
+                    Mode::Committed(_) => {
+                        rec.base += 1;
+                        rec.readers[reader].1 += 1;
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(status)) => Poll::Ready(Some(Err(status))),
+            Some(Err(status)) => {
+                rec.inner = None;
+                rec.failed = Some(status.clone());
+                Poll::Ready(Some(Err(status)))
+            }
             None => {
                 rec.inner = None;
                 Poll::Ready(None)
@@ -257,36 +419,13 @@ impl HttpBody for ReplayBody {
     }
 }
 
-impl Recording {
-    /// Keeps a frame just read for another attempt, or gives up recording
-    /// once the body outgrows the limit. Only called once every recorded
-    /// frame was sent, so dropping them loses nothing this attempt needs.
-    fn record(&mut self, frame: &Frame<Bytes>) {
-        let recorded = match (frame.data_ref(), frame.trailers_ref()) {
-            (Some(data), _) if self.size + data.len() <= REPLAY_LIMIT => {
-                self.size += data.len();
-                Recorded::Data(data.clone())
-            }
-            (Some(_), _) => {
-                self.mode = Mode::Overflowed;
-                self.frames = VecDeque::new();
-                self.cursor = 0;
-                self.size = 0;
-                return;
-            }
-            (None, Some(trailers)) => Recorded::Trailers(trailers.clone()),
-            (None, None) => return,
-        };
-        self.frames.push_back(recorded);
-        self.cursor = self.frames.len();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
+
+    const LIMIT: usize = 64 * 1024;
 
     /// A request whose body yields what is sent on the returned channel.
     fn streaming_request() -> (mpsc::Sender<Bytes>, Request<Body>) {
@@ -299,6 +438,16 @@ mod tests {
         (tx, Request::new(body))
     }
 
+    fn replay(request: Request<Body>) -> (Replay, Arc<RetryBuffer>) {
+        let buffer = RetryBuffer::new(LIMIT, 16 * LIMIT);
+        (Replay::new(request, buffer.clone()), buffer)
+    }
+
+    fn attempt(replay: &Replay) -> (AttemptId, Body) {
+        let (id, request) = replay.attempt(None, 0).expect("not committed");
+        (id, request.into_body())
+    }
+
     async fn next(body: &mut Body) -> Option<Result<Bytes, Status>> {
         let frame = body.frame().await?;
         Some(frame.map(|f| f.into_data().unwrap_or_default()))
@@ -307,74 +456,125 @@ mod tests {
     #[tokio::test]
     async fn a_second_attempt_replays_then_reads_on() {
         let (tx, request) = streaming_request();
-        let mut replay = Replay::new(request);
-        let mut first = replay.attempt(None).unwrap().into_body();
+        let (replay, _) = replay(request);
+        let (id, mut first) = attempt(&replay);
         tx.send(Bytes::from_static(b"one")).await.unwrap();
         assert_eq!(next(&mut first).await.unwrap().unwrap(), "one");
 
-        let mut second = replay.attempt(None).unwrap().into_body();
+        replay.retire(id);
+        let (_, mut second) = attempt(&replay);
         tx.send(Bytes::from_static(b"two")).await.unwrap();
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "one");
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "two");
-        // The first attempt's body may not read any more.
+        // The retired attempt's body may not read any more.
         let stale = next(&mut first).await.unwrap().unwrap_err();
         assert_eq!(stale.code(), tonic::Code::Cancelled);
     }
 
     #[tokio::test]
+    async fn hedged_attempts_each_read_every_frame() {
+        let (tx, request) = streaming_request();
+        let (replay, _) = replay(request);
+        let (_, mut first) = attempt(&replay);
+        let (second_id, mut second) = attempt(&replay);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        // The second reads ahead from the caller; the first replays.
+        assert_eq!(next(&mut second).await.unwrap().unwrap(), "a");
+        assert_eq!(next(&mut second).await.unwrap().unwrap(), "b");
+        assert_eq!(next(&mut first).await.unwrap().unwrap(), "a");
+        tx.send(Bytes::from_static(b"c")).await.unwrap();
+        assert_eq!(next(&mut first).await.unwrap().unwrap(), "b");
+        assert_eq!(next(&mut first).await.unwrap().unwrap(), "c");
+        assert_eq!(next(&mut second).await.unwrap().unwrap(), "c");
+        // The second answers first: the first may send nothing more.
+        replay.commit(second_id);
+        assert_eq!(replay.frames(), 0, "the committed attempt sent them all");
+        assert!(next(&mut first).await.unwrap().is_err());
+        drop(tx);
+        assert!(next(&mut second).await.is_none());
+        assert!(replay.attempt(None, 1).is_none(), "committed");
+    }
+
+    #[tokio::test]
     async fn an_old_attempt_cannot_corrupt_the_retry_by_going_over_the_limit() {
         let (tx, request) = streaming_request();
-        let mut replay = Replay::new(request);
-        let mut first = replay.attempt(None).unwrap().into_body();
-        let chunk = Bytes::from(vec![7u8; REPLAY_LIMIT / 2]);
+        let (replay, _) = replay(request);
+        let (old, mut first) = attempt(&replay);
+        let chunk = Bytes::from(vec![7u8; LIMIT / 2]);
         tx.send(chunk.clone()).await.unwrap();
         assert_eq!(next(&mut first).await.unwrap().unwrap(), chunk);
 
-        let mut second = replay.attempt(None).unwrap().into_body();
+        replay.retire(old);
+        let (_, mut second) = attempt(&replay);
         // One more byte than the limit is waiting; only the old attempt polls.
-        tx.send(Bytes::from(vec![8u8; REPLAY_LIMIT / 2 + 1]))
+        tx.send(Bytes::from(vec![8u8; LIMIT / 2 + 1]))
             .await
             .unwrap();
         assert!(next(&mut first).await.unwrap().is_err());
         // The retry still gets every byte, in order.
         assert_eq!(next(&mut second).await.unwrap().unwrap(), chunk);
         let rest = next(&mut second).await.unwrap().unwrap();
-        assert_eq!(rest.len(), REPLAY_LIMIT / 2 + 1);
-        assert!(!replay.can_retry(), "past the limit now");
-        assert!(replay.attempt(None).is_none());
+        assert_eq!(rest.len(), LIMIT / 2 + 1);
+        assert!(!replay.can_retry(), "past the limit: committed");
+        assert!(replay.attempt(None, 1).is_none());
     }
 
     #[tokio::test]
-    async fn a_body_just_over_the_limit_is_sent_whole_but_not_kept() {
+    async fn a_body_just_over_the_limit_commits_and_is_sent_whole() {
         let (tx, request) = streaming_request();
-        let mut replay = Replay::new(request);
-        let mut body = replay.attempt(None).unwrap().into_body();
-        tx.send(Bytes::from(vec![1u8; REPLAY_LIMIT])).await.unwrap();
+        let (replay, buffer) = replay(request);
+        let (id, mut body) = attempt(&replay);
+        tx.send(Bytes::from(vec![1u8; LIMIT])).await.unwrap();
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         drop(tx);
-        assert_eq!(next(&mut body).await.unwrap().unwrap().len(), REPLAY_LIMIT);
+        assert_eq!(next(&mut body).await.unwrap().unwrap().len(), LIMIT);
         assert!(replay.can_retry(), "exactly the limit is kept");
+        assert_eq!(buffer.used(), LIMIT);
         assert_eq!(next(&mut body).await.unwrap().unwrap(), "x");
         assert!(next(&mut body).await.is_none());
-        assert!(!replay.can_retry());
-        assert_eq!(lock(&replay.recording).frames.len(), 0);
+        assert_eq!(replay.committed_to(), Some(id));
+        assert_eq!(replay.frames(), 0);
+        assert_eq!(buffer.used(), 0, "the channel's buffer is given back");
+    }
+
+    #[tokio::test]
+    async fn the_channel_total_bounds_every_call_together() {
+        let buffer = RetryBuffer::new(LIMIT, LIMIT + LIMIT / 2);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (tx, request) = streaming_request();
+            let replay = Replay::new(request, buffer.clone());
+            let (_, mut body) = attempt(&replay);
+            tx.send(Bytes::from(vec![2u8; LIMIT])).await.unwrap();
+            assert_eq!(next(&mut body).await.unwrap().unwrap().len(), LIMIT);
+            held.push((tx, replay, body));
+        }
+        // The first fits; the second would pass the total, so it commits.
+        assert!(held[0].1.can_retry());
+        assert!(!held[1].1.can_retry());
+        assert_eq!(buffer.used(), LIMIT);
+        drop(held);
+        assert_eq!(buffer.used(), 0);
     }
 
     #[tokio::test]
     async fn commit_frees_what_was_sent_and_keeps_what_was_not() {
         let (tx, request) = streaming_request();
-        let mut replay = Replay::new(request);
-        let mut first = replay.attempt(None).unwrap().into_body();
+        let (replay, buffer) = replay(request);
+        let (old, mut first) = attempt(&replay);
         for word in ["a", "b", "c"] {
             tx.send(Bytes::from(word)).await.unwrap();
             next(&mut first).await.unwrap().unwrap();
         }
-        let mut second = replay.attempt(None).unwrap().into_body();
+        replay.retire(old);
+        let (_, mut second) = attempt(&replay);
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "a");
         // The response headers arrive: the call commits mid-replay.
-        let recording = replay.recording.clone();
+        let recording = replay.inner.recording.clone();
         drop(replay);
         assert_eq!(lock(&recording).frames.len(), 2, "only what is unsent");
+        assert_eq!(buffer.used(), 0);
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "b");
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "c");
         tx.send(Bytes::from_static(b"d")).await.unwrap();
@@ -384,5 +584,14 @@ mod tests {
             0,
             "nothing kept after commit"
         );
+    }
+
+    #[test]
+    fn a_retry_names_the_attempts_before_it() {
+        let (replay, _) = replay(Request::new(Body::empty()));
+        let (_, first) = replay.attempt(None, 0).unwrap();
+        assert!(first.headers().get(PREVIOUS_ATTEMPTS).is_none());
+        let (_, third) = replay.attempt(None, 2).unwrap();
+        assert_eq!(third.headers()[PREVIOUS_ATTEMPTS], "2");
     }
 }

@@ -77,16 +77,19 @@ impl tower::Service<Request<Body>> for Subchannel {
         let deadline = grpc_timeout(request.headers());
         ResponseFuture::new(with_deadline(deadline, async move {
             let addr = shared.endpoint.addr();
-            let mut replay = Replay::new(request);
+            let replay = Replay::new(request, shared.retry_buffer.clone());
             for _ in 0..MAX_ATTEMPTS {
                 let until = deadline_in(ready_timeout);
                 let slot = serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
-                match slot.send(replay).await {
-                    Sent::Response(response) => return Ok(response),
+                match slot.send(&replay, 0).await {
+                    Sent::Response(response, attempt) => {
+                        replay.commit(attempt);
+                        return Ok(response);
+                    }
                     Sent::Failed(status) => return Err(status),
                     // The connection closed before the call left: wait for
                     // the next one.
-                    Sent::Unsent(unsent) => replay = unsent,
+                    Sent::Unsent => {}
                 }
             }
             Err(Status::unavailable(format!(

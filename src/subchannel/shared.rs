@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use super::connect::Conn;
 use super::health::HealthEvent;
 use super::pool::Pool;
+use super::replay::RetryBuffer;
 use super::state::{HealthStatus, NotServingReason, SubchannelState, SubchannelStatus};
 use super::stats::Stats;
 use crate::{Endpoint, Error};
@@ -45,6 +46,8 @@ pub(crate) struct Shared {
     changed: Option<Arc<Notify>>,
     /// Asks the resolver to re-resolve.
     resolve_now: Option<Arc<Notify>>,
+    /// Where request bodies are kept for another attempt.
+    pub(crate) retry_buffer: Arc<RetryBuffer>,
 }
 
 // === impl Shared ===
@@ -57,6 +60,7 @@ impl Shared {
         keep_alive: Option<Duration>,
         changed: Option<Arc<Notify>>,
         resolve_now: Option<Arc<Notify>>,
+        retry_buffer: Arc<RetryBuffer>,
     ) -> Self {
         let shared = Self {
             endpoint,
@@ -68,6 +72,7 @@ impl Shared {
             last_error: Mutex::new(None),
             changed,
             resolve_now,
+            retry_buffer,
         };
         shared.set_keep_alive(keep_alive);
         shared

@@ -47,6 +47,32 @@ pub struct Counters {
     pub fail_with: AtomicI32,
     /// Unary calls take this long first, in µs (a slow pod).
     pub delay_us: AtomicU64,
+    /// The next this many unary and server-streaming calls fail with
+    /// UNAVAILABLE, trailers-only, before any reply.
+    pub fail_next: AtomicU64,
+    /// Every this-many-th unary call fails with UNAVAILABLE (2: a flaky
+    /// pod failing half its calls); 0 is never.
+    pub fail_every: AtomicU64,
+    /// A `grpc-retry-pushback-ms` on the failures above.
+    pub pushback_ms: Mutex<Option<String>>,
+    /// Server streams fail with UNAVAILABLE after this many replies, once
+    /// their headers went out (a committed call failing later); 0 is never.
+    pub stream_fail_after: AtomicU64,
+    /// Unary calls the client cancelled before they finished.
+    pub cancelled: AtomicU64,
+    /// Unary calls that came with `grpc-previous-rpc-attempts`: retries.
+    pub retried: AtomicU64,
+}
+
+/// Counts a unary call as cancelled if it is dropped unfinished.
+struct Unfinished<'a>(&'a Counters, bool);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Counts a stream open until dropped, with the high-water mark.
@@ -81,26 +107,62 @@ struct EchoImpl {
     counters: Arc<Counters>,
 }
 
+impl EchoImpl {
+    /// UNAVAILABLE, with the pushback asked for.
+    fn injected(&self) -> Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(ms) = self.counters.pushback_ms.lock().unwrap().as_deref() {
+            metadata.insert("grpc-retry-pushback-ms", ms.parse().unwrap());
+        }
+        Status::with_metadata(
+            tonic::Code::Unavailable,
+            format!("{} fails on purpose", self.name),
+            metadata,
+        )
+    }
+
+    /// A failure while `fail_next` lasts.
+    fn next_failure(&self) -> Option<Status> {
+        self.counters
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| self.injected())
+    }
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Echo for EchoImpl {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        self.counters.unary.fetch_add(1, Ordering::SeqCst);
+        let seq = self.counters.unary.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut unfinished = Unfinished(&self.counters, false);
         let now = Instant::now();
         self.counters.first_unary.lock().unwrap().get_or_insert(now);
         *self.counters.last_unary.lock().unwrap() = Some(now);
-        let headers = request
+        let headers: HashMap<String, String> = request
             .metadata()
             .clone()
             .into_headers()
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
             .collect();
+        if headers.contains_key("grpc-previous-rpc-attempts") {
+            self.counters.retried.fetch_add(1, Ordering::SeqCst);
+        }
         *self.counters.last_headers.lock().unwrap() = headers;
         let delay = self.counters.delay_us.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
+        unfinished.1 = true;
+        let every = self.counters.fail_every.load(Ordering::Relaxed);
+        if every > 0 && seq.is_multiple_of(every) {
+            return Err(self.injected());
+        }
+        if let Some(status) = self.next_failure() {
+            return Err(status);
         }
         let code = self.counters.fail_with.load(Ordering::Relaxed);
         if code != 0 {
@@ -123,6 +185,10 @@ impl Echo for EchoImpl {
         request: Request<StreamRequest>,
     ) -> Result<Response<ReplyStream>, Status> {
         self.counters.streams.fetch_add(1, Ordering::SeqCst);
+        if let Some(status) = self.next_failure() {
+            return Err(status);
+        }
+        let fail_after = self.counters.stream_fail_after.load(Ordering::SeqCst);
         let StreamRequest {
             message,
             count,
@@ -136,6 +202,10 @@ impl Echo for EchoImpl {
             async move {
                 if seq >= u64::from(count) {
                     return None;
+                }
+                if fail_after > 0 && seq >= fail_after {
+                    let failed = Status::unavailable(format!("{name} fails mid-stream"));
+                    return Some((Err(failed), u64::MAX));
                 }
                 if seq > 0 {
                     tokio::time::sleep(Duration::from_millis(u64::from(interval_ms))).await;

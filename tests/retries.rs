@@ -1,0 +1,330 @@
+//! Retries, hedging, deadlines and wait-for-ready from the service config
+//! (gRFC A6), against real tonic servers on loopback.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use healthlb::LbChannel;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::pb::{EchoRequest, StreamRequest};
+use support::echo::{Backend, free_port, loopback};
+use support::{wait_for, within};
+use tonic::Code;
+
+async fn backends(first: u8, n: u8) -> Vec<Backend> {
+    let port = free_port();
+    let mut out = Vec::new();
+    for i in first..first + n {
+        out.push(Backend::start(&format!("b{i}"), loopback(i, port)).await);
+    }
+    out
+}
+
+/// A channel over `backends` with `config`, outlier ejection off so that
+/// only the retry policy acts, every endpoint SERVING.
+async fn channel(backends: &[Backend], config: &str) -> LbChannel {
+    let list: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let builder = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .outlier_detection(None)
+        .default_service_config(config)
+        .expect("a valid service config");
+    support::connect_serving(builder, backends.len()).await
+}
+
+fn retry_config(max_attempts: u32, codes: &str, extra: &str) -> String {
+    format!(
+        r#"{{"methodConfig": [{{"name": [{{"service": "echo.Echo"}}],
+            "retryPolicy": {{"maxAttempts": {max_attempts}, "initialBackoff": "0.01s",
+              "maxBackoff": "0.05s", "backoffMultiplier": 2,
+              "retryableStatusCodes": [{codes}]}}}}]{extra}}}"#
+    )
+}
+
+async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Status> {
+    let call = client.unary(EchoRequest {
+        message: "r".into(),
+    });
+    within(Duration::from_secs(10), "a unary call", call)
+        .await
+        .map(|r| r.into_inner().backend)
+}
+
+fn unary_calls(backends: &[Backend]) -> u64 {
+    backends
+        .iter()
+        .map(|b| b.counters.unary.load(Ordering::SeqCst))
+        .sum()
+}
+
+#[tokio::test]
+async fn a_pod_failing_its_first_calls_is_retried_on_another() {
+    let backends = backends(70, 2).await;
+    let channel = channel(&backends, &retry_config(3, r#""UNAVAILABLE""#, "")).await;
+    backends[0].counters.fail_next.store(3, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..20 {
+        unary(&mut client).await.expect("every call succeeds");
+    }
+    // Three failed attempts, each retried once, on the other pod.
+    assert_eq!(unary_calls(&backends), 23, "attempts: 20 calls + 3 retries");
+    assert_eq!(backends[0].counters.retried.load(Ordering::SeqCst), 0);
+    assert_eq!(backends[1].counters.retried.load(Ordering::SeqCst), 3);
+    // The endpoint counters see each attempt.
+    let started: u64 = channel.endpoints().iter().map(|e| e.calls_started).sum();
+    assert_eq!(started, 23, "{:?}", channel.endpoints());
+}
+
+#[tokio::test]
+async fn codes_not_listed_are_not_retried() {
+    let backends = backends(72, 2).await;
+    let channel = channel(&backends, &retry_config(5, r#""UNAVAILABLE""#, "")).await;
+    backends[0]
+        .counters
+        .fail_with
+        .store(Code::NotFound as i32, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel);
+    let mut not_found = 0;
+    for _ in 0..20 {
+        match unary(&mut client).await {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::NotFound => not_found += 1,
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    assert_eq!(not_found, backends[0].counters.unary.load(Ordering::SeqCst));
+    assert!(not_found > 0);
+    assert_eq!(unary_calls(&backends), 20, "one attempt per call");
+}
+
+#[tokio::test]
+async fn a_committed_call_is_not_sent_again_when_it_fails_later() {
+    let backends = backends(74, 2).await;
+    let channel = channel(&backends, &retry_config(5, r#""UNAVAILABLE""#, "")).await;
+    for b in &backends {
+        b.counters.stream_fail_after.store(2, Ordering::SeqCst);
+    }
+    let mut client = EchoClient::new(channel);
+    let request = StreamRequest {
+        message: "s".into(),
+        count: 5,
+        interval_ms: 1,
+    };
+    let mut stream = within(
+        Duration::from_secs(5),
+        "the stream",
+        client.server_stream(request),
+    )
+    .await
+    .expect("its headers arrive: committed")
+    .into_inner();
+    let mut replies = 0;
+    let end = loop {
+        match within(Duration::from_secs(5), "a message", stream.message()).await {
+            Ok(Some(_)) => replies += 1,
+            other => break other,
+        }
+    };
+    assert_eq!(replies, 2);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    let streams: u64 = backends
+        .iter()
+        .map(|b| b.counters.streams.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(streams, 1, "never sent again");
+}
+
+#[tokio::test]
+async fn a_streaming_call_is_retried_before_it_commits() {
+    let backends = backends(76, 1).await;
+    let channel = channel(&backends, &retry_config(3, r#""UNAVAILABLE""#, "")).await;
+    backends[0].counters.fail_next.store(2, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel);
+    let request = StreamRequest {
+        message: "s".into(),
+        count: 3,
+        interval_ms: 1,
+    };
+    let mut stream = within(
+        Duration::from_secs(5),
+        "the stream",
+        client.server_stream(request),
+    )
+    .await
+    .expect("the third attempt answers")
+    .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(reply) = within(Duration::from_secs(5), "a message", stream.message())
+        .await
+        .expect("no error")
+    {
+        seqs.push(reply.seq);
+    }
+    assert_eq!(seqs, [0, 1, 2]);
+    assert_eq!(backends[0].counters.streams.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn pushback_delays_a_retry_or_stops_it() {
+    let backends = backends(78, 1).await;
+    let channel = channel(&backends, &retry_config(3, r#""UNAVAILABLE""#, "")).await;
+    let counters = &backends[0].counters;
+    let mut client = EchoClient::new(channel);
+
+    *counters.pushback_ms.lock().unwrap() = Some("300".into());
+    counters.fail_next.store(1, Ordering::SeqCst);
+    let started = Instant::now();
+    unary(&mut client).await.expect("the retry succeeds");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the server's 300 ms were obeyed, not the 10 ms backoff: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(counters.unary.load(Ordering::SeqCst), 2);
+
+    *counters.pushback_ms.lock().unwrap() = Some("-1".into());
+    counters.fail_next.store(1, Ordering::SeqCst);
+    let status = unary(&mut client)
+        .await
+        .expect_err("a negative pushback stops retries");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(counters.unary.load(Ordering::SeqCst), 3, "no retry");
+}
+
+#[tokio::test]
+async fn throttling_bounds_attempts_in_a_full_outage() {
+    let backends = backends(80, 2).await;
+    let throttling = r#", "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}"#;
+    let channel = channel(&backends, &retry_config(5, r#""UNAVAILABLE""#, throttling)).await;
+    for b in &backends {
+        b.counters
+            .fail_with
+            .store(Code::Unavailable as i32, Ordering::SeqCst);
+    }
+    let mut client = EchoClient::new(channel);
+    for _ in 0..100 {
+        let status = unary(&mut client).await.expect_err("a full outage");
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    // 10 tokens: the first call may retry until 5 are left (5 attempts),
+    // then every call gets one attempt. Without the bucket: 500.
+    let attempts = unary_calls(&backends);
+    assert_eq!(attempts, 104, "attempts stay bounded by the bucket");
+}
+
+#[tokio::test]
+async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
+    let backends = backends(82, 3).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],
+        "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.05s",
+          "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let channel = channel(&backends, config).await;
+    let slow = &backends[0].counters;
+    slow.delay_us.store(3_000_000, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel);
+    for _ in 0..12 {
+        let started = Instant::now();
+        let backend = unary(&mut client).await.expect("the hedge answers");
+        assert_ne!(backend, "b82");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "a hedge answered, not the 3 s pod: {:?}",
+            started.elapsed()
+        );
+    }
+    let hedged = slow.unary.load(Ordering::SeqCst);
+    assert!(hedged >= 1, "the slow pod got calls, and they were hedged");
+    // Each losing attempt is cancelled on its server.
+    let cancelled = wait_for(Duration::from_secs(5), || {
+        slow.cancelled.load(Ordering::SeqCst) == hedged
+    })
+    .await;
+    assert!(
+        cancelled.is_some(),
+        "{} of {hedged} cancelled",
+        slow.cancelled.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test]
+async fn a_call_past_its_buffer_commits_instead_of_retrying() {
+    let backends = backends(85, 2).await;
+    let list: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let builder = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .outlier_detection(None)
+        .retry_buffer_size(1024, 1 << 20)
+        .default_service_config(&retry_config(3, r#""UNAVAILABLE""#, ""))
+        .unwrap();
+    let channel = support::connect_serving(builder, 2).await;
+    let mut client = EchoClient::new(channel);
+    for b in &backends {
+        b.counters.fail_next.store(1, Ordering::SeqCst);
+    }
+    // 4 KiB: over the 1 KiB per call, so its first failure is final.
+    let big = client.unary(EchoRequest {
+        message: "x".repeat(4096),
+    });
+    let status = within(Duration::from_secs(5), "a big call", big)
+        .await
+        .expect_err("not retried");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(unary_calls(&backends), 1);
+    // A small one fits, and is retried on the other pod.
+    unary(&mut client).await.expect("retried");
+    assert_eq!(unary_calls(&backends), 3);
+}
+
+#[tokio::test]
+async fn the_method_timeout_and_wait_for_ready_apply() {
+    let backends = backends(87, 1).await;
+    let config = r#"{"methodConfig": [
+        {"name": [{"service": "echo.Echo", "method": "Unary"}], "timeout": "0.2s"},
+        {"name": [{"service": "echo.Echo", "method": "ServerStream"}], "waitForReady": false}]}"#;
+    let list = backends[0].addr.to_string();
+    let builder = LbChannel::builder(format!("ipv4:{list}"))
+        .ready_timeout(Duration::from_secs(5))
+        .default_service_config(config)
+        .unwrap();
+    let channel = support::connect_serving(builder, 1).await;
+    let mut client = EchoClient::new(channel.clone());
+
+    backends[0]
+        .counters
+        .delay_us
+        .store(2_000_000, Ordering::SeqCst);
+    let started = Instant::now();
+    let status = unary(&mut client).await.expect_err("past its 0.2 s");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let sent = backends[0].counters.last_headers.lock().unwrap()["grpc-timeout"].clone();
+    assert!(
+        sent.ends_with('m') || sent.ends_with('u'),
+        "the server is told: {sent}"
+    );
+
+    // waitForReady false: with nothing SERVING, fail at once rather than
+    // wait the 5 s ready timeout.
+    backends[0].set_serving(false).await;
+    let none = wait_for(Duration::from_secs(5), || {
+        !channel.endpoints()[0].state.is_serving()
+    })
+    .await;
+    assert!(none.is_some());
+    let started = Instant::now();
+    let request = StreamRequest {
+        message: "s".into(),
+        count: 1,
+        interval_ms: 1,
+    };
+    let status = within(
+        Duration::from_secs(10),
+        "a stream",
+        client.server_stream(request),
+    )
+    .await
+    .expect_err("nothing SERVING");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("fail_fast"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
