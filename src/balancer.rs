@@ -10,16 +10,18 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::channel::AppliedConfig;
 use crate::outlier::{Counts, Detector, Ejection, OutlierDetection};
 use crate::picker::{Pick, Picker, Snapshot};
 use crate::policy::{Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
+use crate::service_config::ServiceConfig;
 use crate::subchannel::{CodeSet, Hooks, Judge, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
@@ -43,6 +45,10 @@ pub(crate) struct Spec {
     pub(crate) policy: Policy,
     pub(crate) slow_start: Option<SlowStart>,
     pub(crate) outlier_detection: Option<OutlierDetection>,
+    /// Where calls read the service config, and the default one that a
+    /// config from DNS replaces.
+    pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
+    pub(crate) default_service_config: Option<Arc<ServiceConfig>>,
 }
 
 /// What a started balancer hands to its channel.
@@ -65,6 +71,27 @@ pub(crate) struct Balancer {
     outputs: Outputs,
 }
 
+/// The service config calls read, and the default one.
+struct Configs {
+    applied: Arc<ArcSwapOption<AppliedConfig>>,
+    default: Option<Arc<ServiceConfig>>,
+}
+
+/// The next service config from DNS; never without one, or once DNS
+/// stopped.
+async fn next_config(
+    from_dns: &mut Option<watch::Receiver<Option<Arc<ServiceConfig>>>>,
+) -> Option<Arc<ServiceConfig>> {
+    let Some(rx) = from_dns.as_mut() else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *from_dns = None;
+        return std::future::pending().await;
+    }
+    rx.borrow_and_update().clone()
+}
+
 /// The balancer's own state, beside its subchannels.
 struct Ejections {
     detector: Option<Detector>,
@@ -85,6 +112,8 @@ impl Balancer {
             policy,
             slow_start,
             outlier_detection,
+            service_config,
+            default_service_config,
         } = spec;
         let picker = Arc::new(Picker::new(
             format!("0 endpoints ({target} is being resolved)"),
@@ -130,7 +159,11 @@ impl Balancer {
                 serving: serving_tx,
             },
         };
-        runtime.spawn(balancer.run(stopped, ejections));
+        let configs = Configs {
+            applied: service_config,
+            default: default_service_config,
+        };
+        runtime.spawn(balancer.run(stopped, ejections, configs));
         Running {
             picker,
             endpoints,
@@ -142,7 +175,13 @@ impl Balancer {
     /// Runs until `stopped` fires (the last `LbChannel` clone is gone) or
     /// resolution ends. Dropping the subchannels then closes their
     /// connections once their calls are done.
-    async fn run(self, mut stopped: oneshot::Receiver<()>, mut ejections: Ejections) {
+    async fn run(
+        self,
+        mut stopped: oneshot::Receiver<()>,
+        mut ejections: Ejections,
+        configs: Configs,
+    ) {
+        let mut from_dns = self.resolver.service_config_receiver();
         let changed = Arc::new(Notify::new());
         let mut subchannels: BTreeMap<SocketAddr, Subchannel> = BTreeMap::new();
         let mut resolved = self.resolver.subscribe();
@@ -176,6 +215,11 @@ impl Balancer {
                     self.apply(&mut subchannels, &set, &changed, &mut ejections);
                 }
                 _ = changed.notified() => {}
+                config = next_config(&mut from_dns) => {
+                    let config = config.or_else(|| configs.default.clone());
+                    configs.applied.store(config.map(AppliedConfig::new));
+                    continue;
+                }
                 _ = ejections.failing.notified() => self.eject_failing(&subchannels, &mut ejections),
                 _ = timer => self.on_timer(&subchannels, &mut ejections),
                 result = status.changed() => {

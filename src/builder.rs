@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use http::uri::Authority;
 
 use crate::balancer::{Balancer, Spec};
-use crate::channel::{CallSettings, LbChannel};
+use crate::channel::{AppliedConfig, CallSettings, LbChannel};
 use crate::resolve::{ResolveConfig, Resolver};
 use crate::target::Target;
 use crate::{
@@ -215,6 +216,15 @@ impl Builder {
         /// `max_endpoints`. Default: random per channel, so different
         /// clients keep different subsets.
         fn subset_seed(seed: u64);
+        /// Looks up the service config in the TXT record
+        /// `_grpc_config.<host>` of a `dns:` target, at every refresh
+        /// (gRPC's format, with choices by `clientLanguage` "rust",
+        /// `percentage` and `clientHostname`). Its `methodConfig` and
+        /// `retryThrottling` replace the default service config's; the
+        /// policy chosen at build stays. A bad record keeps the last good
+        /// config, with one warning. Default: off, as in C-core and
+        /// grpc-java.
+        fn service_config_from_dns(on: bool);
     }
 
     /// Backoff between failed DNS lookups. Default: 1 s × 1.6 ± 20 %,
@@ -339,6 +349,9 @@ impl Builder {
         }
         let authority = Authority::try_from(target.authority().as_str()).ok();
         let retry_buffer = self.subchannel.retry_buffer.clone();
+        let service_config = Arc::new(ArcSwapOption::new(
+            self.service_config.clone().map(AppliedConfig::new),
+        ));
         let resolver = Resolver::spawn(&target, self.resolve)?;
         let running = Balancer::spawn(
             Spec {
@@ -350,6 +363,8 @@ impl Builder {
                 policy: self.policy,
                 slow_start: self.slow_start,
                 outlier_detection: self.outlier_detection,
+                service_config: service_config.clone(),
+                default_service_config: self.service_config,
             },
             &runtime,
         );
@@ -360,7 +375,7 @@ impl Builder {
                 ready_timeout: self.ready_timeout,
                 fail_fast: self.fail_fast,
                 timeout: self.timeout,
-                service_config: self.service_config,
+                service_config,
                 retry_buffer,
             },
         ))

@@ -66,7 +66,7 @@ pub(crate) struct ChannelShared {
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
     /// The service config in force, from the builder or DNS.
-    pub(crate) service_config: ArcSwapOption<AppliedConfig>,
+    pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
     pub(crate) retry_buffer: Arc<RetryBuffer>,
 }
 
@@ -92,7 +92,7 @@ pub(crate) struct CallSettings {
     pub(crate) ready_timeout: Duration,
     pub(crate) fail_fast: bool,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) service_config: Option<Arc<ServiceConfig>>,
+    pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
     pub(crate) retry_buffer: Arc<RetryBuffer>,
 }
 
@@ -143,7 +143,7 @@ impl LbChannel {
                 ready_timeout,
                 fail_fast,
                 timeout,
-                service_config: ArcSwapOption::new(service_config.map(AppliedConfig::new)),
+                service_config,
                 retry_buffer,
             }),
             _stop: Arc::new(stop),

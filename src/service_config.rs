@@ -6,9 +6,11 @@
 //!   `least_request_experimental` (A48), `peak_ewma` (Linkerd's), and
 //!   `outlier_detection_experimental` (A50) wrapping any of them in its
 //!   `childPolicy`.
-//! - `methodConfig` is parsed, validated and kept (timeouts, wait for
-//!   ready, retry and hedging policies).
-//! - `retryThrottling` is parsed and validated.
+//! - `methodConfig` sets each method's timeout, wait for ready, and retry
+//!   or hedging policy (`retry.rs` runs them).
+//! - `retryThrottling` sets the channel's token bucket.
+//! - DNS can publish one too, opt-in: the TXT record `_grpc_config.<host>`
+//!   holds `grpc_config=` and a list of choices ([`ServiceConfig::from_txt`]).
 //!
 //! Unknown fields are ignored, as the spec says. A field of the wrong type
 //! or out of range is an error naming its path, such as
@@ -210,6 +212,81 @@ impl ServiceConfig {
         find(service, method)
             .or_else(|| find(service, ""))
             .or_else(|| find("", ""))
+    }
+}
+
+/// What a `_grpc_config` TXT record's choices are matched against.
+#[derive(Debug, Clone)]
+pub(crate) struct Chooser {
+    /// This client's draw in 0..100, for `percentage`.
+    pub(crate) percentile: u32,
+    /// This machine's host name, for `clientHostname`.
+    pub(crate) hostname: Option<String>,
+}
+
+/// `clientLanguage` names this client matches.
+const LANGUAGE: &str = "rust";
+
+impl ServiceConfig {
+    /// The service config that TXT records of `_grpc_config.<host>` choose
+    /// for this client, in gRPC's DNS format: one record of
+    /// `grpc_config=` and a JSON list of choices, each with an optional
+    /// `clientLanguage` (this client is `rust`), `percentage` (0 to 100)
+    /// and `clientHostname`, and a `serviceConfig`. The first choice that
+    /// matches wins. `Ok(None)` when there is no such record or no choice
+    /// matches.
+    pub(crate) fn from_txt(records: &[String], chooser: &Chooser) -> Result<Option<Self>, Error> {
+        let mut found = records
+            .iter()
+            .filter_map(|r| r.strip_prefix("grpc_config="));
+        let Some(json) = found.next() else {
+            return Ok(None);
+        };
+        if found.next().is_some() {
+            return Err(invalid(
+                "_grpc_config",
+                "has more than one grpc_config= record",
+            ));
+        }
+        let value: Value = serde_json::from_str(json)
+            .map_err(|e| invalid("_grpc_config", format!("is not JSON: {e}")))?;
+        let root = Field {
+            path: "_grpc_config".to_owned(),
+            value: &value,
+        };
+        for (i, choice) in root.array()?.into_iter().enumerate() {
+            let object = choice.object()?;
+            let path = format!("_grpc_config[{i}]");
+            let strings = |key: &str| -> Result<Option<Vec<String>>, Error> {
+                let Some(list) = choice.get(object, key) else {
+                    return Ok(None);
+                };
+                list.array()?
+                    .into_iter()
+                    .map(|s| s.string().map(str::to_owned))
+                    .collect::<Result<_, _>>()
+                    .map(Some)
+            };
+            let language = strings("clientLanguage")?;
+            let hostnames = strings("clientHostname")?;
+            let percentage = match choice.get(object, "percentage") {
+                Some(p) => Some(p.whole(0, 100)?),
+                None => None,
+            };
+            let config = choice.require(object, "serviceConfig")?;
+            config.object()?;
+            let matches = language
+                .is_none_or(|l| l.iter().any(|l| l.eq_ignore_ascii_case(LANGUAGE)))
+                && percentage.is_none_or(|p| u64::from(chooser.percentile) < p)
+                && hostnames
+                    .is_none_or(|h| chooser.hostname.as_ref().is_some_and(|me| h.contains(me)));
+            if matches {
+                return Self::parse(&config.value.to_string())
+                    .map(Some)
+                    .map_err(|e| invalid(&format!("{path}.serviceConfig"), e));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -802,6 +879,86 @@ mod tests {
             let err = ServiceConfig::parse(json).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::InvalidConfig);
             assert!(err.to_string().contains(message), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn txt_choices_match_language_percentage_and_hostname() {
+        let chooser = Chooser {
+            percentile: 40,
+            hostname: Some("pod-a".into()),
+        };
+        let record = |choices: &str| vec!["v=spf1".to_owned(), format!("grpc_config={choices}")];
+        let timeout =
+            |s: &str| format!(r#"{{"methodConfig": [{{"name": [{{}}], "timeout": "{s}"}}]}}"#);
+        let chosen = |choices: String| {
+            ServiceConfig::from_txt(&record(&choices), &chooser)
+                .unwrap()
+                .and_then(|c| c.method_config[0].timeout)
+        };
+        let one = timeout("1s");
+        let two = timeout("2s");
+        assert_eq!(
+            chosen(format!(
+                r#"[{{"clientLanguage": ["go"], "serviceConfig": {one}}}, {{"serviceConfig": {two}}}]"#
+            )),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            chosen(format!(
+                r#"[{{"clientLanguage": ["RUST"], "serviceConfig": {one}}}]"#
+            )),
+            Some(Duration::from_secs(1))
+        );
+        // Percentile 40 is in a 41 % choice, not in a 40 % one.
+        assert_eq!(
+            chosen(format!(
+                r#"[{{"percentage": 40, "serviceConfig": {one}}}, {{"percentage": 41, "serviceConfig": {two}}}]"#
+            )),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            chosen(format!(
+                r#"[{{"clientHostname": ["pod-b"], "serviceConfig": {one}}}, {{"clientHostname": ["pod-a"], "serviceConfig": {two}}}]"#
+            )),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            ServiceConfig::from_txt(&["v=spf1".to_owned()], &chooser).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_txt_records_name_what_is_wrong() {
+        let chooser = Chooser {
+            percentile: 0,
+            hostname: None,
+        };
+        for (records, message) in [
+            (vec!["grpc_config=[", "x"], "is not JSON"),
+            (vec!["grpc_config=[]", "grpc_config=[]"], "more than one"),
+            (
+                vec![r#"grpc_config={"serviceConfig": {}}"#],
+                "must be a list",
+            ),
+            (
+                vec![r#"grpc_config=[{"percentage": 101, "serviceConfig": {}}]"#],
+                "0 to 100",
+            ),
+            (
+                vec![r#"grpc_config=[{"clientLanguage": "rust", "serviceConfig": {}}]"#],
+                "must be a list",
+            ),
+            (vec![r#"grpc_config=[{}]"#], "serviceConfig is required"),
+            (
+                vec![r#"grpc_config=[{"serviceConfig": {"methodConfig": 1}}]"#],
+                "_grpc_config[0].serviceConfig",
+            ),
+        ] {
+            let records: Vec<String> = records.into_iter().map(str::to_owned).collect();
+            let err = ServiceConfig::from_txt(&records, &chooser).unwrap_err();
+            assert!(err.to_string().contains(message), "{records:?}: {err}");
         }
     }
 }

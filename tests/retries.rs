@@ -328,3 +328,90 @@ async fn the_method_timeout_and_wait_for_ready_apply() {
     assert!(status.message().contains("fail_fast"), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+#[tokio::test]
+async fn the_service_config_from_a_dns_txt_record() {
+    use std::net::Ipv4Addr;
+    use support::dns::TestDns;
+
+    support::init_tracing();
+    let backends = backends(89, 2).await;
+    let dns = TestDns::start().await;
+    let zone = dns.zone();
+    let ips: Vec<Ipv4Addr> = (89..91).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect();
+    zone.set_a("echo.txt.local", &ips, 1);
+    let retry = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+          "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    // A choice for Go clients, one for no one, then one for every client;
+    // the text split into strings of at most 255 bytes, as DNS requires.
+    let choices = format!(
+        r#"grpc_config=[{{"clientLanguage": ["go"], "serviceConfig": {{}}}},
+        {{"percentage": 0, "serviceConfig": {{}}}},
+        {{"clientLanguage": ["Rust", "java"], "serviceConfig": {retry}}}]"#
+    );
+    let parts: Vec<&str> = choices
+        .as_bytes()
+        .chunks(200)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    assert!(parts.len() > 1);
+    zone.set_txt(
+        "_grpc_config.echo.txt.local",
+        &[&["v=spf1 -all"], &parts],
+        1,
+    );
+
+    let builder = LbChannel::builder(dns.target("echo.txt.local", backends[0].addr.port()))
+        .outlier_detection(None)
+        .service_config_from_dns(true);
+    let channel = support::connect_serving(builder, 2).await;
+    let has_retries = || {
+        channel
+            .service_config()
+            .and_then(|c| c.method("echo.Echo", "Unary").cloned())
+            .is_some_and(|m| m.retry_policy.is_some())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), has_retries)
+            .await
+            .is_some(),
+        "the rust choice applies: {:?}",
+        channel.service_config()
+    );
+    let mut client = EchoClient::new(channel.clone());
+    backends[0].counters.fail_next.store(1, Ordering::SeqCst);
+    backends[1].counters.fail_next.store(1, Ordering::SeqCst);
+    unary(&mut client)
+        .await
+        .expect("the third attempt succeeds");
+    assert_eq!(unary_calls(&backends), 3);
+
+    // A bad record keeps the last good config.
+    zone.set_txt(
+        "_grpc_config.echo.txt.local",
+        &[&["grpc_config=[{not json"]],
+        1,
+    );
+    let before = zone.queries(
+        "_grpc_config.echo.txt.local",
+        hickory_server::proto::rr::RecordType::TXT,
+    );
+    let asked = wait_for(Duration::from_secs(10), || {
+        zone.queries(
+            "_grpc_config.echo.txt.local",
+            hickory_server::proto::rr::RecordType::TXT,
+        ) >= before + 2
+    })
+    .await;
+    assert!(asked.is_some(), "the record is looked up at each refresh");
+    assert!(has_retries(), "kept: {:?}", channel.service_config());
+
+    // Its removal leaves no config from DNS, and no default: none at all.
+    zone.set_txt("_grpc_config.echo.txt.local", &[], 1);
+    let gone = wait_for(Duration::from_secs(10), || {
+        channel.service_config().is_none()
+    })
+    .await;
+    assert!(gone.is_some());
+}

@@ -23,6 +23,7 @@ pub struct ResolveConfig {
     pub(crate) dns_timeout: Duration,
     pub(crate) backoff: BackoffConfig,
     pub(crate) subset_seed: Option<u64>,
+    pub(crate) service_config_from_dns: bool,
 }
 
 impl Default for ResolveConfig {
@@ -34,6 +35,7 @@ impl Default for ResolveConfig {
             dns_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
             subset_seed: None,
+            service_config_from_dns: false,
         }
     }
 }
@@ -84,6 +86,17 @@ impl ResolveConfig {
     /// keep different subsets.
     pub fn subset_seed(mut self, seed: u64) -> Self {
         self.subset_seed = Some(seed);
+        self
+    }
+
+    /// Looks up the service config in DNS, in the TXT record
+    /// `_grpc_config.<host>` of a `dns:` target, at every refresh. Its
+    /// `methodConfig` and `retryThrottling` replace the default service
+    /// config's; the policy chosen when the channel was built stays. A bad
+    /// record keeps the last good config, with one warning. Default: off,
+    /// as in C-core and grpc-java.
+    pub fn service_config_from_dns(mut self, on: bool) -> Self {
+        self.service_config_from_dns = on;
         self
     }
 

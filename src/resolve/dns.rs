@@ -285,6 +285,28 @@ impl Dns {
         )))
     }
 
+    /// The text of each TXT record of `_grpc_config.<host>`, its strings
+    /// joined; none when the name has none.
+    pub(crate) async fn grpc_config(&self, host: &str) -> Result<Vec<String>, Failure> {
+        let name = self.name(&format!("_grpc_config.{}", host.trim_end_matches('.')))?;
+        match self.resolver.lookup(name.clone(), RecordType::TXT).await {
+            Ok(lookup) => {
+                let (texts, _) =
+                    typed_records(&name, lookup.answers(), RecordType::TXT, |d| match d {
+                        RData::TXT(txt) => Some(
+                            txt.txt_data
+                                .iter()
+                                .map(|part| String::from_utf8_lossy(part))
+                                .collect::<String>(),
+                        ),
+                        _ => None,
+                    })?;
+                Ok(texts)
+            }
+            Err(e) => classify(&name, RecordType::TXT, e).map(|_| Vec::new()),
+        }
+    }
+
     /// One record type of one name.
     async fn family(&self, name: Name, rtype: RecordType) -> Result<Family, Failure> {
         match self.resolver.lookup(name.clone(), rtype).await {

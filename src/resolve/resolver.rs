@@ -10,6 +10,7 @@ use super::endpoint::{Endpoint, Endpoints};
 use super::status::ResolveStatus;
 use super::task;
 use crate::Error;
+use crate::service_config::ServiceConfig;
 use crate::target::{Target, TargetKind};
 
 /// A handle to one target's resolution.
@@ -22,6 +23,8 @@ pub struct Resolver {
     endpoints: watch::Receiver<Endpoints>,
     status: watch::Receiver<ResolveStatus>,
     now: Arc<Notify>,
+    /// The service config from DNS, when asked for.
+    service_config: Option<watch::Receiver<Option<Arc<ServiceConfig>>>>,
     /// For fixed lists no task holds the senders, so the handle does.
     _fixed: Option<Arc<(watch::Sender<Endpoints>, watch::Sender<ResolveStatus>)>>,
 }
@@ -48,6 +51,7 @@ impl Resolver {
                     endpoints,
                     status,
                     now: Arc::new(Notify::new()),
+                    service_config: None,
                     _fixed: Some(Arc::new((etx, stx))),
                 });
             }
@@ -66,9 +70,16 @@ impl Resolver {
         let (etx, endpoints) = watch::channel(Endpoints::default());
         let (stx, status) = watch::channel(ResolveStatus::Pending);
         let now = Arc::new(Notify::new());
+        let (service_config, config_rx) = if config.service_config_from_dns {
+            let (tx, rx) = watch::channel(None);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let publisher = task::Publisher {
             endpoints: etx,
             status: stx,
+            service_config,
         };
         runtime.spawn(task::run(
             name.clone(),
@@ -83,6 +94,7 @@ impl Resolver {
             endpoints,
             status,
             now,
+            service_config: config_rx,
             _fixed: None,
         })
     }
@@ -113,6 +125,14 @@ impl Resolver {
     /// How resolution is going.
     pub fn status(&self) -> ResolveStatus {
         self.status.borrow().clone()
+    }
+
+    /// The service config DNS publishes, with
+    /// [`ResolveConfig::service_config_from_dns`] on.
+    pub(crate) fn service_config_receiver(
+        &self,
+    ) -> Option<watch::Receiver<Option<Arc<ServiceConfig>>>> {
+        self.service_config.clone()
     }
 
     /// A receiver of every status change.

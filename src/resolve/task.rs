@@ -13,6 +13,7 @@ use super::endpoint::{Endpoint, Endpoints};
 use super::status::ResolveStatus;
 use crate::backoff::{Backoff, jittered};
 use crate::deadline::{capped, deadline_in};
+use crate::service_config::{Chooser, ServiceConfig};
 use crate::{Error, ErrorKind};
 
 /// Jitter on refresh intervals: ±10 %.
@@ -62,6 +63,17 @@ impl Query {
 pub(crate) struct Publisher {
     pub(crate) endpoints: watch::Sender<Endpoints>,
     pub(crate) status: watch::Sender<ResolveStatus>,
+    /// The service config from DNS, when asked for.
+    pub(crate) service_config: Option<watch::Sender<Option<Arc<ServiceConfig>>>>,
+}
+
+/// The DNS service config's state.
+struct TxtState {
+    chooser: Chooser,
+    /// The records behind the config published last.
+    last: Option<Vec<String>>,
+    /// A bad record or lookup was logged; quiet until one works again.
+    warned: bool,
 }
 
 /// An ongoing run of failed rounds.
@@ -98,6 +110,7 @@ struct Resolution {
     published: bool,
     outage: Option<Outage>,
     capped_from: usize,
+    txt: Option<TxtState>,
     /// The refresh interval of the last good answer; retries during an
     /// outage never wait longer than a healthy refresh would.
     refresh: Duration,
@@ -122,6 +135,7 @@ impl Resolution {
             published: false,
             outage: None,
             capped_from: 0,
+            txt: None,
             refresh: config.max_refresh,
             config,
         }
@@ -131,6 +145,7 @@ impl Resolution {
         loop {
             let started = Instant::now();
             let delay = self.round().await;
+            self.service_config().await;
             // Sleep until the next round; resolve_now brings it forward, but
             // never to less than min_refresh after this round began.
             let mut next = deadline_in(delay);
@@ -262,6 +277,61 @@ impl Resolution {
         Ok(self.query.round(dns, &self.config, self.seed).await)
     }
 
+    /// Looks up `_grpc_config.<host>` and publishes the config it chooses,
+    /// if it changed. A failed lookup or a bad record keeps the last good
+    /// one, with one warning until a lookup works again.
+    async fn service_config(&mut self) {
+        let (Some(sender), Query::Addresses { host, .. }) =
+            (&self.publisher.service_config, &self.query)
+        else {
+            return;
+        };
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        if self.txt.is_none() {
+            self.txt = Some(TxtState {
+                chooser: Chooser {
+                    percentile: rand::random_range(0..100),
+                    hostname: hostname().await,
+                },
+                last: None,
+                warned: false,
+            });
+        }
+        let Some(state) = self.txt.as_mut() else {
+            return;
+        };
+        let looked_up = match timeout(self.config.dns_timeout, dns.grpc_config(host)).await {
+            Ok(Ok(records)) => Ok(records),
+            Ok(Err(Failure(why))) => Err(why),
+            Err(_) => Err("no answer within the DNS timeout".to_owned()),
+        };
+        let parsed = looked_up.and_then(|records| {
+            if state.last.as_ref() == Some(&records) {
+                return Ok(None);
+            }
+            let config =
+                ServiceConfig::from_txt(&records, &state.chooser).map_err(|e| e.to_string())?;
+            Ok(Some((records, config)))
+        });
+        match parsed {
+            Ok(None) => state.warned = false,
+            Ok(Some((records, config))) => {
+                info!(target = %self.target, found = config.is_some(), "the service config in DNS changed");
+                state.last = Some(records);
+                state.warned = false;
+                sender.send_replace(config.map(Arc::new));
+            }
+            Err(why) => {
+                if !state.warned {
+                    warn!(target = %self.target, error = %why, "the service config in DNS is unusable; keeping the last good one");
+                    state.warned = true;
+                }
+            }
+        }
+    }
+
     /// Publishes the union of the parts' last good answers, if it changed.
     fn publish(&mut self, nxdomain: bool) {
         let all: Vec<Endpoint> = self.parts.iter().flatten().flatten().cloned().collect();
@@ -300,4 +370,19 @@ impl Resolution {
             true
         });
     }
+}
+
+/// This machine's host name, for `clientHostname`: `$HOSTNAME`, else the
+/// kernel's.
+async fn hostname() -> Option<String> {
+    if let Ok(name) = std::env::var("HOSTNAME")
+        && !name.is_empty()
+    {
+        return Some(name);
+    }
+    let name = tokio::task::spawn_blocking(|| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .await
+        .ok()?
+        .ok()?;
+    Some(name.trim().to_owned()).filter(|n| !n.is_empty())
 }

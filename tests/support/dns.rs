@@ -11,7 +11,7 @@ use std::time::Duration;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
+use hickory_server::proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV, TXT};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -174,6 +174,19 @@ impl Zone {
             })
             .collect();
         self.put(srv_name, RecordType::SRV, records);
+    }
+
+    /// Replaces the TXT records of `host`, each made of `strings`, which a
+    /// client joins; an empty list removes them.
+    pub fn set_txt(&self, host: &str, records: &[&[&str]], ttl: u32) {
+        let records = records
+            .iter()
+            .map(|strings| {
+                let strings = strings.iter().map(|s| (*s).to_owned()).collect();
+                Record::from_rdata(name(host), ttl, RData::TXT(TXT::new(strings)))
+            })
+            .collect();
+        self.put(host, RecordType::TXT, records);
     }
 
     /// Makes `host` a CNAME of `target`.
