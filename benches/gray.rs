@@ -9,6 +9,15 @@
 //!    each, with and without the slow pod; it reports calls/s against
 //!    all-fast, p99, and (at 1 caller) mean latency against all-fast.
 //!
+//! 3. **a flaky pod**: one backend fails every second call with
+//!    UNAVAILABLE, which consecutive-failure ejection never sees. 16 callers
+//!    for `HEALTHLB_GRAY_SECS`; it reports the failed share and the
+//!    attempts per call the servers saw, with healthlb without a retry
+//!    policy, with one, and with hedging.
+//! 4. **a slow pod, hedged**: one backend 50 ms late, 16 callers;
+//!    healthlb's round robin with and without a hedging policy (1 ms
+//!    delay), p99 against all-fast.
+//!
 //! Contenders: healthlb with each policy and its defaults (outlier ejection
 //! on), tonic's `balance_list`, ginepro 0.9 and warm_channels 0.3. Every
 //! healthlb measurement starts from a fresh channel, so no ejection or
@@ -36,6 +45,16 @@ use support::echo::{Backend, free_port, loopback};
 use tonic::transport::{Channel, Endpoint};
 
 const SLOW: Duration = Duration::from_millis(50);
+
+/// A6 retries for the flaky pod: up to 3 attempts, 1 ms backoff.
+const RETRY: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+  "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.001s", "maxBackoff": "0.001s",
+    "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+/// A6 hedging: up to 3 attempts, 1 ms apart (about the fast pods' p99).
+const HEDGE: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+  "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.001s",
+    "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
 
 /// Which contender to build.
 #[derive(Clone, Copy, Debug)]
@@ -65,8 +84,15 @@ async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
                 "healthlb peak_ewma" => Policy::peak_ewma(),
                 _ => Policy::RoundRobin,
             };
+            let config = match name {
+                "healthlb retry" => RETRY,
+                "healthlb hedging" => HEDGE,
+                _ => "{}",
+            };
             let channel = LbChannel::builder(format!("ipv4:{}", list.join(",")))
                 .policy(policy)
+                .default_service_config(config)
+                .expect("a valid service config")
                 .connect()
                 .await
                 .expect("healthlb connects");
@@ -191,6 +217,95 @@ fn main() {
             ms(fast1.mean),
         );
     }
+    // 3. A flaky pod.
+    let _ = writeln!(
+        out,
+        "\n## One pod failing every second call with UNAVAILABLE, 16 callers, {gray:?}\n"
+    );
+    let _ = writeln!(
+        out,
+        "| contender | calls | failed | failed share | attempts per call |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let flaky_kinds = [
+        Kind::Healthlb("healthlb round_robin"),
+        Kind::Healthlb("healthlb retry"),
+        Kind::Healthlb("healthlb hedging"),
+        Kind::BalanceList,
+        Kind::Ginepro,
+        Kind::WarmChannels,
+    ];
+    let served = || -> u64 {
+        backends
+            .iter()
+            .map(|b| b.counters.unary.load(Ordering::SeqCst))
+            .sum()
+    };
+    for kind in flaky_kinds {
+        let (name, s, attempts) = runtime.block_on(async {
+            let contender = build(kind, &addrs).await;
+            bad.fail_every.store(2, Ordering::SeqCst);
+            let before = served();
+            let sample = measure(&contender, 16, gray).await;
+            let attempts = served() - before;
+            bad.fail_every.store(0, Ordering::SeqCst);
+            (contender.name().to_owned(), sample, attempts)
+        });
+        let calls = (s.calls_per_sec * gray.as_secs_f64()).round() as u64 + s.failed;
+        let share = 100.0 * s.failed as f64 / calls.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "| {name} | {calls} | {} | {share:.3} % | {:.3} |",
+            s.failed,
+            attempts as f64 / calls.max(1) as f64
+        );
+    }
+
+    // 4. A slow pod, hedged.
+    let _ = writeln!(
+        out,
+        "\n## One pod {} slower, hedged, 16 callers, {length:?} per figure\n",
+        ms(SLOW)
+    );
+    let _ = writeln!(
+        out,
+        "| contender | p99 | p99 vs all-fast | calls/s vs all-fast | failed |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let fast = runtime.block_on(async {
+        let contender = build(Kind::Healthlb("healthlb round_robin"), &addrs).await;
+        measure(&contender, 16, length).await
+    });
+    let _ = writeln!(
+        out,
+        "| healthlb round_robin, all fast | {} | 1.00× | 1.00× | {} |",
+        ms(fast.p99),
+        fast.failed
+    );
+    bad.delay_us
+        .store(SLOW.as_micros() as u64, Ordering::SeqCst);
+    for kind in [
+        Kind::Healthlb("healthlb round_robin"),
+        Kind::Healthlb("healthlb hedging"),
+    ] {
+        let (name, s) = runtime.block_on(async {
+            let contender = build(kind, &addrs).await;
+            (
+                contender.name().to_owned(),
+                measure(&contender, 16, length).await,
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {name}, one pod slow | {} | {:.2}× | {:.2}× | {} |",
+            ms(s.p99),
+            s.p99.as_secs_f64() / fast.p99.as_secs_f64().max(1e-9),
+            s.calls_per_sec / fast.calls_per_sec.max(1.0),
+            s.failed
+        );
+    }
+    bad.delay_us.store(0, Ordering::SeqCst);
+
     eprintln!("{out}");
     let dir = std::path::Path::new("target/healthlb-bench");
     let _ = std::fs::create_dir_all(dir);
