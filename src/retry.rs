@@ -199,6 +199,7 @@ pub(crate) async fn run(
         fail_fast: plan.fail_fast,
         until: Instant::now(),
         tried: Mutex::new(Vec::new()),
+        track: plan.policy.is_some(),
     };
     call.until = deadline_in(call.shared.ready_timeout);
     match plan.policy {
@@ -220,6 +221,8 @@ struct Call {
     until: Instant,
     /// The endpoints this call's attempts went to.
     tried: Mutex<Vec<Arc<Pool>>>,
+    /// Whether to keep `tried`: only a call that may have another attempt.
+    track: bool,
 }
 
 impl Call {
@@ -248,10 +251,12 @@ impl Call {
                     }
                 }
             };
-            self.tried
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(pool.clone());
+            if self.track {
+                self.tried
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pool.clone());
+            }
             let slot = match pool.acquire(self.until).await {
                 Ok(slot) => slot,
                 // Its connections closed meanwhile: pick again.
