@@ -127,6 +127,13 @@ async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
     contender
 }
 
+/// The calls a sample made over `length`, failed ones included, and the
+/// failed share in percent.
+fn calls_and_failed_share(s: &Sample, length: Duration) -> (u64, f64) {
+    let calls = (s.calls_per_sec * length.as_secs_f64()).round() as u64 + s.failed;
+    (calls, 100.0 * s.failed as f64 / calls.max(1) as f64)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
@@ -168,8 +175,7 @@ fn main() {
             (contender.name().to_owned(), sample)
         });
         let (name, s) = sample;
-        let calls = (s.calls_per_sec * gray.as_secs_f64()).round() as u64 + s.failed;
-        let share = 100.0 * s.failed as f64 / calls.max(1) as f64;
+        let (calls, share) = calls_and_failed_share(&s, gray);
         let _ = writeln!(out, "| {name} | {calls} | {} | {share:.3} % |", s.failed);
     }
 
@@ -251,8 +257,7 @@ fn main() {
             bad.fail_every.store(0, Ordering::SeqCst);
             (contender.name().to_owned(), sample, attempts)
         });
-        let calls = (s.calls_per_sec * gray.as_secs_f64()).round() as u64 + s.failed;
-        let share = 100.0 * s.failed as f64 / calls.max(1) as f64;
+        let (calls, share) = calls_and_failed_share(&s, gray);
         let _ = writeln!(
             out,
             "| {name} | {calls} | {} | {share:.3} % | {:.3} |",

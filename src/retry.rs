@@ -30,7 +30,7 @@ use tonic::{Code, Status};
 use crate::channel::ChannelShared;
 use crate::deadline::{deadline_in, scaled};
 use crate::service_config::{HedgingPolicy, RetryPolicy, RetryThrottling};
-use crate::subchannel::{AttemptId, MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent};
+use crate::subchannel::{AttemptId, MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, grpc_status};
 
 /// A6's cap on `maxAttempts`, for retries and hedges alike.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 5;
@@ -125,8 +125,7 @@ fn pushback(headers: &http::HeaderMap) -> Pushback {
 /// The status of a trailers-only response: a failed attempt, not yet an
 /// answer. `None` for a response whose headers commit the call.
 fn trailers_only(response: &Response<Body>) -> Option<Code> {
-    let value = response.headers().get("grpc-status")?.to_str().ok()?;
-    Some(Code::from_i32(value.parse().ok()?))
+    grpc_status(response.headers())
 }
 
 /// What one attempt came to.
@@ -453,8 +452,7 @@ impl HttpBody for Refunding {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(trailers) = frame.trailers_ref()
-            && trailers.get("grpc-status").is_some_and(|v| v == "0")
+            && frame.trailers_ref().and_then(grpc_status) == Some(Code::Ok)
             && let Some(throttle) = self.throttle.take()
         {
             throttle.success();

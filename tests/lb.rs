@@ -14,20 +14,11 @@ use healthlb::{LbChannel, SubchannelState};
 use support::dns::TestDns;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
-use support::echo::{Backend, Options, free_port, loopback};
+use support::echo::{Backend, Options, backends, free_port, loopback};
 use support::proxy::Proxy;
 use support::{all_serving, connect_serving, ipv4s, states, wait_for, within};
 
 const HOST: &str = "echo.test.local";
-
-/// Backends `first..first+n` on 127.0.0.x:`port`.
-async fn backends(first: u8, n: u8, port: u16) -> Vec<Backend> {
-    let mut all = Vec::new();
-    for i in 0..n {
-        all.push(Backend::start(&format!("b{}", first + i), loopback(first + i, port)).await);
-    }
-    all
-}
 
 fn ips(backends: &[Backend]) -> Vec<Ipv4Addr> {
     ipv4s(backends.iter().map(|b| b.addr))

@@ -18,12 +18,7 @@ use support::wait_for;
 use tower::discover::Change;
 
 async fn backends(first: u8, n: u8) -> Vec<Backend> {
-    let port = free_port();
-    let mut out = Vec::new();
-    for i in first..first + n {
-        out.push(Backend::start(&format!("b{i}"), loopback(i, port)).await);
-    }
-    out
+    support::echo::backends(first, n, free_port()).await
 }
 
 fn target(backends: &[Backend]) -> String {

@@ -9,17 +9,12 @@ use std::time::{Duration, Instant};
 use healthlb::LbChannel;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
-use support::echo::{Backend, free_port, loopback};
+use support::echo::{Backend, free_port};
 use support::{wait_for, within};
 use tonic::Code;
 
 async fn backends(first: u8, n: u8) -> Vec<Backend> {
-    let port = free_port();
-    let mut out = Vec::new();
-    for i in first..first + n {
-        out.push(Backend::start(&format!("b{i}"), loopback(i, port)).await);
-    }
-    out
+    support::echo::backends(first, n, free_port()).await
 }
 
 /// A channel over `backends` with `config`, outlier ejection off so that
@@ -49,6 +44,26 @@ async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Stat
     within(Duration::from_secs(10), "a unary call", call)
         .await
         .map(|r| r.into_inner().backend)
+}
+
+/// A server stream of `count` replies, 1 ms apart, once its headers arrive.
+async fn open_stream(
+    channel: LbChannel,
+    count: u32,
+) -> Result<tonic::Streaming<support::echo::pb::EchoReply>, tonic::Status> {
+    let request = StreamRequest {
+        message: "s".into(),
+        count,
+        interval_ms: 1,
+    };
+    let mut client = EchoClient::new(channel);
+    within(
+        Duration::from_secs(5),
+        "the stream",
+        client.server_stream(request),
+    )
+    .await
+    .map(tonic::Response::into_inner)
 }
 
 fn unary_calls(backends: &[Backend]) -> u64 {
@@ -105,20 +120,9 @@ async fn a_committed_call_is_not_sent_again_when_it_fails_later() {
     for b in &backends {
         b.counters.stream_fail_after.store(2, Ordering::SeqCst);
     }
-    let mut client = EchoClient::new(channel);
-    let request = StreamRequest {
-        message: "s".into(),
-        count: 5,
-        interval_ms: 1,
-    };
-    let mut stream = within(
-        Duration::from_secs(5),
-        "the stream",
-        client.server_stream(request),
-    )
-    .await
-    .expect("its headers arrive: committed")
-    .into_inner();
+    let mut stream = open_stream(channel, 5)
+        .await
+        .expect("its headers arrive: committed");
     let mut replies = 0;
     let end = loop {
         match within(Duration::from_secs(5), "a message", stream.message()).await {
@@ -140,20 +144,9 @@ async fn a_streaming_call_is_retried_before_it_commits() {
     let backends = backends(76, 1).await;
     let channel = channel(&backends, &retry_config(3, r#""UNAVAILABLE""#, "")).await;
     backends[0].counters.fail_next.store(2, Ordering::SeqCst);
-    let mut client = EchoClient::new(channel);
-    let request = StreamRequest {
-        message: "s".into(),
-        count: 3,
-        interval_ms: 1,
-    };
-    let mut stream = within(
-        Duration::from_secs(5),
-        "the stream",
-        client.server_stream(request),
-    )
-    .await
-    .expect("the third attempt answers")
-    .into_inner();
+    let mut stream = open_stream(channel, 3)
+        .await
+        .expect("the third attempt answers");
     let mut seqs = Vec::new();
     while let Some(reply) = within(Duration::from_secs(5), "a message", stream.message())
         .await

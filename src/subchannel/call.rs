@@ -175,7 +175,7 @@ struct ResponseCounting {
 }
 
 /// The `grpc-status` of a header or trailer map.
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers
         .get("grpc-status")?
         .to_str()

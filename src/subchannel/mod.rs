@@ -60,7 +60,7 @@ mod task;
 mod tls;
 mod transport_errors;
 
-pub(crate) use self::call::Sent;
+pub(crate) use self::call::{Sent, grpc_status};
 pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
 pub(crate) use self::outcome::{CodeSet, Judge, now_ns};

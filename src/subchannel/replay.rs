@@ -162,6 +162,13 @@ impl Recorded {
             Recorded::Trailers(trailers) => Frame::trailers(trailers.clone()),
         }
     }
+
+    fn into_frame(self) -> Frame<Bytes> {
+        match self {
+            Recorded::Data(data) => Frame::data(data),
+            Recorded::Trailers(trailers) => Frame::trailers(trailers),
+        }
+    }
 }
 
 // === impl Replay ===
@@ -371,10 +378,7 @@ impl HttpBody for ReplayBody {
             let frame = match rec.mode {
                 Mode::Committed(_) => {
                     rec.base += 1;
-                    rec.frames.pop_front().map(|f| match f {
-                        Recorded::Data(data) => Frame::data(data),
-                        Recorded::Trailers(trailers) => Frame::trailers(trailers),
-                    })
+                    rec.frames.pop_front().map(Recorded::into_frame)
                 }
                 Mode::Recording => rec.frames.get(cursor - rec.base).map(Recorded::to_frame),
             };

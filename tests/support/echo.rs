@@ -242,6 +242,16 @@ impl Echo for EchoImpl {
     }
 }
 
+/// Backends `b{first}`..`b{first+n-1}` on 127.0.0.`first`.. with one `port`,
+/// like pods behind a headless Service.
+pub async fn backends(first: u8, n: u8, port: u16) -> Vec<Backend> {
+    let mut all = Vec::new();
+    for i in first..first + n {
+        all.push(Backend::start(&format!("b{i}"), loopback(i, port)).await);
+    }
+    all
+}
+
 /// How a backend is set up.
 #[derive(Debug, Clone)]
 pub struct Options {
