@@ -356,3 +356,54 @@ async fn the_probe_reads_a_bounded_answer() {
         .expect("SERVING after one bounded probe");
     assert!(channel.endpoints()[0].state.is_serving());
 }
+
+#[tokio::test]
+async fn cancelling_many_calls_never_closes_the_connection() {
+    support::init_tracing();
+    // Cancelled while the server is still sending: its frames keep coming
+    // after the client's RST_STREAM. Hedging cancels every loser this way.
+    let backend = Backend::start("b68", loopback(68, free_port())).await;
+    let channel = connect_serving(LbChannel::builder(format!("ipv4:{}", backend.addr)), 1).await;
+    let cancel_one = || {
+        let mut client = EchoClient::new(channel.clone());
+        async move {
+            let request = StreamRequest {
+                message: "x".repeat(1024),
+                count: 1_000_000,
+                interval_ms: 0,
+            };
+            let mut replies = client.server_stream(request).await?.into_inner();
+            replies.message().await?;
+            // Dropped here, mid-stream.
+            Ok::<_, tonic::Status>(())
+        }
+    };
+    let started = Instant::now();
+    let mut cancelled = 0;
+    // h2 closes a connection after 1,024 frames for streams it forgot;
+    // 3,000 cancels, 16 at a time, are well past that. Bounded in time too.
+    while cancelled < 3000 && started.elapsed() < Duration::from_secs(60) {
+        let batch = join_all((0..16).map(|_| cancel_one())).await;
+        for result in batch {
+            result.expect("each stream opens and answers before it is cancelled");
+            cancelled += 1;
+        }
+    }
+    assert!(cancelled >= 3000, "only {cancelled} streams in 60 s");
+    let mut client = EchoClient::new(channel.clone());
+    within(
+        Duration::from_secs(10),
+        "a unary call after the cancels",
+        client.unary(EchoRequest {
+            message: "after".into(),
+        }),
+    )
+    .await
+    .expect("the endpoint still answers");
+    let status = &channel.endpoints()[0];
+    assert_eq!(
+        status.connects, 1,
+        "cancelled calls closed the connection: {:?}",
+        status.last_error
+    );
+}

@@ -33,6 +33,10 @@ use crate::Error;
 /// connection can take no more requests: after a GOAWAY, or when it closes.
 pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), Ended>> + Send>>;
 
+/// Reset streams a connection remembers for h2's 1 s, so that their late
+/// frames are dropped quietly: 1,024 cancels a second (h2's default is 50).
+const RESET_STREAMS_REMEMBERED: usize = 1024;
+
 /// Who calls are addressed to.
 #[derive(Debug, Clone)]
 pub(crate) struct Origin {
@@ -315,7 +319,16 @@ impl Dialer {
             .keep_alive_interval(settings.keep_alive_interval)
             .keep_alive_timeout(settings.keep_alive_timeout)
             .keep_alive_while_idle(settings.keep_alive_while_idle)
-            .adaptive_window(settings.adaptive_window);
+            .adaptive_window(settings.adaptive_window)
+            // A cancelled call (a hedge that lost, a deadline) may still
+            // have frames on the way. h2 remembers only 50 reset streams,
+            // and each frame for a forgotten one counts against a limit of
+            // 1,024 per connection's life, after which the client closes its
+            // own connection (ENHANCE_YOUR_CALM) and fails every call on it.
+            // Remember more, and let late frames be answered, not counted:
+            // they cost the server as much as us, so there is nothing to cap.
+            .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+            .max_local_error_reset_streams(None);
         // Set only when given: setting a window turns the adaptive one off.
         if let Some(size) = settings.initial_stream_window_size {
             builder.initial_stream_window_size(size);

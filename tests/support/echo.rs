@@ -207,7 +207,8 @@ impl Echo for EchoImpl {
                     let failed = Status::unavailable(format!("{name} fails mid-stream"));
                     return Some((Err(failed), u64::MAX));
                 }
-                if seq > 0 {
+                // 0: back to back, as fast as flow control lets them go.
+                if seq > 0 && interval_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(u64::from(interval_ms))).await;
                 }
                 let reply = EchoReply {
