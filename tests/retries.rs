@@ -215,7 +215,7 @@ async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
     let channel = channel(&backends, config).await;
     let slow = &backends[0].counters;
     slow.delay_us.store(3_000_000, Ordering::SeqCst);
-    let mut client = EchoClient::new(channel);
+    let mut client = EchoClient::new(channel.clone());
     for _ in 0..12 {
         let started = Instant::now();
         let backend = unary(&mut client).await.expect("the hedge answers");
@@ -238,6 +238,14 @@ async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
         "{} of {hedged} cancelled",
         slow.cancelled.load(Ordering::SeqCst)
     );
+    // The endpoint's counters see every attempt, the cancelled ones too.
+    let status = channel
+        .endpoints()
+        .into_iter()
+        .find(|e| e.addr == backends[0].addr)
+        .expect("the slow pod's status");
+    assert_eq!(status.calls_started, hedged, "every attempt counted");
+    assert_eq!(status.calls_in_flight, 0);
 }
 
 #[tokio::test]

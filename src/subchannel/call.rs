@@ -67,9 +67,16 @@ impl Slot {
         prepare(&mut req, &conn.origin);
         let mut send = conn.send.clone();
         let sent_at = std::time::Instant::now();
-        match send.try_send_request(req).await {
+        let mut started = Started {
+            stats,
+            method: method.as_deref(),
+            waiting: true,
+        };
+        let sent = send.try_send_request(req).await;
+        started.waiting = false;
+        match sent {
             Ok(response) => {
-                stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                drop(started);
                 stats.outcomes.observe(sent_at);
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
@@ -104,9 +111,11 @@ impl Slot {
                     if !never_sent {
                         tracing::debug!(endpoint = %conn.addr, error = %err, "the server refused the call unprocessed; sending it again");
                     }
+                    // It never reached the server: not counted.
+                    std::mem::forget(started);
                     return Sent::Unsent;
                 }
-                stats.calls_started.fetch_add(1, Ordering::Relaxed);
+                drop(started);
                 stats.calls_failed.fetch_add(1, Ordering::Relaxed);
                 let status = transport_status(conn.addr, &err);
                 stats.outcomes.record(status.code());
@@ -115,6 +124,29 @@ impl Slot {
                 }
                 Sent::Failed(status)
             }
+        }
+    }
+}
+
+/// Counts an attempt as started however its wait for response headers
+/// ends, unless it went unsent: answered, failed, or dropped (a hedge that
+/// lost, a caller that gave up), since its request may have reached the
+/// server. A drop is recorded as CANCELLED.
+struct Started<'a> {
+    stats: &'a super::stats::Stats,
+    method: Option<&'a str>,
+    waiting: bool,
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
+        if self.waiting
+            && let Some(method) = self.method
+        {
+            self.stats
+                .metrics
+                .request_done(tonic::Code::Cancelled, method);
         }
     }
 }
