@@ -199,6 +199,7 @@ pub(crate) async fn run(
         until: Instant::now(),
         tried: Mutex::new(Vec::new()),
         track: plan.policy.is_some(),
+        linger: matches!(plan.policy, Some(AttemptPolicy::Hedge(_))),
     };
     call.until = deadline_in(call.shared.ready_timeout);
     match plan.policy {
@@ -222,6 +223,8 @@ struct Call {
     tried: Mutex<Vec<Arc<Pool>>>,
     /// Whether to keep `tried`: only a call that may have another attempt.
     track: bool,
+    /// Whether a losing attempt keeps its stream a while (hedging).
+    linger: bool,
 }
 
 impl Call {
@@ -268,7 +271,7 @@ impl Call {
                     )));
                 }
             };
-            match slot.send(&self.replay, previous).await {
+            match slot.send(&self.replay, previous, self.linger).await {
                 Sent::Response(response, attempt) => return Outcome::Response(response, attempt),
                 Sent::Failed(status) => return Outcome::Failed(status),
                 // The connection closed before the call left: another

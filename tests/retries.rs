@@ -4,12 +4,13 @@
 mod support;
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use healthlb::LbChannel;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
-use support::echo::{Backend, free_port};
+use support::echo::{Backend, free_port, loopback};
 use support::{wait_for, within};
 use tonic::Code;
 
@@ -416,3 +417,102 @@ async fn the_service_config_from_a_dns_txt_record() {
     .await;
     assert!(gone.is_some());
 }
+
+/// A raw HTTP/2 server that, like a busy one, takes new streams from its
+/// accept queue only every 5 ms, and never answers a call (a liveness probe
+/// gets UNIMPLEMENTED). It records the connection error h2 ends with: a
+/// GOAWAY ENHANCE_YOUR_CALM when more than 20 streams were cancelled
+/// before it took them (hyper's and tonic's rapid-reset guard).
+async fn lagging_server(addr: std::net::SocketAddr) -> Arc<Mutex<Vec<String>>> {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let recorded = errors.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let errors = recorded.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                for _ in 0..12_000 {
+                    let lag = tokio::time::sleep(Duration::from_millis(5));
+                    tokio::select! {
+                        closed = std::future::poll_fn(|cx| conn.poll_closed(cx)) => {
+                            if let Err(e) = closed {
+                                errors.lock().unwrap().push(e.to_string());
+                            }
+                            return;
+                        }
+                        () = lag => {}
+                    }
+                    while let Some(accepted) = futures::FutureExt::now_or_never(conn.accept()) {
+                        match accepted {
+                            Some(Ok((request, mut respond))) => {
+                                if request.uri().path().starts_with("/grpc.health") {
+                                    let response = http::Response::builder()
+                                        .header("content-type", "application/grpc")
+                                        .header("grpc-status", "12")
+                                        .body(())
+                                        .expect("a response");
+                                    let _ = respond.send_response(response, true);
+                                } else {
+                                    held.push(respond);
+                                }
+                            }
+                            Some(Err(e)) => {
+                                errors.lock().unwrap().push(e.to_string());
+                                return;
+                            }
+                            None => return,
+                        }
+                    }
+                }
+            });
+        }
+    });
+    errors
+}
+
+#[tokio::test]
+async fn hedges_that_lose_are_not_cancelled_before_a_busy_server_takes_them() {
+    let fast = Backend::start("b88", loopback(88, free_port())).await;
+    let lagging_addr = loopback(89, free_port());
+    let errors = lagging_server(lagging_addr).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+        "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0s"}}]}"#;
+    let builder = LbChannel::builder(format!("ipv4:{},{lagging_addr}", fast.addr))
+        .health_check(false)
+        .outlier_detection(None)
+        .default_service_config(config)
+        .expect("a valid service config");
+    let channel = support::connect_serving(builder, 2).await;
+    // Every call goes to both at once; the tonic server wins, and the
+    // lagging one holds 40 losers at a time.
+    for _ in 0..5 {
+        let calls = (0..40).map(|_| {
+            let mut client = EchoClient::new(channel.clone());
+            async move { unary(&mut client).await }
+        });
+        for result in futures::future::join_all(calls).await {
+            assert_eq!(result.expect("the fast pod answers"), "b88");
+        }
+    }
+    // The losers' cancels have gone out.
+    tokio::time::sleep(LINGER_AND_SOME).await;
+    assert_eq!(
+        *errors.lock().unwrap(),
+        Vec::<String>::new(),
+        "the busy server saw streams cancelled before it took them"
+    );
+    let lagging = channel
+        .endpoints()
+        .into_iter()
+        .find(|e| e.addr == lagging_addr)
+        .expect("the lagging endpoint");
+    assert_eq!(lagging.connects, 1, "{:?}", lagging.last_error);
+    assert!(lagging.calls_started >= 200, "every call sent it a hedge");
+}
+
+/// Longer than a hedge keeps a lost stream (20 ms).
+const LINGER_AND_SOME: Duration = Duration::from_millis(200);

@@ -47,8 +47,10 @@ pub(crate) enum Internal {
 impl Slot {
     /// Sends another attempt of a caller's request on this slot's
     /// connection, after `previous` counted attempts. An attempt that ends
-    /// without a response is retired here.
-    pub(crate) async fn send(self, replay: &Replay, previous: u32) -> Sent {
+    /// without a response is retired here. With `linger` (a hedge), an
+    /// attempt dropped before its answer keeps its stream until [`LINGER`]
+    /// after it was sent, and only then is cancelled.
+    pub(crate) async fn send(self, replay: &Replay, previous: u32, linger: bool) -> Sent {
         let conn = self.conn.clone();
         let stats = &conn.stats;
         // Metrics: the method, and counting of the request's messages.
@@ -58,7 +60,9 @@ impl Slot {
             method,
             frames: GrpcFrames::default(),
         });
-        let Some((attempt, mut req)) = replay.attempt(counting, previous) else {
+        let sent_at = std::time::Instant::now();
+        let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
+        let Some((attempt, mut req)) = replay.attempt(counting, previous, linger_until) else {
             return Sent::Failed(Status::unavailable(format!(
                 "the call to {} cannot be sent again: its request was not kept whole",
                 conn.addr
@@ -66,13 +70,22 @@ impl Slot {
         };
         prepare(&mut req, &conn.origin);
         let mut send = conn.send.clone();
-        let sent_at = std::time::Instant::now();
         let mut started = Started {
             stats,
             method: method.as_deref(),
             waiting: true,
         };
-        let sent = send.try_send_request(req).await;
+        let response = send.try_send_request(req);
+        let (sent, slot) = if linger {
+            Lingering {
+                response: Some(Box::pin(response)),
+                slot: Some(self),
+                until: sent_at + LINGER,
+            }
+            .await
+        } else {
+            (response.await, self)
+        };
         started.waiting = false;
         match sent {
             Ok(response) => {
@@ -97,7 +110,7 @@ impl Slot {
                         body,
                         counting,
                         judged: status.is_some(),
-                        slot: self,
+                        slot,
                     })
                 });
                 Sent::Response(response, attempt)
@@ -124,6 +137,73 @@ impl Slot {
                 }
                 Sent::Failed(status)
             }
+        }
+    }
+}
+
+/// How long after it was sent a hedge that lost keeps its stream: 20 ms.
+///
+/// A stream cancelled before the server has taken it from its accept queue
+/// looks like the rapid-reset attack (CVE-2023-44487): hyper's and so
+/// tonic's servers close the connection, GOAWAY ENHANCE_YOUR_CALM, once 20
+/// such streams are pending. A busy server reads a hedge and its cancel in
+/// one go when they are close together; 20 ms apart, it has taken the
+/// stream first. A loser that answers meanwhile costs no cancel at all.
+pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// An attempt's wait for its response that, dropped before [`LINGER`] has
+/// passed since it was sent, hands the stream and its slot to a task that
+/// cancels it only then.
+struct Lingering<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
+    response: Option<Pin<Box<F>>>,
+    slot: Option<Slot>,
+    until: std::time::Instant,
+}
+
+impl<F> Future for Lingering<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
+    type Output = (F::Output, Slot);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(response) = self.response.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(response.as_mut().poll(cx));
+        self.response = None;
+        match self.slot.take() {
+            Some(slot) => Poll::Ready((output, slot)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<F> Drop for Lingering<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        let (Some(response), Some(slot)) = (self.response.take(), self.slot.take()) else {
+            return;
+        };
+        let until = tokio::time::Instant::from_std(self.until);
+        if until <= tokio::time::Instant::now() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // An answer in time is dropped whole; otherwise the
+                // stream is cancelled now.
+                let _ = tokio::time::timeout_at(until, response).await;
+                drop(slot);
+            });
         }
     }
 }

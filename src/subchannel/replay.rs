@@ -209,10 +209,14 @@ impl Replay {
     /// attempts read and then reads on. `previous` attempts came before it
     /// (transparent ones not counted); the server is told so. `None` once
     /// the call committed. New messages count into `counting`.
+    /// With `linger_until` (a hedge), its body, superseded before then,
+    /// waits until then to fail, so that its stream isn't cancelled sooner
+    /// (`call.rs`'s `LINGER` says why).
     pub(crate) fn attempt(
         &self,
         counting: Option<Counting>,
         previous: u32,
+        linger_until: Option<tokio::time::Instant>,
     ) -> Option<(AttemptId, Request<Body>)> {
         let generation = {
             let mut rec = lock(&self.inner.recording);
@@ -231,6 +235,8 @@ impl Replay {
         let mut request = Request::new(Body::new(ReplayBody {
             recording: self.inner.recording.clone(),
             generation,
+            linger_until,
+            lingering: None,
         }));
         *request.method_mut() = self.inner.method.clone();
         *request.uri_mut() = self.inner.uri.clone();
@@ -354,6 +360,9 @@ impl Drop for Recording {
 struct ReplayBody {
     recording: Arc<Mutex<Recording>>,
     generation: u64,
+    /// Until when a superseded body waits before it fails.
+    linger_until: Option<tokio::time::Instant>,
+    lingering: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl HttpBody for ReplayBody {
@@ -368,6 +377,13 @@ impl HttpBody for ReplayBody {
         let mut guard = lock(&this.recording);
         let rec = &mut *guard;
         let Some(reader) = rec.readers.iter().position(|(g, _)| *g == this.generation) else {
+            drop(guard);
+            if let Some(until) = this.linger_until {
+                let sleep = this
+                    .lingering
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                ready!(sleep.as_mut().poll(cx));
+            }
             return Poll::Ready(Some(Err(Status::cancelled(
                 "this attempt was superseded by another",
             ))));
@@ -448,7 +464,7 @@ mod tests {
     }
 
     fn attempt(replay: &Replay) -> (AttemptId, Body) {
-        let (id, request) = replay.attempt(None, 0).expect("not committed");
+        let (id, request) = replay.attempt(None, 0, None).expect("not committed");
         (id, request.into_body())
     }
 
@@ -497,7 +513,7 @@ mod tests {
         assert!(next(&mut first).await.unwrap().is_err());
         drop(tx);
         assert!(next(&mut second).await.is_none());
-        assert!(replay.attempt(None, 1).is_none(), "committed");
+        assert!(replay.attempt(None, 1, None).is_none(), "committed");
     }
 
     #[tokio::test]
@@ -521,7 +537,7 @@ mod tests {
         let rest = next(&mut second).await.unwrap().unwrap();
         assert_eq!(rest.len(), LIMIT / 2 + 1);
         assert!(!replay.can_retry(), "past the limit: committed");
-        assert!(replay.attempt(None, 1).is_none());
+        assert!(replay.attempt(None, 1, None).is_none());
     }
 
     #[tokio::test]
@@ -593,9 +609,9 @@ mod tests {
     #[test]
     fn a_retry_names_the_attempts_before_it() {
         let (replay, _) = replay(Request::new(Body::empty()));
-        let (_, first) = replay.attempt(None, 0).unwrap();
+        let (_, first) = replay.attempt(None, 0, None).unwrap();
         assert!(first.headers().get(PREVIOUS_ATTEMPTS).is_none());
-        let (_, third) = replay.attempt(None, 2).unwrap();
+        let (_, third) = replay.attempt(None, 2, None).unwrap();
         assert_eq!(third.headers()[PREVIOUS_ATTEMPTS], "2");
     }
 }

@@ -81,7 +81,7 @@ impl tower::Service<Request<Body>> for Subchannel {
             for _ in 0..MAX_ATTEMPTS {
                 let until = deadline_in(ready_timeout);
                 let slot = serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
-                match slot.send(&replay, 0).await {
+                match slot.send(&replay, 0, false).await {
                     Sent::Response(response, attempt) => {
                         replay.commit(attempt);
                         return Ok(response);
