@@ -27,6 +27,7 @@
 //!
 //! Beside the pipeline: [`BackoffConfig`] (`backoff.rs`), gRPC's retry
 //! backoff; `deadline.rs`, call deadlines and saturating time arithmetic;
+//! `retry.rs`, A6 retries and hedging, with `timer.rs`'s sub-millisecond sleep;
 //! [`EndpointStatus`] (`status.rs`); [`ResponseFuture`] (`response.rs`);
 //! [`Error`] (`error.rs`); and
 //! `metrics.rs` (feature `metrics`).
@@ -79,6 +80,7 @@ mod service_config;
 mod status;
 pub mod subchannel;
 pub mod target;
+mod timer;
 
 /// Hooks for healthlb's own benchmarks and fuzzers, with the feature
 /// `internals` (off by default). Not part of the API: they change without

@@ -324,7 +324,7 @@ impl Call {
             };
             tracing::debug!(%target, path = self.replay.path(), ?code, attempts, ?delay, "retrying the call");
             crate::metrics::retry(target, "retry", code);
-            tokio::time::sleep(delay).await;
+            crate::timer::sleep(delay).await;
         }
     }
 
@@ -433,7 +433,7 @@ impl Call {
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => crate::timer::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
