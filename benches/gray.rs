@@ -15,8 +15,9 @@
 //!    attempts per call the servers saw, with healthlb without a retry
 //!    policy, with one, and with hedging.
 //! 4. **a slow pod, hedged**: one backend 50 ms late, 16 callers;
-//!    healthlb's round robin with and without a hedging policy (1 ms
-//!    delay), p99 against all-fast.
+//!    healthlb's round robin without a hedging policy and with one (1 ms
+//!    and 0.5 ms delays), p99 against all-fast: medians of 3 rounds, each
+//!    running every row in turn.
 //!
 //! Contenders: healthlb with each policy and its defaults (outlier ejection
 //! on), tonic's `balance_list`, ginepro 0.9 and warm_channels 0.3. Every
@@ -46,6 +47,9 @@ use tonic::transport::{Channel, Endpoint};
 
 const SLOW: Duration = Duration::from_millis(50);
 
+/// Rounds of the hedged slow-pod scenario.
+const HEDGE_ROUNDS: usize = 3;
+
 /// A6 retries for the flaky pod: up to 3 attempts, 1 ms backoff.
 const RETRY: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
   "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.001s", "maxBackoff": "0.001s",
@@ -54,6 +58,11 @@ const RETRY: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
 /// A6 hedging: up to 3 attempts, 1 ms apart (about the fast pods' p99).
 const HEDGE: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
   "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.001s",
+    "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+/// The same, 0.5 ms apart (half the fast pods' p99).
+const HEDGE_SOON: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+  "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.0005s",
     "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
 
 /// Which contender to build.
@@ -87,6 +96,7 @@ async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
             let config = match name {
                 "healthlb retry" => RETRY,
                 "healthlb hedging" => HEDGE,
+                "healthlb hedging 0.5 ms" => HEDGE_SOON,
                 _ => "{}",
             };
             let channel = LbChannel::builder(format!("ipv4:{}", list.join(",")))
@@ -274,42 +284,92 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| contender | p99 | p99 vs all-fast | calls/s vs all-fast | failed |"
+        "Medians of {HEDGE_ROUNDS} rounds, each running every row in turn, so that all-fast and the slow pod share the machine's moods.\n"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
-    let fast = runtime.block_on(async {
-        let contender = build(Kind::Healthlb("healthlb round_robin"), &addrs).await;
-        measure(&contender, 16, length).await
-    });
     let _ = writeln!(
         out,
-        "| healthlb round_robin, all fast | {} | 1.00× | 1.00× | {} |",
-        ms(fast.p99),
-        fast.failed
+        "| contender | p99 | p99 vs all-fast | calls/s vs all-fast | failed | slow pod's calls cancelled |"
     );
-    bad.delay_us
-        .store(SLOW.as_micros() as u64, Ordering::SeqCst);
-    for kind in [
-        Kind::Healthlb("healthlb round_robin"),
-        Kind::Healthlb("healthlb hedging"),
-    ] {
-        let (name, s) = runtime.block_on(async {
-            let contender = build(kind, &addrs).await;
-            (
-                contender.name().to_owned(),
-                measure(&contender, 16, length).await,
-            )
-        });
-        let _ = writeln!(
-            out,
-            "| {name}, one pod slow | {} | {:.2}× | {:.2}× | {} |",
-            ms(s.p99),
-            s.p99.as_secs_f64() / fast.p99.as_secs_f64().max(1e-9),
-            s.calls_per_sec / fast.calls_per_sec.max(1.0),
-            s.failed
-        );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    let rows = [
+        (
+            "healthlb round_robin, all fast",
+            "healthlb round_robin",
+            false,
+        ),
+        (
+            "healthlb round_robin, one pod slow",
+            "healthlb round_robin",
+            true,
+        ),
+        (
+            "healthlb hedging 1 ms, one pod slow",
+            "healthlb hedging",
+            true,
+        ),
+        (
+            "healthlb hedging 0.5 ms, one pod slow",
+            "healthlb hedging 0.5 ms",
+            true,
+        ),
+    ];
+    // Per row: p99s, calls/s, failed, and the slow pod's calls and cancels.
+    let mut seen = vec![(Vec::new(), Vec::new(), 0u64, 0u64, 0u64); rows.len()];
+    for _ in 0..HEDGE_ROUNDS {
+        for (row, (_, kind, slow)) in rows.iter().enumerate() {
+            let delay = if *slow { SLOW.as_micros() as u64 } else { 0 };
+            bad.delay_us.store(delay, Ordering::SeqCst);
+            let (sample, calls, cancelled) = runtime.block_on(async {
+                let contender = build(Kind::Healthlb(kind), &addrs).await;
+                // The warm-up's losers are cancelled within 20 ms.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let (calls, cancelled) = (&bad.unary, &bad.cancelled);
+                let before = (
+                    calls.load(Ordering::SeqCst),
+                    cancelled.load(Ordering::SeqCst),
+                );
+                let sample = measure(&contender, 16, length).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                (
+                    sample,
+                    calls.load(Ordering::SeqCst) - before.0,
+                    cancelled.load(Ordering::SeqCst) - before.1,
+                )
+            });
+            let entry = &mut seen[row];
+            entry.0.push(sample.p99);
+            entry.1.push(sample.calls_per_sec);
+            entry.2 += sample.failed;
+            entry.3 += calls;
+            entry.4 += cancelled;
+        }
     }
     bad.delay_us.store(0, Ordering::SeqCst);
+    let medians: Vec<(Duration, f64)> = seen
+        .iter_mut()
+        .map(|(p99s, rates, ..)| {
+            p99s.sort_unstable();
+            rates.sort_unstable_by(f64::total_cmp);
+            (p99s[p99s.len() / 2], rates[rates.len() / 2])
+        })
+        .collect();
+    let (fast_p99, fast_rate) = medians[0];
+    for (row, (name, _, slow)) in rows.iter().enumerate() {
+        let (p99, rate) = medians[row];
+        let (_, _, failed, calls, cancelled) = seen[row];
+        let cancels = if *slow {
+            format!("{cancelled} of {calls}")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.2}× | {:.2}× | {failed} | {cancels} |",
+            ms(p99),
+            p99.as_secs_f64() / fast_p99.as_secs_f64().max(1e-9),
+            rate / fast_rate.max(1.0),
+        );
+    }
 
     eprintln!("{out}");
     let dir = std::path::Path::new("target/healthlb-bench");
