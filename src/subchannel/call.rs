@@ -76,11 +76,11 @@ impl Slot {
             waiting: true,
         };
         let response = send.try_send_request(req);
-        let (sent, slot) = if linger {
+        let (sent, slot) = if let Some(until) = linger_until {
             Lingering {
                 response: Some(Box::pin(response)),
                 slot: Some(self),
-                until: sent_at + LINGER,
+                until,
             }
             .await
         } else {
@@ -161,7 +161,7 @@ where
 {
     response: Option<Pin<Box<F>>>,
     slot: Option<Slot>,
-    until: std::time::Instant,
+    until: tokio::time::Instant,
 }
 
 impl<F> Future for Lingering<F>
@@ -193,7 +193,7 @@ where
         let (Some(response), Some(slot)) = (self.response.take(), self.slot.take()) else {
             return;
         };
-        let until = tokio::time::Instant::from_std(self.until);
+        let until = self.until;
         if until <= tokio::time::Instant::now() {
             return;
         }
