@@ -4,8 +4,9 @@
 //! 1. a direct tonic `Channel` to one backend (the reference: no balancing),
 //! 2. tonic's `Channel::balance_list` over the 4,
 //! 3. ginepro over the 4 (tonic 0.13, via a renamed dependency),
-//! 4. healthlb's `LbChannel` over the 4,
-//! 5. the same with a Prometheus recorder installed (the `metrics` feature's
+//! 4. warm_channels over the 4 (tower p2c over health-checked connections),
+//! 5. healthlb's `LbChannel` over the 4,
+//! 6. the same with a Prometheus recorder installed (the `metrics` feature's
 //!    cost).
 //!
 //! Criterion measures the time per call at concurrency 64. Then a table pass
@@ -18,8 +19,10 @@
 //!
 //! `cargo bench --bench e2e` (`HEALTHLB_BENCH_SECS`, default 2, sets the
 //! length of one measurement in the table pass; `HEALTHLB_BENCH_ROUNDS`,
-//! default 5, the rounds). `HEALTHLB_BENCH_PROFILE=healthlb` runs one
-//! contender alone for 10 s, for perf.
+//! default 5, the rounds; `HEALTHLB_BENCH_CONCURRENCY`, default `1,16,64,256`,
+//! the concurrencies). `HEALTHLB_BENCH_PROFILE=healthlb` runs one contender
+//! alone for 10 s at concurrency 64 (or the first of
+//! `HEALTHLB_BENCH_CONCURRENCY`), for perf.
 
 #[path = "peers/mod.rs"]
 mod peers;
@@ -37,7 +40,21 @@ use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, free_port, loopback};
 use tonic::transport::{Channel, Endpoint};
 
-const CONCURRENCY: [usize; 4] = [1, 16, 64, 256];
+/// The concurrencies of the table pass: `HEALTHLB_BENCH_CONCURRENCY` as a
+/// comma-separated list, or 1, 16, 64 and 256.
+fn concurrencies() -> Vec<usize> {
+    let parsed: Vec<usize> = std::env::var("HEALTHLB_BENCH_CONCURRENCY")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .filter(|&c| (1..=4096).contains(&c))
+        .collect();
+    if parsed.is_empty() {
+        vec![1, 16, 64, 256]
+    } else {
+        parsed
+    }
+}
 
 async fn contenders(addrs: &[SocketAddr]) -> Vec<Contender> {
     let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
@@ -66,13 +83,27 @@ async fn contenders(addrs: &[SocketAddr]) -> Vec<Contender> {
         Contender::Direct(EchoClient::new(direct)),
         Contender::BalanceList(EchoClient::new(balanced)),
         Contender::Ginepro(tonic013::client::Grpc::new(ginepro)),
+        Contender::WarmChannels(EchoClient::with_origin(
+            peers::warm_channel(addrs),
+            format!("http://{}", addrs[0]).parse().expect("uri"),
+        )),
         Contender::Healthlb(EchoClient::new(healthlb)),
         Contender::HealthlbMetrics(EchoClient::new(measured)),
     ];
-    // Warm every contender up, and let ginepro's and tonic's discovery run.
+    // Warm every contender up, and let the peers' discovery and health
+    // checks run. Bounded in count and time.
     for contender in &mut all {
-        for _ in 0..200 {
-            let _ = contender.call().await;
+        let started = Instant::now();
+        let mut ok = 0;
+        for _ in 0..10_000 {
+            if ok >= 200 || started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            if contender.call().await.is_ok() {
+                ok += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
     all
@@ -91,10 +122,13 @@ fn main() {
         (backends, contenders)
     });
 
-    // For profiling: one contender at concurrency 64 for 10 s, nothing else.
+    let concurrency_levels = concurrencies();
+    // For profiling: one contender at one concurrency for 10 s, nothing else.
     if let Ok(only) = std::env::var("HEALTHLB_BENCH_PROFILE") {
+        let concurrency =
+            std::env::var("HEALTHLB_BENCH_CONCURRENCY").map_or(64, |_| concurrency_levels[0]);
         if let Some(contender) = contenders.iter().find(|c| c.name() == only) {
-            let sample = runtime.block_on(measure(contender, 64, Duration::from_secs(10)));
+            let sample = runtime.block_on(measure(contender, concurrency, Duration::from_secs(10)));
             println!("{only}: {sample:?}");
         }
         return;
@@ -142,9 +176,10 @@ fn main() {
     // The table pass.
     let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 2.0).clamp(0.2, 60.0));
     let rounds = env_or("HEALTHLB_BENCH_ROUNDS", 5.0).clamp(1.0, 20.0) as usize;
-    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len() * CONCURRENCY.len()];
+    let mut results: Vec<Vec<Sample>> =
+        vec![Vec::new(); contenders.len() * concurrency_levels.len()];
     runtime.block_on(async {
-        for (ci, &concurrency) in CONCURRENCY.iter().enumerate() {
+        for (ci, &concurrency) in concurrency_levels.iter().enumerate() {
             for _ in 0..rounds {
                 for (k, contender) in contenders.iter().enumerate() {
                     let sample = measure(contender, concurrency, length).await;
@@ -174,7 +209,7 @@ fn main() {
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut series: Vec<Vec<(usize, f64)>> = vec![Vec::new(); contenders.len()];
-    for (ci, &concurrency) in CONCURRENCY.iter().enumerate() {
+    for (ci, &concurrency) in concurrency_levels.iter().enumerate() {
         let samples = |k: usize| &results[ci * contenders.len() + k];
         let ours = samples(base);
         for (k, contender) in contenders.iter().enumerate() {
@@ -213,7 +248,12 @@ fn main() {
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("e2e.md"), &table);
     let names: Vec<&str> = contenders.iter().map(Contender::name).collect();
-    match plot(&dir.join("throughput.svg"), &names, &series) {
+    match plot(
+        &dir.join("throughput.svg"),
+        &names,
+        &concurrency_levels,
+        &series,
+    ) {
         Ok(()) => println!("wrote {}", dir.join("throughput.svg").display()),
         Err(e) => println!("plot failed: {e}"),
     }
@@ -229,6 +269,7 @@ fn main() {
 fn plot(
     path: &std::path::Path,
     names: &[&str],
+    levels: &[usize],
     series: &[Vec<(usize, f64)>],
 ) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
@@ -243,12 +284,12 @@ fn plot(
         .margin(20)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..(CONCURRENCY.len() - 1) as f64, 0f64..max.max(1.0))?;
+        .build_cartesian_2d(0f64..(levels.len().max(2) - 1) as f64, 0f64..max.max(1.0))?;
     chart
         .configure_mesh()
-        .x_labels(CONCURRENCY.len())
+        .x_labels(levels.len())
         .x_label_formatter(&|x| {
-            CONCURRENCY
+            levels
                 .get(x.round() as usize)
                 .map(|c| c.to_string())
                 .unwrap_or_default()
@@ -256,7 +297,7 @@ fn plot(
         .x_desc("concurrent callers")
         .y_desc("calls/s")
         .draw()?;
-    let colors = [BLUE, RED, GREEN, BLACK, MAGENTA];
+    let colors = [BLUE, RED, GREEN, CYAN, BLACK, MAGENTA];
     for (k, points) in series.iter().enumerate() {
         let color = colors[k % colors.len()];
         let line = points.iter().enumerate().map(|(i, p)| (i as f64, p.1));

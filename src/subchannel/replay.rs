@@ -116,6 +116,9 @@ struct ReplayInner {
 struct Recording {
     /// The body not yet read; `None` once it ended.
     inner: Option<Body>,
+    /// A frame read ahead from `inner` to learn whether the body ends, not
+    /// yet handed to any attempt.
+    peeked: Option<Result<Frame<Bytes>, Status>>,
     /// How the body failed, for every attempt that reads past it.
     failed: Option<Status>,
     /// Messages counted for metrics, as they are first read.
@@ -186,6 +189,7 @@ impl Replay {
                 headers: parts.headers,
                 recording: Arc::new(Mutex::new(Recording {
                     inner: Some(body),
+                    peeked: None,
                     failed: None,
                     counting: None,
                     frames: VecDeque::new(),
@@ -350,6 +354,34 @@ impl Recording {
     }
 }
 
+impl Recording {
+    /// Reads the next frame ahead if it is there already, so that a body
+    /// that has just ended says so with its last data frame: HTTP/2 then
+    /// sends that frame with END_STREAM, not an empty DATA frame after it.
+    /// A tonic unary request is one data frame, then its end.
+    fn look_ahead(&mut self, cx: &mut Context<'_>) {
+        let Some(inner) = self.inner.as_mut() else {
+            return;
+        };
+        if self.peeked.is_some() || inner.is_end_stream() {
+            return;
+        }
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(None) => self.inner = None,
+            Poll::Ready(Some(next)) => self.peeked = Some(next),
+            Poll::Pending => {}
+        }
+    }
+
+    /// Whether the reader at `cursor` has read the whole body.
+    fn ended_at(&self, cursor: usize) -> bool {
+        cursor == self.base + self.frames.len()
+            && self.peeked.is_none()
+            && self.failed.is_none()
+            && self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+}
+
 impl Drop for Recording {
     fn drop(&mut self) {
         self.buffer.release(self.held);
@@ -368,6 +400,14 @@ struct ReplayBody {
 impl HttpBody for ReplayBody {
     type Data = Bytes;
     type Error = Status;
+
+    fn is_end_stream(&self) -> bool {
+        let rec = lock(&self.recording);
+        rec.readers
+            .iter()
+            .find(|(g, _)| *g == self.generation)
+            .is_some_and(|&(_, cursor)| rec.ended_at(cursor))
+    }
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -406,10 +446,16 @@ impl HttpBody for ReplayBody {
         if let Some(failed) = &rec.failed {
             return Poll::Ready(Some(Err(failed.clone())));
         }
-        let Some(inner) = rec.inner.as_mut() else {
-            return Poll::Ready(None);
+        let next = match rec.peeked.take() {
+            Some(peeked) => Some(peeked),
+            None => {
+                let Some(inner) = rec.inner.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                ready!(Pin::new(inner).poll_frame(cx))
+            }
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        match next {
             Some(Ok(frame)) => {
                 if let (Some(counting), Some(data)) = (rec.counting.as_mut(), frame.data_ref()) {
                     let n = counting.frames.feed(data);
@@ -424,6 +470,7 @@ impl HttpBody for ReplayBody {
                         rec.readers[reader].1 += 1;
                     }
                 }
+                rec.look_ahead(cx);
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(status)) => {
@@ -604,6 +651,44 @@ mod tests {
             0,
             "nothing kept after commit"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_of_one_ready_frame_ends_with_it() {
+        // As tonic sends a unary request: one message, then the end at once.
+        let stream =
+            futures::stream::iter([Ok::<_, Status>(Frame::data(Bytes::from_static(b"one")))]);
+        let (replay, _) = replay(Request::new(Body::new(http_body_util::StreamBody::new(
+            stream,
+        ))));
+        let (_, mut body) = attempt(&replay);
+        assert!(!body.is_end_stream(), "nothing read yet");
+        assert_eq!(next(&mut body).await.unwrap().unwrap(), "one");
+        assert!(
+            body.is_end_stream(),
+            "the last frame says so: HTTP/2 sends it with END_STREAM"
+        );
+        assert!(next(&mut body).await.is_none());
+
+        // A retry replays the frame, and ends with it too.
+        let (_, mut again) = attempt(&replay);
+        assert!(!again.is_end_stream(), "the frame is still to send");
+        assert_eq!(next(&mut again).await.unwrap().unwrap(), "one");
+        assert!(again.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_frame_read_ahead_is_not_lost() {
+        let (tx, request) = streaming_request();
+        let (replay, _) = replay(request);
+        let (_, mut body) = attempt(&replay);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        assert_eq!(next(&mut body).await.unwrap().unwrap(), "a");
+        assert!(!body.is_end_stream(), "b was read ahead, not sent");
+        assert_eq!(next(&mut body).await.unwrap().unwrap(), "b");
+        drop(tx);
+        assert!(next(&mut body).await.is_none());
     }
 
     #[test]
