@@ -1,13 +1,15 @@
-//! Scale: for 100, 500 and 1000 endpoints, the time from `build()` to all
-//! SERVING, the client's resident memory per endpoint, and the CPU time the
-//! idle balancer spends per minute (health streams and liveness probes).
+//! Scale: for 100, 1000 and 10,000 endpoints, the time from `build()` to
+//! all SERVING, the client's resident memory per endpoint, and the CPU time
+//! the idle balancer spends per minute (health streams and liveness probes).
 //!
 //! The servers (one tonic server with tonic-health per listening address,
-//! all in one runtime) run in a child process, the same binary, so the
-//! figures are the client's alone.
+//! up to 2,500 per runtime) run in child processes, the same binary, so the
+//! figures are the client's alone. Each child holds one listener and one
+//! connection per address, which keeps it within a 20,000-file limit.
 //!
 //! `cargo bench --bench scale` (`HEALTHLB_SCALE_IDLE_SECS`, default 30, is
-//! the idle measurement's length.)
+//! the idle measurement's length; `HEALTHLB_SCALE_SIZES`, say `10000`,
+//! replaces the sizes.)
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,7 +23,9 @@ use std::time::{Duration, Instant};
 use healthlb::LbChannel;
 use support::echo::free_port;
 
-const SIZES: [usize; 3] = [100, 500, 1000];
+const SIZES: [usize; 3] = [100, 1000, 10_000];
+/// The most addresses one server process serves.
+const PER_CHILD: usize = 2500;
 /// Under `cargo test --all-targets`: one small size, briefly.
 const SMOKE_SIZES: [usize; 1] = [20];
 
@@ -29,9 +33,10 @@ fn addr(i: usize, port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8], port))
 }
 
-/// The child: serve `n` tonic servers with tonic-health, one per address,
-/// all in one runtime; say READY; live until stdin closes.
-fn serve(n: usize, port: u16) {
+/// The child: serve tonic servers with tonic-health on the addresses
+/// `from..to`, one per address, all in one runtime; say READY; live until
+/// stdin closes.
+fn serve(from: usize, to: usize, port: u16) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,7 +46,7 @@ fn serve(n: usize, port: u16) {
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        for i in 0..n {
+        for i in from..to {
             let listener = tokio::net::TcpListener::bind(addr(i, port))
                 .await
                 .expect("bind");
@@ -91,8 +96,11 @@ fn main() {
         return;
     }
     if let Ok(spec) = std::env::var("HEALTHLB_SCALE_SERVE") {
-        let (n, port) = spec.split_once(':').expect("N:PORT");
-        serve(n.parse().expect("N"), port.parse().expect("PORT"));
+        let parts: Vec<usize> = spec
+            .split(':')
+            .map(|p| p.parse().expect("FROM:TO:PORT"))
+            .collect();
+        serve(parts[0], parts[1], parts[2] as u16);
         return;
     }
     let full = support::benchmarking();
@@ -109,19 +117,35 @@ fn main() {
         "| endpoints | build → all SERVING | client RSS per endpoint | idle CPU per minute |"
     );
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: |");
-    let sizes: &[usize] = if full { &SIZES } else { &SMOKE_SIZES };
+    // `HEALTHLB_SCALE_SIZES`: a comma-separated list instead of the sizes above.
+    let chosen: Vec<usize> = std::env::var("HEALTHLB_SCALE_SIZES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|&n| (1..=20_000).contains(&n))
+        .collect();
+    let sizes: &[usize] = match (chosen.is_empty(), full) {
+        (false, _) => &chosen,
+        (true, true) => &SIZES,
+        (true, false) => &SMOKE_SIZES,
+    };
     for &n in sizes {
         let port = free_port();
-        let mut child = Command::new(std::env::current_exe().expect("this binary"))
-            .env("HEALTHLB_SCALE_SERVE", format!("{n}:{port}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("server process");
-        let mut ready = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        let _ = BufReader::new(stdout).read_line(&mut ready);
-        assert_eq!(ready.trim(), "READY", "the server process started");
+        let mut children = Vec::new();
+        for from in (0..n).step_by(PER_CHILD) {
+            let to = (from + PER_CHILD).min(n);
+            let mut child = Command::new(std::env::current_exe().expect("this binary"))
+                .env("HEALTHLB_SCALE_SERVE", format!("{from}:{to}:{port}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("server process");
+            let mut ready = String::new();
+            let stdout = child.stdout.take().expect("stdout");
+            let _ = BufReader::new(stdout).read_line(&mut ready);
+            assert_eq!(ready.trim(), "READY", "the server process started");
+            children.push(child);
+        }
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -132,7 +156,10 @@ fn main() {
             let target = format!("ipv4:{}", list.join(","));
             let rss_before = rss();
             let start = Instant::now();
-            let channel = LbChannel::builder(target).build().expect("builds");
+            let channel = LbChannel::builder(target)
+                .max_endpoints(n)
+                .build()
+                .expect("builds");
             let limit = Duration::from_secs(60);
             let mut serving = 0;
             while start.elapsed() < limit {
@@ -173,8 +200,10 @@ fn main() {
             cpu_per_min.as_secs_f64()
         );
         drop(runtime);
-        drop(child.stdin.take());
-        let _ = child.wait();
+        for mut child in children {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
     }
     println!("\n{report}");
     if !support::benchmarking() {

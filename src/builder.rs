@@ -135,9 +135,9 @@ impl Builder {
 
     /// A gRPC service config (gRFC A2), as grpc-go's
     /// `WithDefaultServiceConfig` takes it. Its `loadBalancingConfig` sets
-    /// the policy, slow start and outlier ejection (when its entry is
+    /// the policy, slow start, outlier ejection (when its entry is
     /// `outlier_detection_experimental`; otherwise the default ejection
-    /// stays on). Its `methodConfig` and `retryThrottling` are kept, and
+    /// stays on) and random subsetting (`random_subsetting`). Its `methodConfig` and `retryThrottling` are kept, and
     /// calls follow them: `timeout`, `waitForReady`, `retryPolicy` and
     /// `hedgingPolicy` per method, and the token bucket channel-wide
     /// (README, "Retries and hedging"). Fails with an error
@@ -150,6 +150,9 @@ impl Builder {
         }
         if let Some(outlier) = &config.outlier_detection {
             self.outlier_detection = Some(outlier.clone());
+        }
+        if let Some(size) = config.subset_size {
+            self.resolve = self.resolve.subset_size(size as usize);
         }
         self.service_config = Some(Arc::new(config));
         Ok(self)
@@ -213,9 +216,19 @@ impl Builder {
         /// How long one DNS query may take. Default: 5 s.
         fn dns_timeout(d: Duration);
         /// The seed that picks which endpoints stay when an answer exceeds
-        /// `max_endpoints`. Default: random per channel, so different
-        /// clients keep different subsets.
+        /// `max_endpoints` or the subset size. Default: random per channel,
+        /// so different clients keep different subsets.
         fn subset_seed(seed: u64);
+        /// Random subsetting (gRFC A68): connects to at most `size` of the
+        /// resolved endpoints, chosen by rendezvous hashing over the
+        /// channel's `subset_seed`, and balances over those. While the
+        /// endpoint set changes, the subset changes only where it must: an
+        /// endpoint that leaves is replaced by one other, and one that
+        /// arrives displaces at most one. For services with more pods than
+        /// a client should keep connections to. A service config's
+        /// `random_subsetting` entry sets it too. Default: off, every
+        /// endpoint (up to `max_endpoints`).
+        fn subset_size(size: usize);
         /// Looks up the service config in the TXT record
         /// `_grpc_config.<host>` of a `dns:` target, at every refresh
         /// (gRPC's format, with choices by `clientLanguage` "rust",

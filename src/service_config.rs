@@ -3,8 +3,9 @@
 //!
 //! - `loadBalancingConfig` picks the policy: the first entry healthlb
 //!   supports wins, as in gRPC. Supported: `round_robin`,
-//!   `least_request_experimental` (A48), `peak_ewma` (Linkerd's), and
-//!   `outlier_detection_experimental` (A50) wrapping any of them in its
+//!   `least_request_experimental` (A48), `peak_ewma` (Linkerd's),
+//!   `outlier_detection_experimental` (A50) and `random_subsetting` (A68,
+//!   `subsetSize`), each of the last two wrapping the others in its
 //!   `childPolicy`.
 //! - `methodConfig` sets each method's timeout, wait for ready, and retry
 //!   or hedging policy (`retry.rs` runs them).
@@ -45,6 +46,9 @@ pub struct ServiceConfig {
     /// Outlier detection, when the chosen entry is
     /// `outlier_detection_experimental`.
     pub outlier_detection: Option<OutlierDetection>,
+    /// The subset size, when the chosen entry is `random_subsetting`
+    /// (gRFC A68).
+    pub subset_size: Option<u32>,
     /// `methodConfig`, in order.
     pub method_config: Vec<MethodConfig>,
     /// `retryThrottling`.
@@ -121,8 +125,8 @@ pub struct RetryThrottling {
 }
 
 /// The names of the policies healthlb runs.
-const SUPPORTED: &str =
-    "round_robin, least_request_experimental, peak_ewma, outlier_detection_experimental";
+const SUPPORTED: &str = "round_robin, least_request_experimental, peak_ewma, \
+    outlier_detection_experimental, random_subsetting";
 
 impl ServiceConfig {
     /// Parses and validates a service config. The error names the field
@@ -134,10 +138,11 @@ impl ServiceConfig {
         let object = root.object()?;
         let mut config = ServiceConfig::default();
         if let Some(list) = root.get(object, "loadBalancingConfig") {
-            if let Some((policy, slow_start, outlier)) = load_balancing(&list)? {
-                config.policy = Some(policy);
-                config.slow_start = slow_start;
-                config.outlier_detection = outlier;
+            if let Some(chosen) = load_balancing(&list)? {
+                config.policy = Some(chosen.policy);
+                config.slow_start = chosen.slow_start;
+                config.outlier_detection = chosen.outlier_detection;
+                config.subset_size = chosen.subset_size;
             }
         } else if let Some(name) = root.get(object, "loadBalancingPolicy") {
             // The deprecated form: a policy name with its defaults.
@@ -468,7 +473,13 @@ fn code_named(name: &str) -> Option<Code> {
         .map(|i| Code::from_i32(i as i32))
 }
 
-type Chosen = (Policy, Option<SlowStart>, Option<OutlierDetection>);
+/// What a `loadBalancingConfig` list chose.
+struct Chosen {
+    policy: Policy,
+    slow_start: Option<SlowStart>,
+    outlier_detection: Option<OutlierDetection>,
+    subset_size: Option<u32>,
+}
 
 /// The first supported entry of a `loadBalancingConfig` list. Every entry
 /// up to it is checked for shape; entries after it are not read, as in
@@ -483,14 +494,31 @@ fn load_balancing(list: &Field<'_>) -> Result<Option<Chosen>, Error> {
         let (name, config) = single(entry)?;
         if name == "outlier_detection_experimental" {
             let outlier = outlier_detection(&config)?;
+            let mut chosen = wrapped(&config)?;
+            chosen.outlier_detection = Some(outlier);
+            return Ok(Some(chosen));
+        }
+        if name == "random_subsetting" {
             let o = config.object()?;
-            let child = config.require(o, "childPolicy")?;
-            let (policy, slow_start, _) = load_balancing(&child)?
-                .ok_or_else(|| invalid(&child.path, "must name a policy"))?;
-            return Ok(Some((policy, slow_start, Some(outlier))));
+            let size = config
+                .get(o, "subsetSize")
+                .or_else(|| config.get(o, "subset_size"))
+                .ok_or_else(|| invalid(&format!("{}.subsetSize", config.path), "is required"))?;
+            let n = size.whole(0, u64::from(u32::MAX))?;
+            if n == 0 {
+                return Err(invalid(&size.path, "must be at least 1"));
+            }
+            let mut chosen = wrapped(&config)?;
+            chosen.subset_size = Some(n as u32);
+            return Ok(Some(chosen));
         }
         if let Some((policy, slow_start)) = child_policy(entry)? {
-            return Ok(Some((policy, slow_start, None)));
+            return Ok(Some(Chosen {
+                policy,
+                slow_start,
+                outlier_detection: None,
+                subset_size: None,
+            }));
         }
         names.push(name);
     }
@@ -501,6 +529,17 @@ fn load_balancing(list: &Field<'_>) -> Result<Option<Chosen>, Error> {
             names.join(", ")
         ),
     ))
+}
+
+/// What the `childPolicy` of a wrapping policy (outlier detection,
+/// subsetting) chose.
+fn wrapped(config: &Field<'_>) -> Result<Chosen, Error> {
+    let o = config.object()?;
+    let child = config
+        .get(o, "childPolicy")
+        .or_else(|| config.get(o, "child_policy"))
+        .ok_or_else(|| invalid(&format!("{}.childPolicy", config.path), "is required"))?;
+    load_balancing(&child)?.ok_or_else(|| invalid(&child.path, "must name a policy"))
 }
 
 /// An entry's one key and its value.
@@ -794,6 +833,32 @@ mod tests {
     }
 
     #[test]
+    fn random_subsetting_wraps_a_child_policy_either_way_round() {
+        let config = ServiceConfig::parse(
+            r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 20,
+                "childPolicy": [{"outlier_detection_experimental": {"interval": "5s",
+                    "childPolicy": [{"least_request_experimental": {}}]}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.subset_size, Some(20));
+        assert_eq!(config.policy, Some(Policy::least_request(2)));
+        assert_eq!(
+            config.outlier_detection.unwrap().interval,
+            Duration::from_secs(5)
+        );
+        // Inside outlier detection, with A68's proto field names.
+        let config = ServiceConfig::parse(
+            r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+                "childPolicy": [{"random_subsetting": {"subset_size": 3,
+                    "child_policy": [{"round_robin": {}}]}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.subset_size, Some(3));
+        assert_eq!(config.policy, Some(Policy::RoundRobin));
+        assert!(config.outlier_detection.is_some());
+    }
+
+    #[test]
     fn method_config_is_kept_and_found_by_name() {
         let config = ServiceConfig::parse(
             r#"{"methodConfig": [
@@ -849,6 +914,18 @@ mod tests {
             (
                 r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {}}]}"#,
                 "outlier_detection_experimental.childPolicy is required",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 0, "childPolicy": [{"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.subsetSize must be at least 1",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"childPolicy": [{"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.subsetSize is required",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 2}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.childPolicy is required",
             ),
             (
                 r#"{"methodConfig": [{"name": [{"service": "a"}], "retryPolicy": {"maxAttempts": 1, "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,

@@ -23,6 +23,7 @@ pub struct ResolveConfig {
     pub(crate) dns_timeout: Duration,
     pub(crate) backoff: BackoffConfig,
     pub(crate) subset_seed: Option<u64>,
+    pub(crate) subset_size: Option<usize>,
     pub(crate) service_config_from_dns: bool,
 }
 
@@ -35,6 +36,7 @@ impl Default for ResolveConfig {
             dns_timeout: Duration::from_secs(5),
             backoff: BackoffConfig::default(),
             subset_seed: None,
+            subset_size: None,
             service_config_from_dns: false,
         }
     }
@@ -82,11 +84,29 @@ impl ResolveConfig {
     }
 
     /// The seed that picks which endpoints stay when an answer exceeds
-    /// `max_endpoints`. Default: random per resolver, so different clients
-    /// keep different subsets.
+    /// `max_endpoints` or the subset size. Default: random per resolver, so
+    /// different clients keep different subsets.
     pub fn subset_seed(mut self, seed: u64) -> Self {
         self.subset_seed = Some(seed);
         self
+    }
+
+    /// Random subsetting (gRFC A68): publishes at most `size` endpoints,
+    /// the ones that rank highest under rendezvous hashing with the
+    /// [`subset_seed`](Self::subset_seed). An endpoint that leaves takes
+    /// only its own place in the subset with it, and one that arrives
+    /// displaces at most one. Unlike `max_endpoints`, cutting an answer to
+    /// its subset is not worth a warning. Default: off, every endpoint.
+    pub fn subset_size(mut self, size: usize) -> Self {
+        self.subset_size = Some(size);
+        self
+    }
+
+    /// How many endpoints a resolution keeps: the smaller of
+    /// `max_endpoints` and the subset size.
+    pub(crate) fn keep(&self) -> usize {
+        self.subset_size
+            .map_or(self.max_endpoints, |size| size.min(self.max_endpoints))
     }
 
     /// Looks up the service config in DNS, in the TXT record
@@ -112,6 +132,11 @@ impl ResolveConfig {
         }
         if self.max_endpoints == 0 {
             return Err(Error::invalid_config("max_endpoints must be at least 1"));
+        }
+        if self.subset_size == Some(0) {
+            return Err(Error::invalid_config(
+                "subset_size must be at least 1 (random subsetting keeps that many endpoints)",
+            ));
         }
         if self.dns_timeout.is_zero() {
             return Err(Error::invalid_config("dns_timeout must be above zero"));

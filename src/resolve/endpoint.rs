@@ -216,6 +216,44 @@ mod tests {
         assert_ne!(Endpoints::normalize(all, 1024, 8).0, a);
     }
 
+    #[test]
+    fn a_subset_moves_only_the_slots_it_must() {
+        let all: Vec<Endpoint> = (0..1000).map(ep).collect();
+        let subset = |list: &[Endpoint]| Endpoints::normalize(list.to_vec(), 20, 42).0;
+        let before = subset(&all);
+        let moved = |after: &Endpoints| after.iter().filter(|e| !before.contains(e.addr())).count();
+
+        // A pod of the subset leaves: one other takes its place.
+        let gone = before[5].addr();
+        let after = subset(
+            &all.iter()
+                .filter(|e| e.addr() != gone)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!((after.len(), moved(&after)), (20, 1));
+        // A pod outside it leaves: nothing moves.
+        let outside = all
+            .iter()
+            .find(|e| !before.contains(e.addr()))
+            .unwrap()
+            .addr();
+        let after = subset(
+            &all.iter()
+                .filter(|e| e.addr() != outside)
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(after, before);
+        // Pods arrive: each displaces at most one.
+        let mut more = all.clone();
+        more.extend((1000..1100).map(ep));
+        let after = subset(&more);
+        assert!(moved(&after) <= 100 * 20 / 1100 + 5, "{}", moved(&after));
+        // Fewer pods than the subset: all of them.
+        assert_eq!(subset(&all[..7]).len(), 7);
+    }
+
     /// The hash is fixed: these values must never change, or every client's
     /// subset moves on upgrade.
     #[test]

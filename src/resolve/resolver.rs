@@ -41,7 +41,7 @@ impl Resolver {
         let query = match target.kind() {
             TargetKind::Static { addrs } => {
                 let list = addrs.iter().map(|a| Endpoint::new(*a)).collect();
-                let (set, _) = Endpoints::normalize(list, config.max_endpoints, seed);
+                let (set, _) = Endpoints::normalize(list, config.keep(), seed);
                 let (etx, endpoints) = watch::channel(set);
                 let (stx, status) = watch::channel(ResolveStatus::Resolved { at: Instant::now() });
                 let mut endpoints = endpoints;

@@ -336,8 +336,10 @@ impl Resolution {
     fn publish(&mut self, nxdomain: bool) {
         let all: Vec<Endpoint> = self.parts.iter().flatten().flatten().cloned().collect();
         let answered = all.len();
-        let (set, dropped) = Endpoints::normalize(all, self.config.max_endpoints, self.seed);
-        if dropped > 0 && answered != self.capped_from {
+        let (set, dropped) = Endpoints::normalize(all, self.config.keep(), self.seed);
+        // Subsetting keeps fewer on purpose; only the cap is worth a warning.
+        let capped = dropped > 0 && answered > self.config.max_endpoints;
+        if capped && answered != self.capped_from {
             warn!(
                 target = %self.target,
                 answered,
@@ -346,7 +348,7 @@ impl Resolution {
                 "the answer exceeds max_endpoints; keeping a stable subset"
             );
         }
-        self.capped_from = if dropped > 0 { answered } else { 0 };
+        self.capped_from = if capped { answered } else { 0 };
 
         let first = !self.published;
         self.published = true;
