@@ -3,66 +3,27 @@
 //! the idle balancer spends per minute (health streams and liveness probes).
 //!
 //! The servers (one tonic server with tonic-health per listening address,
-//! up to 2,500 per runtime) run in child processes, the same binary, so the
-//! figures are the client's alone. Each child holds one listener and one
-//! connection per address, which keeps it within a 20,000-file limit.
+//! up to 2,500 per process) run in child processes (`servers/mod.rs`), so
+//! the figures are the client's alone.
 //!
 //! `cargo bench --bench scale` (`HEALTHLB_SCALE_IDLE_SECS`, default 30, is
 //! the idle measurement's length; `HEALTHLB_SCALE_SIZES`, say `10000`,
 //! replaces the sizes.)
 
+#[path = "servers/mod.rs"]
+mod servers;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use healthlb::LbChannel;
 use support::echo::free_port;
 
 const SIZES: [usize; 3] = [100, 1000, 10_000];
-/// The most addresses one server process serves.
-const PER_CHILD: usize = 2500;
 /// Under `cargo test --all-targets`: one small size, briefly.
 const SMOKE_SIZES: [usize; 1] = [20];
-
-fn addr(i: usize, port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8], port))
-}
-
-/// The child: serve tonic servers with tonic-health on the addresses
-/// `from..to`, one per address, all in one runtime; say READY; live until
-/// stdin closes.
-fn serve(from: usize, to: usize, port: u16) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        for i in from..to {
-            let listener = tokio::net::TcpListener::bind(addr(i, port))
-                .await
-                .expect("bind");
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            let router = tonic::transport::Server::builder().add_service(health.clone());
-            tokio::spawn(router.serve_with_incoming(incoming));
-        }
-        println!("READY");
-        // The parent closes stdin when done, or dies.
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            let _ = std::io::stdin().read_line(&mut line);
-        })
-        .await;
-    });
-}
 
 /// Resident memory of this process, in bytes.
 fn rss() -> u64 {
@@ -95,12 +56,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    if let Ok(spec) = std::env::var("HEALTHLB_SCALE_SERVE") {
-        let parts: Vec<usize> = spec
-            .split(':')
-            .map(|p| p.parse().expect("FROM:TO:PORT"))
-            .collect();
-        serve(parts[0], parts[1], parts[2] as u16);
+    if servers::serve_if_child() {
         return;
     }
     let full = support::benchmarking();
@@ -130,30 +86,14 @@ fn main() {
         (true, false) => &SMOKE_SIZES,
     };
     for &n in sizes {
-        let port = free_port();
-        let mut children = Vec::new();
-        for from in (0..n).step_by(PER_CHILD) {
-            let to = (from + PER_CHILD).min(n);
-            let mut child = Command::new(std::env::current_exe().expect("this binary"))
-                .env("HEALTHLB_SCALE_SERVE", format!("{from}:{to}:{port}"))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("server process");
-            let mut ready = String::new();
-            let stdout = child.stdout.take().expect("stdout");
-            let _ = BufReader::new(stdout).read_line(&mut ready);
-            assert_eq!(ready.trim(), "READY", "the server process started");
-            children.push(child);
-        }
+        let servers = servers::Servers::start(n, free_port());
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let (took, per_endpoint, cpu_per_min, serving) = runtime.block_on(async {
-            let list: Vec<String> = (0..n).map(|i| addr(i, port).to_string()).collect();
-            let target = format!("ipv4:{}", list.join(","));
+            let target = servers.target(n);
             let rss_before = rss();
             let start = Instant::now();
             let channel = LbChannel::builder(target)
@@ -200,10 +140,7 @@ fn main() {
             cpu_per_min.as_secs_f64()
         );
         drop(runtime);
-        for mut child in children {
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
+        drop(servers);
     }
     println!("\n{report}");
     if !support::benchmarking() {

@@ -22,7 +22,7 @@ use crate::picker::{Pick, Picker, Snapshot};
 use crate::policy::{Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
 use crate::service_config::ServiceConfig;
-use crate::subchannel::{CodeSet, Hooks, Judge, Subchannel, SubchannelConfig};
+use crate::subchannel::{CodeSet, Hooks, Judge, ProbeRate, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
 /// The handles don't keep the subchannels running: only the balancer does.
@@ -68,6 +68,8 @@ pub(crate) struct Balancer {
     ready_timeout: std::time::Duration,
     /// How the subchannels judge their calls.
     judge: Judge,
+    /// The cap on liveness probes, over every subchannel.
+    probe_rate: Arc<ProbeRate>,
     outputs: Outputs,
 }
 
@@ -149,6 +151,7 @@ impl Balancer {
         let balancer = Balancer {
             target,
             resolver,
+            probe_rate: ProbeRate::new(config.liveness_probes_per_second),
             config,
             authority,
             ready_timeout,
@@ -336,6 +339,7 @@ impl Balancer {
                 authority: self.authority.clone(),
                 target: Some(self.target.clone()),
                 judge: self.judge.clone(),
+                probe_rate: Some(self.probe_rate.clone()),
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
                 Ok(sub) => {
@@ -350,6 +354,7 @@ impl Balancer {
         if added + removed > 0 {
             info!(target = %self.target, added, removed, endpoints = subchannels.len(), "endpoint set changed");
         }
+        self.probe_rate.set_endpoints(subchannels.len());
         if let Some(detector) = ejections.detector.as_mut() {
             detector.retain(subchannels.keys().copied());
         }

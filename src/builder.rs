@@ -283,6 +283,11 @@ impl Builder {
         fn liveness_interval(d: Option<Duration>);
         /// How long the liveness probe waits. Default: 15 s.
         fn liveness_timeout(d: Duration);
+        /// The most liveness probes a second over all endpoints; past
+        /// `liveness_interval` × this endpoints, each endpoint's interval
+        /// stretches to endpoints ÷ this. Default: 200, so the 15 s
+        /// interval holds up to 3,000 endpoints (50 s at 10,000).
+        fn liveness_probes_per_second(rate: f64);
         /// Replaces each connection after this age, ±10 % per connection,
         /// make-before-break. Default: off.
         fn max_connection_age(age: Duration);

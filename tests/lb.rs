@@ -568,3 +568,48 @@ fn building_outside_a_runtime_is_an_error_not_a_panic() {
     let err = LbChannel::builder("ipv4:127.0.0.1:1").build().unwrap_err();
     assert_eq!(err.kind(), healthlb::ErrorKind::NoRuntime);
 }
+
+/// Liveness probes a channel's backends received over `window`, idle.
+async fn probes_over(backends: &[Backend], channel: LbChannel, window: Duration) -> u64 {
+    let count = || {
+        backends
+            .iter()
+            .map(|b| b.counters.health_checks.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let before = count();
+    tokio::time::sleep(window).await;
+    let probes = count() - before;
+    assert!(
+        channel.endpoints().iter().all(|e| e.state.is_serving()),
+        "probing keeps them SERVING: {:?}",
+        states(&channel)
+    );
+    probes
+}
+
+#[tokio::test]
+async fn idle_probing_keeps_to_the_channel_wide_rate() {
+    let port = free_port();
+    let all = backends(70, 8, port).await;
+    let dns = dns_for(&all).await;
+    let builder = || {
+        LbChannel::builder(dns.target(HOST, port))
+            .liveness_interval(Some(Duration::from_millis(100)))
+    };
+    let window = Duration::from_secs(3);
+
+    // 8 endpoints at 10 probes a second: each waits 0.8 s, not 0.1 s.
+    let capped = connect_serving(builder().liveness_probes_per_second(10.0), 8).await;
+    let probes = probes_over(&all, capped, window).await;
+    assert!((12..=50).contains(&probes), "about 30 in 3 s, got {probes}");
+
+    // A rate above 80 a second leaves the 0.1 s interval as it is.
+    let free = connect_serving(builder().liveness_probes_per_second(1000.0), 8).await;
+    let probes = probes_over(&all, free, window).await;
+    assert!(probes >= 120, "about 240 in 3 s, got {probes}");
+
+    for backend in all {
+        backend.stop().await;
+    }
+}

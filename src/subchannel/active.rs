@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::config::SubchannelConfig;
 use super::connect::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
 use super::health::{HealthEvent, HealthWatch};
-use super::liveness::{Liveness, Probe, probe};
+use super::liveness::{Liveness, Probe, ProbeRate, probe};
 use super::shared::Shared;
 use super::state::HealthStatus;
 use super::transport_errors::{chain, h2_error};
@@ -22,6 +22,8 @@ pub(crate) struct Ctx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: Arc<SubchannelConfig>,
     pub(crate) dialer: Dialer,
+    /// The channel's cap on liveness probes; `None` for a lone subchannel.
+    pub(crate) probe_rate: Option<Arc<ProbeRate>>,
 }
 
 impl Ctx {
@@ -53,7 +55,7 @@ pub(crate) async fn establish(
             extra: false,
         };
         let (conn, driver) = ctx.dialer.connect(ctx.http2_settings(), role).await?;
-        let mut active = Active::new(conn, driver, config);
+        let mut active = Active::new(conn, driver, &ctx);
         if active.health.is_none() {
             // No health stream: one probe proves the peer speaks gRPC.
             let conn = active.conn.clone();
@@ -117,7 +119,7 @@ pub(crate) async fn establish_extra(ctx: Arc<Ctx>) -> Result<Active, Error> {
             extra: true,
         };
         let (conn, driver) = ctx.dialer.connect(ctx.http2_settings(), role).await?;
-        let mut active = Active::without_health(conn, driver, config);
+        let mut active = Active::without_health(conn, driver, &ctx);
         let conn = active.conn.clone();
         poll_fn(|cx| match active.driver.as_mut().poll(cx) {
             Poll::Ready(result) => Poll::Ready(Err(Lost::from_driver(result).error(addr))),
@@ -250,8 +252,9 @@ pub(crate) struct Active {
 impl Active {
     /// The endpoint's first connection: it carries the health Watch when
     /// health checking is on.
-    fn new(conn: Arc<Conn>, driver: Driver, config: &SubchannelConfig) -> Self {
-        let mut active = Self::without_health(conn, driver, config);
+    fn new(conn: Arc<Conn>, driver: Driver, ctx: &Ctx) -> Self {
+        let config = &ctx.config;
+        let mut active = Self::without_health(conn, driver, ctx);
         active.health = config.health_check.then(|| {
             HealthWatch::start(
                 active.conn.clone(),
@@ -262,13 +265,15 @@ impl Active {
         active
     }
 
-    fn without_health(conn: Arc<Conn>, driver: Driver, config: &SubchannelConfig) -> Self {
+    fn without_health(conn: Arc<Conn>, driver: Driver, ctx: &Ctx) -> Self {
+        let config = &ctx.config;
         Self {
             conn,
             driver,
             health: None,
             liveness: Liveness::new(
                 config.liveness_interval,
+                ctx.probe_rate.clone(),
                 config.liveness_timeout,
                 &config.health_service,
             ),

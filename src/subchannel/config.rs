@@ -38,6 +38,11 @@ const MAX_WINDOW_SIZE: u32 = (1 << 31) - 1;
 /// where the server's limit is too small to keep one, a probe that would
 /// have to queue is not sent, and proves nothing either way.
 ///
+/// An `LbChannel` sends at most `liveness_probes_per_second` (200) probes
+/// a second over all its endpoints: past 3,000 idle endpoints, each one's
+/// interval stretches to endpoints ÷ 200 s (50 s at 10,000), so an idle
+/// channel's probing costs the same at any size.
+///
 /// # Stream limits
 ///
 /// Servers cap the streams open at once on a connection
@@ -70,6 +75,7 @@ pub struct SubchannelConfig {
     pub(crate) health_service: String,
     pub(crate) liveness_interval: Option<Duration>,
     pub(crate) liveness_timeout: Duration,
+    pub(crate) liveness_probes_per_second: f64,
     pub(crate) max_connection_age: Option<Duration>,
     pub(crate) max_connection_age_grace: Duration,
     pub(crate) max_connections_per_endpoint: usize,
@@ -102,6 +108,7 @@ impl Default for SubchannelConfig {
             health_service: String::new(),
             liveness_interval: Some(Duration::from_secs(15)),
             liveness_timeout: Duration::from_secs(15),
+            liveness_probes_per_second: 200.0,
             max_connection_age: None,
             max_connection_age_grace: Duration::from_secs(30),
             max_connections_per_endpoint: 8,
@@ -234,6 +241,17 @@ impl SubchannelConfig {
         self
     }
 
+    /// The most liveness probes an `LbChannel` sends a second, over all its
+    /// endpoints. With more endpoints than `liveness_interval` × this, each
+    /// endpoint's interval stretches to endpoints ÷ this, so an idle
+    /// channel's probing stops growing with its size. A lone
+    /// [`Subchannel`](crate::Subchannel) keeps `liveness_interval`.
+    /// Default: 200, which keeps the 15 s interval up to 3,000 endpoints.
+    pub fn liveness_probes_per_second(mut self, rate: f64) -> Self {
+        self.liveness_probes_per_second = rate;
+        self
+    }
+
     /// Replaces each connection after this age, ±10 % per connection,
     /// make-before-break: the new one takes calls once its health says
     /// SERVING. Default: off.
@@ -356,6 +374,12 @@ impl SubchannelConfig {
             return Err(Error::invalid_config(
                 "liveness_interval must be above zero",
             ));
+        }
+        if !(self.liveness_probes_per_second.is_finite() && self.liveness_probes_per_second > 0.0) {
+            return Err(Error::invalid_config(format!(
+                "liveness_probes_per_second must be a number above zero, got {}",
+                self.liveness_probes_per_second
+            )));
         }
         if self.max_connection_age.is_some_and(|d| d.is_zero()) {
             return Err(Error::invalid_config(

@@ -104,6 +104,7 @@ impl Subchannel {
             shared: shared.clone(),
             config,
             dialer,
+            probe_rate: hooks.probe_rate,
         });
         runtime.spawn(supervised(ctx, stopped));
         Ok(Self {

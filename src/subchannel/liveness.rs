@@ -16,6 +16,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -48,9 +49,42 @@ pub(crate) enum Probe {
     Dead(String),
 }
 
+/// The channel-wide cap on liveness probes: with more endpoints than
+/// `interval × per_second`, each endpoint's interval stretches to
+/// `endpoints ÷ per_second`, so an idle channel probes at a fixed rate
+/// whatever its size.
+#[derive(Debug)]
+pub(crate) struct ProbeRate {
+    endpoints: AtomicUsize,
+    per_second: f64,
+}
+
+impl ProbeRate {
+    pub(crate) fn new(per_second: f64) -> Arc<Self> {
+        Arc::new(Self {
+            endpoints: AtomicUsize::new(0),
+            per_second,
+        })
+    }
+
+    /// The balancer's endpoint count changed.
+    pub(crate) fn set_endpoints(&self, n: usize) {
+        self.endpoints.store(n, Ordering::Relaxed);
+    }
+
+    /// The interval each endpoint waits: `base`, or longer to keep the rate.
+    pub(crate) fn interval(&self, base: Duration) -> Duration {
+        let endpoints = self.endpoints.load(Ordering::Relaxed) as f64;
+        let spread =
+            Duration::try_from_secs_f64(endpoints / self.per_second).unwrap_or(Duration::MAX);
+        base.max(spread)
+    }
+}
+
 /// One connection's liveness checks.
 pub(crate) struct Liveness {
     interval: Duration,
+    rate: Option<Arc<ProbeRate>>,
     timeout: Duration,
     service: Arc<str>,
     state: State,
@@ -69,16 +103,33 @@ enum State {
 // === impl Liveness ===
 
 impl Liveness {
-    pub(crate) fn new(interval: Option<Duration>, timeout: Duration, service: &str) -> Self {
+    pub(crate) fn new(
+        interval: Option<Duration>,
+        rate: Option<Arc<ProbeRate>>,
+        timeout: Duration,
+        service: &str,
+    ) -> Self {
         let state = match interval {
-            Some(every) => State::Waiting(Box::pin(sleep(every))),
+            Some(every) => {
+                let every = rate.as_ref().map_or(every, |r| r.interval(every));
+                State::Waiting(Box::pin(sleep(capped(every))))
+            }
             None => State::Off,
         };
         Self {
             interval: interval.unwrap_or(Duration::MAX),
+            rate,
             timeout,
             service: service.into(),
             state,
+        }
+    }
+
+    /// How long a connection may be silent before it is probed now.
+    fn interval(&self) -> Duration {
+        match &self.rate {
+            Some(rate) => rate.interval(self.interval),
+            None => self.interval,
         }
     }
 
@@ -86,12 +137,13 @@ impl Liveness {
     /// `interval`, and then no answer to a probe within `timeout`.
     pub(crate) fn poll_silent(&mut self, conn: &Arc<Conn>, cx: &mut Context<'_>) -> Poll<String> {
         loop {
+            let interval = self.interval();
             match &mut self.state {
                 State::Off => return Poll::Pending,
                 State::Waiting(wait) => {
                     ready!(wait.as_mut().poll(cx));
                     let now = Instant::now();
-                    let due = after(conn.last_read(), self.interval);
+                    let due = after(conn.last_read(), interval);
                     if due > now {
                         wait.as_mut().reset(due.into());
                         continue;
@@ -105,7 +157,7 @@ impl Liveness {
                             max_streams = conn.max_streams(),
                             "no stream slot for the liveness probe; it waits"
                         );
-                        wait.as_mut().reset(after(now, self.interval).into());
+                        wait.as_mut().reset(after(now, interval).into());
                         continue;
                     }
                     let (conn, service, timeout) =
@@ -119,7 +171,7 @@ impl Liveness {
                     let outcome = ready!(probe.as_mut().poll(cx));
                     let sent = *sent;
                     self.state = State::Waiting(Box::pin(sleep_until(
-                        after(conn.last_read().max(sent), self.interval).into(),
+                        after(conn.last_read().max(sent), interval).into(),
                     )));
                     match outcome {
                         // A closed connection: the driver reports why.
@@ -190,4 +242,25 @@ fn grpc_request(path: &'static str, message: &impl Message) -> Request<Body> {
     );
     headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_stretches_the_interval_only_past_its_endpoint_count() {
+        let rate = ProbeRate::new(200.0);
+        let base = Duration::from_secs(15);
+        assert_eq!(rate.interval(base), base, "no endpoints yet");
+        rate.set_endpoints(3000);
+        assert_eq!(rate.interval(base), base);
+        rate.set_endpoints(10_000);
+        assert_eq!(rate.interval(base), Duration::from_secs(50));
+        rate.set_endpoints(usize::MAX);
+        assert!(
+            rate.interval(base) > Duration::from_secs(1 << 40),
+            "no overflow"
+        );
+    }
 }

@@ -63,6 +63,7 @@ mod transport_errors;
 pub(crate) use self::call::{Sent, grpc_status};
 pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
+pub(crate) use self::liveness::ProbeRate;
 pub(crate) use self::outcome::{CodeSet, Judge, now_ns};
 pub(crate) use self::pool::{NoSlot, Pool};
 pub(crate) use self::replay::{AttemptId, MAX_ATTEMPTS, Replay, RetryBuffer};

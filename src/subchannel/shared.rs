@@ -28,6 +28,8 @@ pub(crate) struct Hooks {
     pub(crate) target: Option<Arc<str>>,
     /// How calls' outcomes are judged.
     pub(crate) judge: super::outcome::Judge,
+    /// The channel's cap on liveness probes.
+    pub(crate) probe_rate: Option<Arc<super::liveness::ProbeRate>>,
 }
 
 /// State shared by the subchannel's task, its handles and the request path.

@@ -31,6 +31,8 @@ pub const ECHO_SERVICE: &str = "echo.Echo";
 /// What a backend saw.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// `grpc.health.v1.Health/Check` calls: liveness probes.
+    pub health_checks: AtomicU64,
     pub unary: AtomicU64,
     pub streams: AtomicU64,
     pub bidi: AtomicU64,
@@ -316,6 +318,7 @@ impl Backend {
             name: name.clone(),
             counters: counters.clone(),
         };
+        let checks = counters.clone();
         let thread_name = format!("backend-{name}");
         std::thread::Builder::new()
             .name(thread_name)
@@ -334,7 +337,14 @@ impl Backend {
                         }
                     };
                     let _ = bound_tx.send(Ok(listener.local_addr().expect("local addr")));
-                    let mut builder = Server::builder();
+                    let mut builder = Server::builder().layer(tower::util::MapRequestLayer::new(
+                        move |request: http::Request<_>| {
+                            if request.uri().path() == "/grpc.health.v1.Health/Check" {
+                                checks.health_checks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            request
+                        },
+                    ));
                     if let Some(age) = options.max_connection_age {
                         builder = builder.max_connection_age(age);
                     }
