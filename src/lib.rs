@@ -97,6 +97,18 @@ pub mod internals {
         crate::resolve::dns::fuzz_answer(bytes)
     }
 
+    /// The endpoints random subsetting keeps: the `size` of `addrs` that
+    /// rank highest under `seed`, in address order.
+    pub fn random_subset(
+        addrs: &[std::net::SocketAddr],
+        size: usize,
+        seed: u64,
+    ) -> Vec<std::net::SocketAddr> {
+        let list = addrs.iter().map(|a| crate::Endpoint::new(*a)).collect();
+        let (set, _) = crate::Endpoints::normalize(list, size, seed);
+        set.iter().map(|e| e.addr()).collect()
+    }
+
     /// Runs the HTTP/2 frame sniffer over `bytes`, split into chunks whose
     /// size the first byte picks, checking the split changes nothing.
     pub fn fuzz_frames(bytes: &[u8]) -> usize {
