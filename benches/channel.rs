@@ -11,7 +11,8 @@
 //! connection. A call built and dropped unsent costs them nothing, so these
 //! are no-op connections for the call, and the figure is the client's.
 //!
-//! `cargo bench --bench channel`
+//! `cargo bench --bench channel` (`HEALTHLB_BENCH_SIZES`, say `1,10000`,
+//! replaces the endpoint counts.)
 
 #[path = "servers/mod.rs"]
 mod servers;
@@ -66,10 +67,17 @@ fn main() {
     if servers::serve_if_child() {
         return;
     }
-    let sizes: &[usize] = if support::benchmarking() {
-        &SIZES
-    } else {
-        &SMOKE_SIZES
+    // `HEALTHLB_BENCH_SIZES`: a comma-separated list instead of the sizes.
+    let chosen: Vec<usize> = std::env::var("HEALTHLB_BENCH_SIZES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|&n| (1..=20_000).contains(&n))
+        .collect();
+    let sizes: &[usize] = match (chosen.is_empty(), support::benchmarking()) {
+        (false, _) => &chosen,
+        (true, true) => &SIZES,
+        (true, false) => &SMOKE_SIZES,
     };
     let most = sizes.iter().copied().max().unwrap_or(1);
     let servers = servers::Servers::start(most, support::echo::free_port());

@@ -14,7 +14,7 @@ use tonic::Status;
 use tonic::body::Body;
 
 use crate::balancer::{Running, ServingSet};
-use crate::deadline::{deadline_in, encode_grpc_timeout, grpc_timeout, with_deadline};
+use crate::deadline::{deadline_in, encode_grpc_timeout, grpc_timeout};
 use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
@@ -310,10 +310,7 @@ impl tower::Service<Request<Body>> for LbChannel {
         };
         drop(applied);
         let replay = Replay::new(request, shared.retry_buffer.clone());
-        ResponseFuture::new(with_deadline(
-            deadline,
-            crate::retry::run(shared, picked, replay, plan),
-        ))
+        ResponseFuture::new(crate::retry::run(shared, picked, replay, plan), deadline)
     }
 }
 

@@ -6,12 +6,10 @@
 //! up in a deadline passes through [`capped`]: longer than [`FOREVER`] (30
 //! years, as tokio's own "far future") means forever.
 
-use std::future::Future;
 use std::time::Duration;
 
 use http::HeaderMap;
 use tokio::time::Instant;
-use tonic::Status;
 
 /// The longest wait healthlb arms; anything longer waits this long.
 pub(crate) const FOREVER: Duration = Duration::from_secs(30 * 365 * 86_400);
@@ -34,24 +32,6 @@ pub(crate) fn scaled(d: Duration, factor: f64) -> Duration {
         return Duration::ZERO;
     }
     Duration::try_from_secs_f64(secs).map_or(FOREVER, capped)
-}
-
-/// Fails `fut` with DEADLINE_EXCEEDED after `deadline`, as a gRPC client
-/// enforces its own deadline. It bounds the wait for response headers, as
-/// tonic's `Channel` does; the server enforces the rest.
-pub(crate) async fn with_deadline<T>(
-    deadline: Option<Duration>,
-    fut: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    match deadline {
-        None => fut.await,
-        Some(limit) => match tokio::time::timeout(limit, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "the call's deadline of {limit:?} passed before the response began"
-            ))),
-        },
-    }
 }
 
 /// `d` as a `grpc-timeout` value: at most 8 digits, in the finest unit

@@ -202,13 +202,15 @@ pub(crate) async fn run(
         linger: matches!(plan.policy, Some(AttemptPolicy::Hedge(_))),
     };
     call.until = deadline_in(call.shared.ready_timeout);
+    // Retries and hedges live in boxes of their own, so a call without a
+    // policy, the common case, builds a small future.
     match plan.policy {
         None => call.attempt(picked, 0).await.finish(&call.replay, None),
         Some(AttemptPolicy::Retry(policy)) => {
-            call.retry(picked, &policy, plan.throttle.as_ref()).await
+            boxed(call.retry(picked, &policy, plan.throttle.as_ref())).await
         }
         Some(AttemptPolicy::Hedge(policy)) => {
-            call.hedge(picked, &policy, plan.throttle.as_ref()).await
+            boxed(call.hedge(picked, &policy, plan.throttle.as_ref())).await
         }
     }
 }
@@ -243,11 +245,8 @@ impl Call {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
-                    match self
-                        .shared
-                        .wait_pick(self.until, self.fail_fast, &tried)
-                        .await
-                    {
+                    // Boxed: waiting is rare, and its future is large.
+                    match boxed(self.shared.wait_pick(self.until, self.fail_fast, &tried)).await {
                         Ok(pool) => pool,
                         Err(status) => return Outcome::Failed(status),
                     }
@@ -259,7 +258,14 @@ impl Call {
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(pool.clone());
             }
-            let slot = match pool.acquire(self.until).await {
+            let acquired = match pool.try_acquire() {
+                // Boxed: waiting for a slot is rare, and its future large.
+                Err(NoSlot::Full | NoSlot::Limited | NoSlot::RateLimited(_)) => {
+                    boxed(pool.acquire(self.until)).await
+                }
+                done => done,
+            };
+            let slot = match acquired {
                 Ok(slot) => slot,
                 // Its connections closed meanwhile: pick again.
                 Err(NoSlot::Closed) => continue,
@@ -428,6 +434,14 @@ impl Call {
             }
         }
     }
+}
+
+/// `fut` in a box. A plain function, so the caller's future holds only the
+/// box: boxing inside an `async fn` can still reserve room for the
+/// unboxed future in the caller's state.
+#[inline(never)]
+fn boxed<'a, T>(fut: impl Future<Output = T> + Send + 'a) -> futures::future::BoxFuture<'a, T> {
+    Box::pin(fut)
 }
 
 /// Sleeps until `at`, or forever without one.

@@ -10,6 +10,7 @@ use http::header::USER_AGENT;
 use http::{Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
@@ -62,20 +63,18 @@ impl Slot {
         });
         let sent_at = std::time::Instant::now();
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
-        let Some((attempt, mut req)) = replay.attempt(counting, previous, linger_until) else {
+        let Some((attempt, response)) = dispatch(&conn, replay, counting, previous, linger_until)
+        else {
             return Sent::Failed(Status::unavailable(format!(
                 "the call to {} cannot be sent again: its request was not kept whole",
                 conn.addr
             )));
         };
-        prepare(&mut req, &conn.origin);
-        let mut send = conn.send.clone();
         let mut started = Started {
             stats,
             method: method.as_deref(),
             waiting: true,
         };
-        let response = send.try_send_request(req);
         let (sent, slot) = if let Some(until) = linger_until {
             Lingering {
                 response: Some(Box::pin(response)),
@@ -139,6 +138,24 @@ impl Slot {
             }
         }
     }
+}
+
+/// What hyper answers a request with.
+type Answer = Result<Response<Incoming>, TrySendError<Request<Body>>>;
+
+/// Hands the next attempt of `replay` to `conn`; its response to come.
+/// A plain function, so the request isn't kept in the caller's future.
+fn dispatch(
+    conn: &Conn,
+    replay: &Replay,
+    counting: Option<Counting>,
+    previous: u32,
+    linger_until: Option<tokio::time::Instant>,
+) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
+    let (attempt, mut req) = replay.attempt(counting, previous, linger_until)?;
+    prepare(&mut req, &conn.origin);
+    let mut send = conn.send.clone();
+    Some((attempt, send.try_send_request(req)))
 }
 
 /// How long after it was sent a hedge that lost keeps its stream: 20 ms.

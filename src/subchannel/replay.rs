@@ -98,19 +98,20 @@ impl RetryBuffer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AttemptId(u64);
 
-/// A request that can be sent again until it commits. Clones share it; the
-/// last one's drop commits to the latest attempt.
-#[derive(Clone)]
+/// A request that can be sent again until it commits. Its drop commits to
+/// the latest attempt.
 pub(crate) struct Replay {
     inner: Arc<ReplayInner>,
 }
 
+/// The request's head and its recording, in one allocation shared with
+/// every attempt's body.
 struct ReplayInner {
     method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-    recording: Arc<Mutex<Recording>>,
+    recording: Mutex<Recording>,
 }
 
 struct Recording {
@@ -187,7 +188,7 @@ impl Replay {
                 uri: parts.uri,
                 version: parts.version,
                 headers: parts.headers,
-                recording: Arc::new(Mutex::new(Recording {
+                recording: Mutex::new(Recording {
                     inner: Some(body),
                     peeked: None,
                     failed: None,
@@ -199,7 +200,7 @@ impl Replay {
                     held: 0,
                     buffer,
                     mode: Mode::Recording,
-                })),
+                }),
             }),
         }
     }
@@ -237,7 +238,7 @@ impl Replay {
             generation
         };
         let mut request = Request::new(Body::new(ReplayBody {
-            recording: self.inner.recording.clone(),
+            replay: self.inner.clone(),
             generation,
             linger_until,
             lingering: None,
@@ -294,10 +295,10 @@ impl std::fmt::Debug for Replay {
     }
 }
 
-impl Drop for ReplayInner {
+impl Drop for Replay {
     /// No other attempt can come: commit to the latest.
     fn drop(&mut self) {
-        let mut rec = lock(&self.recording);
+        let mut rec = lock(&self.inner.recording);
         if rec.mode == Mode::Recording {
             let latest = rec.readers.iter().map(|(g, _)| *g).max().unwrap_or(0);
             rec.commit(latest);
@@ -390,7 +391,7 @@ impl Drop for Recording {
 
 /// One attempt's request body: replays what was recorded, then reads on.
 struct ReplayBody {
-    recording: Arc<Mutex<Recording>>,
+    replay: Arc<ReplayInner>,
     generation: u64,
     /// Until when a superseded body waits before it fails.
     linger_until: Option<tokio::time::Instant>,
@@ -402,7 +403,7 @@ impl HttpBody for ReplayBody {
     type Error = Status;
 
     fn is_end_stream(&self) -> bool {
-        let rec = lock(&self.recording);
+        let rec = lock(&self.replay.recording);
         rec.readers
             .iter()
             .find(|(g, _)| *g == self.generation)
@@ -414,7 +415,7 @@ impl HttpBody for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        let mut guard = lock(&this.recording);
+        let mut guard = lock(&this.replay.recording);
         let rec = &mut *guard;
         let Some(reader) = rec.readers.iter().position(|(g, _)| *g == this.generation) else {
             drop(guard);
@@ -638,19 +639,16 @@ mod tests {
         let (_, mut second) = attempt(&replay);
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "a");
         // The response headers arrive: the call commits mid-replay.
-        let recording = replay.inner.recording.clone();
+        let inner = replay.inner.clone();
+        let recording = &inner.recording;
         drop(replay);
-        assert_eq!(lock(&recording).frames.len(), 2, "only what is unsent");
+        assert_eq!(lock(recording).frames.len(), 2, "only what is unsent");
         assert_eq!(buffer.used(), 0);
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "b");
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "c");
         tx.send(Bytes::from_static(b"d")).await.unwrap();
         assert_eq!(next(&mut second).await.unwrap().unwrap(), "d");
-        assert_eq!(
-            lock(&recording).frames.len(),
-            0,
-            "nothing kept after commit"
-        );
+        assert_eq!(lock(recording).frames.len(), 0, "nothing kept after commit");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use super::handle::Subchannel;
 use super::pool::{NoSlot, Pool, Slot};
 use super::replay::{MAX_ATTEMPTS, Replay};
 use super::state::{SubchannelState, SubchannelStatus};
-use crate::deadline::{deadline_in, grpc_timeout, with_deadline};
+use crate::deadline::{deadline_in, grpc_timeout};
 use crate::response::{BoxError, ResponseFuture};
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
@@ -75,27 +75,31 @@ impl tower::Service<Request<Body>> for Subchannel {
         let ready_timeout = self.ready_timeout;
         let shared = self.shared.clone();
         let deadline = grpc_timeout(request.headers());
-        ResponseFuture::new(with_deadline(deadline, async move {
-            let addr = shared.endpoint.addr();
-            let replay = Replay::new(request, shared.retry_buffer.clone());
-            for _ in 0..MAX_ATTEMPTS {
-                let until = deadline_in(ready_timeout);
-                let slot = serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
-                match slot.send(&replay, 0, false).await {
-                    Sent::Response(response, attempt) => {
-                        replay.commit(attempt);
-                        return Ok(response);
+        ResponseFuture::new(
+            async move {
+                let addr = shared.endpoint.addr();
+                let replay = Replay::new(request, shared.retry_buffer.clone());
+                for _ in 0..MAX_ATTEMPTS {
+                    let until = deadline_in(ready_timeout);
+                    let slot =
+                        serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
+                    match slot.send(&replay, 0, false).await {
+                        Sent::Response(response, attempt) => {
+                            replay.commit(attempt);
+                            return Ok(response);
+                        }
+                        Sent::Failed(status) => return Err(status),
+                        // The connection closed before the call left: wait for
+                        // the next one.
+                        Sent::Unsent => {}
                     }
-                    Sent::Failed(status) => return Err(status),
-                    // The connection closed before the call left: wait for
-                    // the next one.
-                    Sent::Unsent => {}
                 }
-            }
-            Err(Status::unavailable(format!(
-                "{addr} closed {MAX_ATTEMPTS} connections in a row before the call could be sent"
-            )))
-        }))
+                Err(Status::unavailable(format!(
+                    "{addr} closed {MAX_ATTEMPTS} connections in a row before the call could be sent"
+                )))
+            },
+            deadline,
+        )
     }
 }
 
