@@ -34,11 +34,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use healthlb::LbChannel;
-use peers::{Contender, Sample, StaticLookup, env_or, healthlb_all_serving, measure};
-use support::echo::pb::echo_client::EchoClient;
+use peers::{Contender, Sample, env_or, measure};
 use support::echo::{Backend, free_port, loopback};
-use tonic::transport::{Channel, Endpoint};
 
 /// The concurrencies of the table pass: `HEALTHLB_BENCH_CONCURRENCY` as a
 /// comma-separated list, or 1, 16, 64 and 256.
@@ -56,59 +53,6 @@ fn concurrencies() -> Vec<usize> {
     }
 }
 
-async fn contenders(addrs: &[SocketAddr]) -> Vec<Contender> {
-    let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
-    let direct = endpoint(&addrs[0]).connect().await.expect("direct connect");
-    let balanced = Channel::balance_list(addrs.iter().map(endpoint));
-    let ginepro = ginepro::LoadBalancedChannel::builder(("echo.bench.local", addrs[0].port()))
-        .lookup_service(StaticLookup(addrs.to_vec()))
-        .channel()
-        .await
-        .expect("ginepro channel");
-    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let healthlb = LbChannel::builder(format!("ipv4:{}", list.join(",")))
-        .connect()
-        .await
-        .expect("healthlb connects");
-    healthlb_all_serving(&healthlb, addrs.len()).await;
-    // Channels built from here on record into Prometheus; the one above
-    // registered its per-endpoint counters with no recorder.
-    let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
-    let measured = LbChannel::builder(format!("ipv4:{}", list.join(",")))
-        .connect()
-        .await
-        .expect("healthlb connects");
-    healthlb_all_serving(&measured, addrs.len()).await;
-    let mut all = vec![
-        Contender::Direct(EchoClient::new(direct)),
-        Contender::BalanceList(EchoClient::new(balanced)),
-        Contender::Ginepro(tonic013::client::Grpc::new(ginepro)),
-        Contender::WarmChannels(EchoClient::with_origin(
-            peers::warm_channel(addrs),
-            format!("http://{}", addrs[0]).parse().expect("uri"),
-        )),
-        Contender::Healthlb(EchoClient::new(healthlb)),
-        Contender::HealthlbMetrics(EchoClient::new(measured)),
-    ];
-    // Warm every contender up, and let the peers' discovery and health
-    // checks run. Bounded in count and time.
-    for contender in &mut all {
-        let started = Instant::now();
-        let mut ok = 0;
-        for _ in 0..10_000 {
-            if ok >= 200 || started.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if contender.call().await.is_ok() {
-                ok += 1;
-            } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-    all
-}
-
 fn main() {
     let runtime = peers::client_runtime();
     let port = free_port();
@@ -118,7 +62,7 @@ fn main() {
             backends.push(Backend::start(&format!("b{n}"), loopback(n, port)).await);
         }
         let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-        let contenders = contenders(&addrs).await;
+        let contenders = peers::standard(&addrs, true).await;
         (backends, contenders)
     });
 

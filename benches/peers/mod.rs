@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use healthlb::LbChannel;
 use prost::Message;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::support::echo::pb::echo_client::EchoClient;
 use crate::support::echo::pb::{EchoReply, EchoRequest};
@@ -301,6 +301,65 @@ pub fn env_or(name: &str, default: f64) -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The contenders side by side over `addrs`, warmed up: a direct tonic
+/// `Channel` to the first, tonic's `balance_list`, ginepro, warm_channels
+/// and healthlb, then, with `metrics`, healthlb recording into a Prometheus
+/// recorder (installed here, for the rest of the process).
+pub async fn standard(addrs: &[SocketAddr], metrics: bool) -> Vec<Contender> {
+    let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
+    let direct = endpoint(&addrs[0]).connect().await.expect("direct connect");
+    let balanced = Channel::balance_list(addrs.iter().map(endpoint));
+    let ginepro = ginepro::LoadBalancedChannel::builder(("echo.bench.local", addrs[0].port()))
+        .lookup_service(StaticLookup(addrs.to_vec()))
+        .channel()
+        .await
+        .expect("ginepro channel");
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let healthlb = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .connect()
+        .await
+        .expect("healthlb connects");
+    healthlb_all_serving(&healthlb, addrs.len()).await;
+    let mut all = vec![
+        Contender::Direct(EchoClient::new(direct)),
+        Contender::BalanceList(EchoClient::new(balanced)),
+        Contender::Ginepro(tonic013::client::Grpc::new(ginepro)),
+        Contender::WarmChannels(EchoClient::with_origin(
+            warm_channel(addrs),
+            format!("http://{}", addrs[0]).parse().expect("uri"),
+        )),
+        Contender::Healthlb(EchoClient::new(healthlb)),
+    ];
+    if metrics {
+        // Channels built from here on record into Prometheus; the one above
+        // registered its per-endpoint counters with no recorder.
+        let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+        let measured = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+            .connect()
+            .await
+            .expect("healthlb connects");
+        healthlb_all_serving(&measured, addrs.len()).await;
+        all.push(Contender::HealthlbMetrics(EchoClient::new(measured)));
+    }
+    // Warm every contender up, and let the peers' discovery and health
+    // checks run. Bounded in count and time.
+    for contender in &mut all {
+        let started = Instant::now();
+        let mut ok = 0;
+        for _ in 0..10_000 {
+            if ok >= 200 || started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            if contender.call().await.is_ok() {
+                ok += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    all
 }
 
 /// A warm_channels channel over `addrs`, health-checking the whole server
