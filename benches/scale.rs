@@ -6,8 +6,9 @@
 //! up to 2,500 per process) run in child processes (`servers/mod.rs`), so
 //! the figures are the client's alone.
 //!
-//! `cargo bench --bench scale` (`HEALTHLB_SCALE_IDLE_SECS`, default 30, is
-//! the idle measurement's length; `HEALTHLB_SCALE_SIZES`, say `10000`,
+//! `cargo bench --bench scale` (`HEALTHLB_SCALE_IDLE_SECS`, default 30 s or
+//! two liveness intervals, whichever is longer, is the idle measurement's
+//! length; `HEALTHLB_SCALE_SIZES`, say `10000`,
 //! replaces the sizes.)
 
 #[path = "servers/mod.rs"]
@@ -60,13 +61,15 @@ fn main() {
         return;
     }
     let full = support::benchmarking();
-    let idle = Duration::from_secs(
-        std::env::var("HEALTHLB_SCALE_IDLE_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(if full { 30u64 } else { 1 })
-            .clamp(1, 600),
-    );
+    let idle_secs: Option<u64> = std::env::var("HEALTHLB_SCALE_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    // At least two liveness intervals, which stretch past 3,000 endpoints
+    // (endpoints ÷ 200 probes a second), so every endpoint is probed.
+    let idle_for = |n: usize| {
+        let default = if full { 30.max(2 * n as u64 / 200) } else { 1 };
+        Duration::from_secs(idle_secs.unwrap_or(default).clamp(1, 600))
+    };
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -117,13 +120,13 @@ fn main() {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let per_endpoint = rss().saturating_sub(rss_before) / n as u64;
             let cpu_before = cpu_time();
-            tokio::time::sleep(idle).await;
+            tokio::time::sleep(idle_for(n)).await;
             let cpu = cpu_time().saturating_sub(cpu_before);
             drop(channel);
             (
                 took,
                 per_endpoint,
-                cpu.mul_f64(60.0 / idle.as_secs_f64()),
+                cpu.mul_f64(60.0 / idle_for(n).as_secs_f64()),
                 serving,
             )
         });
