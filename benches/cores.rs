@@ -1,8 +1,9 @@
 //! Many cores, as far as two allow: the client on a multi-threaded runtime
 //! pinned to CPU 0, the 4 tonic echo servers (with tonic-health, on
 //! 127.0.0.2–5) in a child process pinned to CPU 1, so neither takes the
-//! other's core. 256 callers; every contender side by side, interleaved
-//! over several rounds, with paired ratios to healthlb as in `e2e`.
+//! other's core. 16, 64 and 256 callers; every contender side by side,
+//! interleaved over several rounds, with paired ratios to healthlb as in
+//! `e2e`.
 //!
 //! tonic's `balance_list` sends every call through one `Buffer` worker
 //! task; healthlb has no such task. On one client core that costs little,
@@ -13,7 +14,9 @@
 //! `cargo bench --bench cores` (`HEALTHLB_BENCH_SECS`, default 2, the
 //! length of one measurement; `HEALTHLB_BENCH_ROUNDS`, default 5;
 //! `HEALTHLB_CLIENT_THREADS`, default 2, the client runtime's workers;
-//! `HEALTHLB_BENCH_PROFILE=<contender>` runs that one alone for 10 s).
+//! `HEALTHLB_BENCH_CONCURRENCY`, default `16,64,256`;
+//! `HEALTHLB_BENCH_PROFILE=<contender>` runs that one alone for 10 s at the
+//! first concurrency).
 //! Needs `taskset` (util-linux) to pin; without it, runs unpinned and says
 //! so.
 
@@ -31,7 +34,21 @@ use std::time::Duration;
 use peers::{Contender, Sample, env_or, measure};
 use support::echo::{Backend, free_port, loopback};
 
-const CONCURRENCY: usize = 256;
+/// The concurrencies: `HEALTHLB_BENCH_CONCURRENCY` as a comma-separated
+/// list, or 16, 64 and 256.
+fn concurrencies() -> Vec<usize> {
+    let parsed: Vec<usize> = std::env::var("HEALTHLB_BENCH_CONCURRENCY")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .filter(|&c| (1..=4096).contains(&c))
+        .collect();
+    if parsed.is_empty() {
+        vec![16, 64, 256]
+    } else {
+        parsed
+    }
+}
 
 /// Pins the process `pid` (every thread it has now; later ones inherit
 /// the creating thread's) to `cpu`. Whether it worked.
@@ -98,10 +115,11 @@ fn main() {
         .build()
         .expect("runtime");
     let contenders = runtime.block_on(peers::standard(&addrs, false));
+    let levels = concurrencies();
 
     if let Ok(only) = std::env::var("HEALTHLB_BENCH_PROFILE") {
         if let Some(contender) = contenders.iter().find(|c| c.name() == only) {
-            let sample = runtime.block_on(measure(contender, CONCURRENCY, Duration::from_secs(10)));
+            let sample = runtime.block_on(measure(contender, levels[0], Duration::from_secs(10)));
             println!("{only}: {sample:?}");
         }
         drop(child.stdin.take());
@@ -114,11 +132,14 @@ fn main() {
     );
     let rounds =
         env_or("HEALTHLB_BENCH_ROUNDS", if full { 5.0 } else { 1.0 }).clamp(1.0, 20.0) as usize;
-    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len() * levels.len()];
     runtime.block_on(async {
-        for _ in 0..rounds {
-            for (k, contender) in contenders.iter().enumerate() {
-                results[k].push(measure(contender, CONCURRENCY, length).await);
+        for (ci, &concurrency) in levels.iter().enumerate() {
+            for _ in 0..rounds {
+                for (k, contender) in contenders.iter().enumerate() {
+                    let sample = measure(contender, concurrency, length).await;
+                    results[ci * contenders.len() + k].push(sample);
+                }
             }
         }
     });
@@ -130,41 +151,44 @@ fn main() {
     let _ = writeln!(
         table,
         "client pinned to CPU 0: {pinned_client}; servers pinned to CPU 1: {pinned_servers}; \
-         client runtime: {threads} worker threads; {CONCURRENCY} callers; {rounds} rounds of {length:?}\n"
+         client runtime: {threads} worker threads; {rounds} rounds of {length:?}\n"
     );
     let _ = writeln!(
         table,
-        "| contender | calls/s | p50 | p99 | client CPU per call | failed | calls/s vs healthlb | client CPU vs healthlb |"
+        "| callers | contender | calls/s | p50 | p99 | client CPU per call | failed | calls/s vs healthlb | client CPU vs healthlb |"
     );
     let _ = writeln!(
         table,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (k, contender) in contenders.iter().enumerate() {
-        let mine = &results[k];
-        let of = |f: fn(&Sample) -> f64| median(mine.iter().map(f).collect());
-        let vs = |f: fn(&Sample) -> f64| {
-            median(
-                mine.iter()
-                    .zip(&results[base])
-                    .map(|(a, b)| f(a) / f(b).max(1e-12))
-                    .collect(),
-            )
-        };
-        let calls = |s: &Sample| s.calls_per_sec;
-        let cpu = |s: &Sample| s.client_cpu.as_secs_f64();
-        let _ = writeln!(
-            table,
-            "| {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {:.2}× | {:.2}× |",
-            contender.name(),
-            of(calls),
-            of(|s| s.p50.as_secs_f64()) * 1e6,
-            of(|s| s.p99.as_secs_f64()) * 1e6,
-            of(cpu) * 1e6,
-            mine.iter().map(|s| s.failed).sum::<u64>(),
-            vs(calls),
-            vs(cpu),
-        );
+    for (ci, &concurrency) in levels.iter().enumerate() {
+        let ours = &results[ci * contenders.len() + base];
+        for (k, contender) in contenders.iter().enumerate() {
+            let mine = &results[ci * contenders.len() + k];
+            let of = |f: fn(&Sample) -> f64| median(mine.iter().map(f).collect());
+            let vs = |f: fn(&Sample) -> f64| {
+                median(
+                    mine.iter()
+                        .zip(ours)
+                        .map(|(a, b)| f(a) / f(b).max(1e-12))
+                        .collect(),
+                )
+            };
+            let calls = |s: &Sample| s.calls_per_sec;
+            let cpu = |s: &Sample| s.client_cpu.as_secs_f64();
+            let _ = writeln!(
+                table,
+                "| {concurrency} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {} | {:.2}× | {:.2}× |",
+                contender.name(),
+                of(calls),
+                of(|s| s.p50.as_secs_f64()) * 1e6,
+                of(|s| s.p99.as_secs_f64()) * 1e6,
+                of(cpu) * 1e6,
+                mine.iter().map(|s| s.failed).sum::<u64>(),
+                vs(calls),
+                vs(cpu),
+            );
+        }
     }
     println!("\n{table}");
     drop(contenders);

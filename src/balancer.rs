@@ -223,8 +223,20 @@ impl Balancer {
                     configs.applied.store(config.map(AppliedConfig::new));
                     continue;
                 }
-                _ = ejections.failing.notified() => self.eject_failing(&subchannels, &mut ejections),
-                _ = timer => self.on_timer(&subchannels, &mut ejections),
+                _ = ejections.failing.notified() => {
+                    if !self.eject_failing(&subchannels, &mut ejections) {
+                        continue;
+                    }
+                }
+                _ = timer => {
+                    // An interval that ejected and returned nothing leaves
+                    // nothing to publish, unless a slow-start ramp runs: an
+                    // O(endpoints) publish every 10 s is most of a large
+                    // idle channel's work.
+                    if !self.on_timer(&subchannels, &mut ejections) && ramp_end.is_none() {
+                        continue;
+                    }
+                }
                 result = status.changed() => {
                     if result.is_err() {
                         break;
@@ -238,29 +250,37 @@ impl Balancer {
     }
 
     /// Consecutive-failure ejection: at once, not at the next interval.
+    /// Whether any endpoint was ejected.
     fn eject_failing(
         &self,
         subchannels: &BTreeMap<SocketAddr, Subchannel>,
         ejections: &mut Ejections,
-    ) {
+    ) -> bool {
         let Some(detector) = ejections.detector.as_mut() else {
-            return;
+            return false;
         };
         let counts: Vec<(SocketAddr, u32)> = subchannels
             .iter()
             .map(|(a, s)| (*a, s.shared.stats.outcomes.consecutive_failures()))
             .collect();
         let ejected = detector.on_failures(Instant::now(), &counts);
-        self.ejected(subchannels, ejected);
+        self.ejected(subchannels, ejected)
     }
 
     /// Returns endpoints whose ejection is over, and runs A50's interval.
-    fn on_timer(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>, ejections: &mut Ejections) {
+    /// Whether any endpoint returned or was ejected.
+    fn on_timer(
+        &self,
+        subchannels: &BTreeMap<SocketAddr, Subchannel>,
+        ejections: &mut Ejections,
+    ) -> bool {
         let now = Instant::now();
         let Some(detector) = ejections.detector.as_mut() else {
-            return;
+            return false;
         };
+        let mut changed = false;
         for addr in detector.returns(now) {
+            changed = true;
             if let Some(sub) = subchannels.get(&addr) {
                 sub.shared.stats.outcomes.reset();
                 *sub.shared.stats.ejection.lock().expect("ejection") = None;
@@ -290,12 +310,19 @@ impl Balancer {
             // Failures in a row that could not eject before (the cap) may now.
             let consecutive: Vec<_> = counts.iter().map(|(a, c)| (*a, c.consecutive)).collect();
             ejected.extend(detector.on_failures(now, &consecutive));
-            self.ejected(subchannels, ejected);
+            changed |= self.ejected(subchannels, ejected);
         }
+        changed
     }
 
     /// Applies ejections: status, logs and metrics.
-    fn ejected(&self, subchannels: &BTreeMap<SocketAddr, Subchannel>, ejected: Vec<Ejection>) {
+    /// Whether any endpoint was ejected.
+    fn ejected(
+        &self,
+        subchannels: &BTreeMap<SocketAddr, Subchannel>,
+        ejected: Vec<Ejection>,
+    ) -> bool {
+        let any = !ejected.is_empty();
         for e in ejected {
             let length = e.until.saturating_duration_since(Instant::now());
             if let Some(sub) = subchannels.get(&e.addr) {
@@ -314,6 +341,7 @@ impl Balancer {
             );
             crate::metrics::ejection(&self.target, e.addr, e.reason.label());
         }
+        any
     }
 
     /// Starts subchannels for new endpoints and drops those that left.

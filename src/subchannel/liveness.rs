@@ -187,9 +187,27 @@ impl Liveness {
     }
 }
 
-/// `at + d`, saturating.
+/// `at + d`, saturating, rounded up to the probe grid.
 fn after(at: Instant, d: Duration) -> Instant {
-    at + capped(d)
+    on_grid(at + capped(d), (d / 16).min(GRID))
+}
+
+/// Probes fall due on a grid shared by the process, so an idle channel's
+/// probes go out in batches: the runtime wakes once for many, not once for
+/// each. The grid is a sixteenth of the interval, at most 250 ms, so a
+/// probe is late by at most that.
+const GRID: Duration = Duration::from_millis(250);
+
+/// `at` rounded up to the next point of a grid of `step`.
+fn on_grid(at: Instant, step: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let grid = step.as_nanos().max(1);
+    let rounded = u64::try_from(since.div_ceil(grid) * grid).unwrap_or(u64::MAX);
+    epoch
+        .checked_add(Duration::from_nanos(rounded))
+        .unwrap_or(at)
 }
 
 /// Sends one unary `Health/Check`. Any answer at all, whatever its status,
@@ -247,6 +265,26 @@ fn grpc_request(path: &'static str, message: &impl Message) -> Request<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn due_times_round_up_to_the_grid() {
+        let now = Instant::now();
+        let a = on_grid(now + Duration::from_millis(1), GRID);
+        let b = on_grid(now + Duration::from_millis(200), GRID);
+        assert!(a >= now + Duration::from_millis(1) && a <= now + GRID + Duration::from_millis(1));
+        assert!(b >= now + Duration::from_millis(200));
+        // Close due times share a point of the grid, or sit one apart.
+        let apart = b.saturating_duration_since(a);
+        assert!(apart == Duration::ZERO || apart == GRID, "{apart:?}");
+        assert_eq!(on_grid(a, GRID), a, "a point of the grid stays");
+        // A short interval gets a fine grid: 100 ms is late by 6.25 ms at most.
+        let soon = after(now, Duration::from_millis(100));
+        assert!(
+            soon <= now + Duration::from_micros(106_250),
+            "{:?}",
+            soon - now
+        );
+    }
 
     #[test]
     fn the_rate_stretches_the_interval_only_past_its_endpoint_count() {
