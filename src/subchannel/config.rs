@@ -32,7 +32,8 @@ const MAX_WINDOW_SIZE: u32 = (1 << 31) - 1;
 /// all, even UNIMPLEMENTED, proves the peer alive. No answer within
 /// `liveness_timeout` (15 s), and nothing else heard meanwhile, closes the
 /// connection. A silent peer is out of rotation at most
-/// `liveness_interval + liveness_timeout` (30 s) after its last word. A call
+/// `liveness_interval + liveness_timeout` (30 s) after its last word, and
+/// up to 250 ms more, as probes go out in batches on a grid. A call
 /// is not a ping, so no server counts it as a strike. The probe has a stream
 /// slot kept for it, so a connection full of calls cannot make it time out;
 /// where the server's limit is too small to keep one, a probe that would

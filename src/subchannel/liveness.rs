@@ -6,7 +6,9 @@
 //! `grpc.health.v1.Health/Check`: any answer at all, whatever its status,
 //! proves the peer alive. No answer within `liveness_timeout`, and still
 //! nothing else read meanwhile, closes the connection. So a black-holed peer
-//! is out within `liveness_interval + liveness_timeout` of its last word.
+//! is out within `liveness_interval + liveness_timeout` of its last word,
+//! plus up to a sixteenth of the interval (at most 250 ms): probes fall due
+//! on a grid so that an idle channel's go out in batches.
 //!
 //! A probe is a stream, and a server caps its streams. The pool keeps a slot
 //! free for it; where the server's cap is too small for that, a probe that
