@@ -68,12 +68,7 @@ fn main() {
         return;
     }
     // `HEALTHLB_BENCH_SIZES`: a comma-separated list instead of the sizes.
-    let chosen: Vec<usize> = std::env::var("HEALTHLB_BENCH_SIZES")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|n| n.trim().parse().ok())
-        .filter(|&n| (1..=20_000).contains(&n))
-        .collect();
+    let chosen = support::env_list("HEALTHLB_BENCH_SIZES", 1..=20_000);
     let sizes: &[usize] = match (chosen.is_empty(), support::benchmarking()) {
         (false, _) => &chosen,
         (true, true) => &SIZES,

@@ -22,33 +22,18 @@
 
 #[path = "peers/mod.rs"]
 mod peers;
+#[path = "servers/mod.rs"]
+mod servers;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use peers::{Contender, Sample, env_or, measure};
+use peers::{Sample, env_or, measure};
 use support::echo::{Backend, free_port, loopback};
-
-/// The concurrencies: `HEALTHLB_BENCH_CONCURRENCY` as a comma-separated
-/// list, or 16, 64 and 256.
-fn concurrencies() -> Vec<usize> {
-    let parsed: Vec<usize> = std::env::var("HEALTHLB_BENCH_CONCURRENCY")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .filter(|&c| (1..=4096).contains(&c))
-        .collect();
-    if parsed.is_empty() {
-        vec![16, 64, 256]
-    } else {
-        parsed
-    }
-}
 
 /// Pins the process `pid` (every thread it has now; later ones inherit
 /// the creating thread's) to `cpu`. Whether it worked.
@@ -79,11 +64,6 @@ fn serve(port: u16) {
     });
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -95,16 +75,9 @@ fn main() {
     let full = support::benchmarking();
     let pinned_client = pin(std::process::id(), 0);
     let port = free_port();
-    let mut child = Command::new(std::env::current_exe().expect("this binary"))
-        .env("HEALTHLB_CORES_SERVE", port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("server process");
+    let (mut child, ready) = servers::spawn_self("HEALTHLB_CORES_SERVE", &port.to_string());
     let pinned_servers = pin(child.id(), 1);
-    let mut ready = String::new();
-    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut ready);
-    assert_eq!(ready.trim(), "READY", "the server process started");
+    assert_eq!(ready, "READY", "the server process started");
     let addrs: Vec<SocketAddr> = (2..=5u8).map(|n| loopback(n, port)).collect();
 
     let threads = env_or("HEALTHLB_CLIENT_THREADS", 2.0).clamp(1.0, 64.0) as usize;
@@ -115,7 +88,7 @@ fn main() {
         .build()
         .expect("runtime");
     let contenders = runtime.block_on(peers::standard(&addrs, false));
-    let levels = concurrencies();
+    let levels = peers::concurrencies(&[16, 64, 256]);
 
     if let Ok(only) = std::env::var("HEALTHLB_BENCH_PROFILE") {
         if let Some(contender) = contenders.iter().find(|c| c.name() == only) {
@@ -132,21 +105,8 @@ fn main() {
     );
     let rounds =
         env_or("HEALTHLB_BENCH_ROUNDS", if full { 5.0 } else { 1.0 }).clamp(1.0, 20.0) as usize;
-    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len() * levels.len()];
-    runtime.block_on(async {
-        for (ci, &concurrency) in levels.iter().enumerate() {
-            for _ in 0..rounds {
-                for (k, contender) in contenders.iter().enumerate() {
-                    let sample = measure(contender, concurrency, length).await;
-                    results[ci * contenders.len() + k].push(sample);
-                }
-            }
-        }
-    });
-    let base = contenders
-        .iter()
-        .position(|c| matches!(c, Contender::Healthlb(_)))
-        .unwrap_or(0);
+    let results = runtime.block_on(peers::rounds(&contenders, &levels, rounds, length));
+    let base = peers::healthlb_index(&contenders);
     let mut table = String::new();
     let _ = writeln!(
         table,
@@ -165,15 +125,8 @@ fn main() {
         let ours = &results[ci * contenders.len() + base];
         for (k, contender) in contenders.iter().enumerate() {
             let mine = &results[ci * contenders.len() + k];
-            let of = |f: fn(&Sample) -> f64| median(mine.iter().map(f).collect());
-            let vs = |f: fn(&Sample) -> f64| {
-                median(
-                    mine.iter()
-                        .zip(ours)
-                        .map(|(a, b)| f(a) / f(b).max(1e-12))
-                        .collect(),
-                )
-            };
+            let paired = peers::Paired { mine, ours };
+            let (of, vs) = (|f| paired.of(f), |f| paired.vs(f));
             let calls = |s: &Sample| s.calls_per_sec;
             let cpu = |s: &Sample| s.client_cpu.as_secs_f64();
             let _ = writeln!(

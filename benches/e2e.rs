@@ -37,22 +37,6 @@ use criterion::Criterion;
 use peers::{Contender, Sample, env_or, measure};
 use support::echo::{Backend, free_port, loopback};
 
-/// The concurrencies of the table pass: `HEALTHLB_BENCH_CONCURRENCY` as a
-/// comma-separated list, or 1, 16, 64 and 256.
-fn concurrencies() -> Vec<usize> {
-    let parsed: Vec<usize> = std::env::var("HEALTHLB_BENCH_CONCURRENCY")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .filter(|&c| (1..=4096).contains(&c))
-        .collect();
-    if parsed.is_empty() {
-        vec![1, 16, 64, 256]
-    } else {
-        parsed
-    }
-}
-
 fn main() {
     let runtime = peers::client_runtime();
     let port = free_port();
@@ -66,7 +50,7 @@ fn main() {
         (backends, contenders)
     });
 
-    let concurrency_levels = concurrencies();
+    let concurrency_levels = peers::concurrencies(&[1, 16, 64, 256]);
     // For profiling: one contender at one concurrency for 10 s, nothing else.
     if let Ok(only) = std::env::var("HEALTHLB_BENCH_PROFILE") {
         let concurrency =
@@ -120,29 +104,13 @@ fn main() {
     // The table pass.
     let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 2.0).clamp(0.2, 60.0));
     let rounds = env_or("HEALTHLB_BENCH_ROUNDS", 5.0).clamp(1.0, 20.0) as usize;
-    let mut results: Vec<Vec<Sample>> =
-        vec![Vec::new(); contenders.len() * concurrency_levels.len()];
-    runtime.block_on(async {
-        for (ci, &concurrency) in concurrency_levels.iter().enumerate() {
-            for _ in 0..rounds {
-                for (k, contender) in contenders.iter().enumerate() {
-                    let sample = measure(contender, concurrency, length).await;
-                    results[ci * contenders.len() + k].push(sample);
-                }
-            }
-        }
-    });
-    // Ratios are paired: each round's figure over healthlb's in the same
-    // round, then the median over rounds, so a machine that slows down or
-    // speeds up between rounds moves both sides of a ratio alike.
-    fn median(mut values: Vec<f64>) -> f64 {
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-    }
-    let base = contenders
-        .iter()
-        .position(|c| matches!(c, Contender::Healthlb(_)))
-        .unwrap_or(0);
+    let results = runtime.block_on(peers::rounds(
+        &contenders,
+        &concurrency_levels,
+        rounds,
+        length,
+    ));
+    let base = peers::healthlb_index(&contenders);
     let mut table = String::new();
     let _ = writeln!(
         table,
@@ -158,15 +126,8 @@ fn main() {
         let ours = samples(base);
         for (k, contender) in contenders.iter().enumerate() {
             let mine = samples(k);
-            let of = |f: fn(&Sample) -> f64| median(mine.iter().map(f).collect());
-            let vs = |f: fn(&Sample) -> f64| {
-                median(
-                    mine.iter()
-                        .zip(ours)
-                        .map(|(a, b)| f(a) / f(b).max(1e-12))
-                        .collect(),
-                )
-            };
+            let paired = peers::Paired { mine, ours };
+            let (of, vs) = (|f| paired.of(f), |f| paired.vs(f));
             let calls = |s: &Sample| s.calls_per_sec;
             let p50 = |s: &Sample| s.p50.as_secs_f64();
             let p99 = |s: &Sample| s.p99.as_secs_f64();

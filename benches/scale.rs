@@ -77,12 +77,7 @@ fn main() {
     );
     let _ = writeln!(report, "| ---: | ---: | ---: | ---: |");
     // `HEALTHLB_SCALE_SIZES`: a comma-separated list instead of the sizes above.
-    let chosen: Vec<usize> = std::env::var("HEALTHLB_SCALE_SIZES")
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|n| n.trim().parse().ok())
-        .filter(|&n| (1..=20_000).contains(&n))
-        .collect();
+    let chosen = support::env_list("HEALTHLB_SCALE_SIZES", 1..=20_000);
     let sizes: &[usize] = match (chosen.is_empty(), full) {
         (false, _) => &chosen,
         (true, true) => &SIZES,

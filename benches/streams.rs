@@ -15,13 +15,13 @@
 //! `cargo bench --bench streams` (`HEALTHLB_STREAMS`, default 10000, sets
 //! the number of streams.)
 
+#[path = "servers/mod.rs"]
+mod servers;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -184,17 +184,8 @@ fn main() {
         .clamp(1, 100_000);
 
     let port = free_port();
-    let mut child = Command::new(std::env::current_exe().expect("this binary"))
-        .env("HEALTHLB_STREAMS_SERVE", port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("server process");
-    let mut ready = String::new();
-    let stdout = child.stdout.take().expect("stdout");
-    let _ = BufReader::new(stdout).read_line(&mut ready);
+    let (mut child, ready) = servers::spawn_self("HEALTHLB_STREAMS_SERVE", &port.to_string());
     let addr = ready
-        .trim()
         .strip_prefix("READY ")
         .expect("the server process started")
         .to_owned();

@@ -296,6 +296,80 @@ pub async fn measure(contender: &Contender, concurrency: usize, length: Duration
     }
 }
 
+/// The concurrencies to measure: `HEALTHLB_BENCH_CONCURRENCY` as a
+/// comma-separated list, or `default`.
+pub fn concurrencies(default: &[usize]) -> Vec<usize> {
+    let chosen = crate::support::env_list("HEALTHLB_BENCH_CONCURRENCY", 1..=4096);
+    if chosen.is_empty() {
+        default.to_vec()
+    } else {
+        chosen
+    }
+}
+
+/// Every contender at every concurrency, `rounds` times over, each
+/// measurement `length` long, interleaved so that a machine that slows down
+/// slows every contender alike. The samples of concurrency `ci` and
+/// contender `k` are at `ci * contenders.len() + k`.
+pub async fn rounds(
+    contenders: &[Contender],
+    levels: &[usize],
+    rounds: usize,
+    length: Duration,
+) -> Vec<Vec<Sample>> {
+    let mut results = vec![Vec::new(); contenders.len() * levels.len()];
+    for (ci, &concurrency) in levels.iter().enumerate() {
+        for _ in 0..rounds {
+            for (k, contender) in contenders.iter().enumerate() {
+                let sample = measure(contender, concurrency, length).await;
+                results[ci * contenders.len() + k].push(sample);
+            }
+        }
+    }
+    results
+}
+
+/// Where healthlb (round robin, no recorder) is among `contenders`.
+pub fn healthlb_index(contenders: &[Contender]) -> usize {
+    contenders
+        .iter()
+        .position(|c| matches!(c, Contender::Healthlb(_)))
+        .unwrap_or(0)
+}
+
+/// The median, `NaN` for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One contender's samples over the rounds, next to healthlb's of the
+/// same rounds.
+pub struct Paired<'a> {
+    pub mine: &'a [Sample],
+    pub ours: &'a [Sample],
+}
+
+impl Paired<'_> {
+    /// The median of `f` over the rounds.
+    pub fn of(&self, f: fn(&Sample) -> f64) -> f64 {
+        median(self.mine.iter().map(f).collect())
+    }
+
+    /// The paired ratio: each round's `f` over healthlb's in the same
+    /// round, then the median over the rounds, so a machine that slows
+    /// down between rounds moves both sides alike.
+    pub fn vs(&self, f: fn(&Sample) -> f64) -> f64 {
+        median(
+            self.mine
+                .iter()
+                .zip(self.ours)
+                .map(|(a, b)| f(a) / f(b).max(1e-12))
+                .collect(),
+        )
+    }
+}
+
 pub fn env_or(name: &str, default: f64) -> f64 {
     std::env::var(name)
         .ok()

@@ -30,16 +30,8 @@ impl Servers {
         let mut children = Vec::new();
         for from in (0..n).step_by(PER_CHILD) {
             let to = (from + PER_CHILD).min(n);
-            let mut child = Command::new(std::env::current_exe().expect("this binary"))
-                .env("HEALTHLB_SERVE", format!("{from}:{to}:{port}"))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("server process");
-            let mut ready = String::new();
-            let stdout = child.stdout.take().expect("stdout");
-            let _ = BufReader::new(stdout).read_line(&mut ready);
-            assert_eq!(ready.trim(), "READY", "the server process started");
+            let (child, ready) = spawn_self("HEALTHLB_SERVE", &format!("{from}:{to}:{port}"));
+            assert_eq!(ready, "READY", "the server process started");
             children.push(child);
         }
         Self { children, port }
@@ -60,6 +52,22 @@ impl Drop for Servers {
             let _ = child.wait();
         }
     }
+}
+
+/// This benchmark's own binary as a child process, with `var=value` in its
+/// environment, its stdin a pipe that ends it when closed; and the first
+/// line it printed, trimmed (READY, as the children here say).
+pub fn spawn_self(var: &str, value: &str) -> (Child, String) {
+    let mut child = Command::new(std::env::current_exe().expect("this binary"))
+        .env(var, value)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("server process");
+    let mut ready = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    let _ = BufReader::new(stdout).read_line(&mut ready);
+    (child, ready.trim().to_owned())
 }
 
 /// In a child started by [`Servers::start`]: serves until stdin closes,

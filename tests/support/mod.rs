@@ -20,6 +20,17 @@ pub fn benchmarking() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// The numbers in `range` of the comma-separated list in the environment
+/// variable `name`; empty when it is unset or holds none.
+pub fn env_list(name: &str, range: std::ops::RangeInclusive<usize>) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|n| range.contains(n))
+        .collect()
+}
+
 /// Logs to the test's output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
