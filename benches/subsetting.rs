@@ -3,13 +3,17 @@
 //! It reports how many clients each pod gets (the spread), and how many
 //! client connections move when one pod leaves or arrives (the churn).
 //!
-//! `cargo bench --bench subsetting` (pure computation, no sockets).
+//! `cargo bench --bench subsetting` (pure computation, no sockets). Under
+//! `cargo test --all-targets` it runs one small case.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use healthlb::internals::random_subset;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 fn pod(i: usize) -> SocketAddr {
     SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080))
@@ -87,14 +91,19 @@ fn main() {
         report,
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let cases = [
-        (1000, 10_000, 20),
-        (1000, 1000, 20),
-        (1000, 100, 20),
-        (10_000, 100, 20),
-    ];
+    let full = support::benchmarking();
+    let cases: &[(usize, usize, usize)] = if full {
+        &[
+            (1000, 10_000, 20),
+            (1000, 1000, 20),
+            (1000, 100, 20),
+            (10_000, 100, 20),
+        ]
+    } else {
+        &[(100, 1000, 20)]
+    };
     let mut churn = String::new();
-    for (n_clients, n_pods, size) in cases {
+    for &(n_clients, n_pods, size) in cases {
         let pods: Vec<SocketAddr> = (0..n_pods).map(pod).collect();
         let seeds: Vec<u64> = (0..n_clients).map(|_| rand::random()).collect();
         let before = subsets(&seeds, &pods, size);
@@ -108,12 +117,12 @@ fn main() {
             100.0 * s.cv,
             100.0 * s.within
         );
-        if (n_clients, n_pods) != (1000, 10_000) {
+        if full && (n_clients, n_pods) != (1000, 10_000) {
             continue;
         }
         // Churn: 20 pods leave one at a time, then 20 new ones arrive.
         let (mut left_conns, mut left_clients, mut came_conns, mut came_clients) = (0, 0, 0, 0);
-        let changes = 20;
+        let changes = if full { 20 } else { 2 };
         for k in 0..changes {
             let gone = pods[k * 499 % n_pods];
             let fewer: Vec<SocketAddr> = pods.iter().copied().filter(|p| *p != gone).collect();
@@ -149,6 +158,9 @@ fn main() {
          | --- | ---: | ---: | ---: |\n{churn}"
     );
     println!("\n{report}");
+    if !full {
+        return;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("subsetting.md"), &report);
