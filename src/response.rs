@@ -22,9 +22,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [`LbChannel`](crate::LbChannel).
 pub struct ResponseFuture {
     inner: BoxFuture<'static, Result<Response<Body>, Status>>,
-    /// The call's deadline, and its timer: only a call with a deadline has
-    /// one.
-    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The call's deadline, and its timer once polled: only a call with a
+    /// deadline has one.
+    deadline: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
 }
 
 impl ResponseFuture {
@@ -39,7 +39,7 @@ impl ResponseFuture {
     ) -> Self {
         Self {
             inner: Box::pin(fut),
-            deadline: deadline.map(|limit| (limit, Box::pin(tokio::time::sleep(capped(limit))))),
+            deadline: deadline.map(|limit| (limit, None)),
         }
     }
 }
@@ -51,8 +51,14 @@ impl Future for ResponseFuture {
         if let Poll::Ready(result) = self.inner.as_mut().poll(cx) {
             return Poll::Ready(result.map_err(BoxError::from));
         }
+        // The timer starts at the first poll, inside the runtime: `call`
+        // may be made outside one.
         if let Some((limit, sleep)) = &mut self.deadline
-            && sleep.as_mut().poll(cx).is_ready()
+            && sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(capped(*limit))))
+                .as_mut()
+                .poll(cx)
+                .is_ready()
         {
             return Poll::Ready(Err(Status::deadline_exceeded(format!(
                 "the call's deadline of {limit:?} passed before the response began"

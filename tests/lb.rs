@@ -613,3 +613,34 @@ async fn idle_probing_keeps_to_the_channel_wide_rate() {
         backend.stop().await;
     }
 }
+
+/// A tower caller may build a call outside the runtime and await it inside;
+/// its deadline timer starts when it is first polled, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_a_deadline_built_outside_the_runtime_runs_inside_it() {
+    use tower::Service;
+    let (backends, _dns, _port, channel) = serving_cluster(192, 1).await;
+    let mut outside = channel.clone();
+    let built = std::thread::spawn(move || {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(outside.poll_ready(&mut cx).is_ready());
+        let mut request = http::Request::new(tonic::body::Body::empty());
+        *request.uri_mut() = http::Uri::from_static("/grpc.health.v1.Health/Check");
+        request
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("1S"));
+        request.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        outside.call(request)
+    })
+    .join()
+    .expect("building the call outside the runtime does not panic");
+    let response = within(Duration::from_secs(5), "the call", built).await;
+    assert!(response.is_ok(), "{:?}", response.err());
+    drop(channel);
+    for backend in backends {
+        backend.stop().await;
+    }
+}
