@@ -19,8 +19,8 @@ use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
 use crate::response::{BoxError, ResponseFuture};
-use crate::retry::{AttemptPolicy, Plan, Throttle};
-use crate::service_config::{MethodConfig, ServiceConfig};
+use crate::retry::{Plan, Throttle};
+use crate::service_config::ServiceConfig;
 use crate::status::EndpointStatus;
 use crate::subchannel::{Pool, Replay, RetryBuffer, Subchannel};
 
@@ -290,23 +290,23 @@ impl tower::Service<Request<Body>> for LbChannel {
         let applied = shared.service_config.load();
         let method = applied
             .as_ref()
-            .and_then(|a| method_config(&a.config, request.uri().path()));
-        let timeout = match (shared.timeout, method.and_then(|m| m.timeout)) {
+            .and_then(|a| Some((a, method_index(&a.config, request.uri().path())?)));
+        let entry = method.map(|(a, i)| &a.config.method_config[i]);
+        let timeout = match (shared.timeout, entry.and_then(|m| m.timeout)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let deadline = call_deadline(&mut request, timeout);
         let plan = Plan {
-            fail_fast: method
+            fail_fast: entry
                 .and_then(|m| m.wait_for_ready)
                 .map_or(shared.fail_fast, |wait| !wait),
-            policy: method.and_then(|m| {
-                m.retry_policy
-                    .clone()
-                    .map(AttemptPolicy::Retry)
-                    .or_else(|| m.hedging_policy.clone().map(AttemptPolicy::Hedge))
-            }),
-            throttle: applied.as_ref().and_then(|a| a.throttle.clone()),
+            policy: method
+                .filter(|(a, i)| {
+                    let m = &a.config.method_config[*i];
+                    m.retry_policy.is_some() || m.hedging_policy.is_some()
+                })
+                .map(|(a, i)| (Arc::clone(a), i)),
         };
         drop(applied);
         let replay = Replay::new(request, shared.retry_buffer.clone());
@@ -314,13 +314,13 @@ impl tower::Service<Request<Body>> for LbChannel {
     }
 }
 
-/// The `methodConfig` entry for a request path `/service/method`.
-fn method_config<'a>(config: &'a ServiceConfig, path: &str) -> Option<&'a MethodConfig> {
+/// Where the `methodConfig` entry for a request path `/service/method` is.
+fn method_index(config: &ServiceConfig, path: &str) -> Option<usize> {
     if config.method_config.is_empty() {
         return None;
     }
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    config.method(service, method)
+    config.method_index(service, method)
 }
 
 /// The call's deadline: the shorter of its own `grpc-timeout` and the

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use crate::channel::ChannelShared;
+use crate::channel::{AppliedConfig, ChannelShared};
 use crate::deadline::{deadline_in, scaled};
 use crate::service_config::{HedgingPolicy, RetryPolicy, RetryThrottling};
 use crate::subchannel::{AttemptId, MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, grpc_status};
@@ -86,17 +86,14 @@ impl Throttle {
     }
 }
 
-/// How one call is sent: its policy, and whether it waits for an endpoint.
+/// How one call is sent: whether it waits for an endpoint, and by which
+/// retry or hedging policy.
 pub(crate) struct Plan {
     pub(crate) fail_fast: bool,
-    pub(crate) policy: Option<AttemptPolicy>,
-    pub(crate) throttle: Option<Arc<Throttle>>,
-}
-
-/// The method's retry or hedging policy.
-pub(crate) enum AttemptPolicy {
-    Retry(RetryPolicy),
-    Hedge(HedgingPolicy),
+    /// The service config in force when the call was made, and the index
+    /// of the method's `methodConfig` entry, when that entry has a retry
+    /// or hedging policy. Shared: a call copies no policy.
+    pub(crate) policy: Option<(Arc<AppliedConfig>, usize)>,
 }
 
 /// A server's `grpc-retry-pushback-ms`.
@@ -192,26 +189,31 @@ pub(crate) async fn run(
     replay: Replay,
     plan: Plan,
 ) -> Result<Response<Body>, Status> {
-    let mut call = Call {
+    // A retry policy wins over a hedging one in the same entry.
+    let (retry, hedge, throttle) = match &plan.policy {
+        Some((applied, i)) => {
+            let entry = &applied.config.method_config[*i];
+            let retry = entry.retry_policy.as_ref();
+            let hedge = entry.hedging_policy.as_ref().filter(|_| retry.is_none());
+            (retry, hedge, applied.throttle.as_ref())
+        }
+        None => (None, None, None),
+    };
+    let call = Call {
+        until: deadline_in(shared.ready_timeout),
         shared,
         replay,
         fail_fast: plan.fail_fast,
-        until: Instant::now(),
         tried: Mutex::new(Vec::new()),
         track: plan.policy.is_some(),
-        linger: matches!(plan.policy, Some(AttemptPolicy::Hedge(_))),
+        linger: hedge.is_some(),
     };
-    call.until = deadline_in(call.shared.ready_timeout);
     // Retries and hedges live in boxes of their own, so a call without a
     // policy, the common case, builds a small future.
-    match plan.policy {
-        None => call.attempt(picked, 0).await.finish(&call.replay, None),
-        Some(AttemptPolicy::Retry(policy)) => {
-            boxed(call.retry(picked, &policy, plan.throttle.as_ref())).await
-        }
-        Some(AttemptPolicy::Hedge(policy)) => {
-            boxed(call.hedge(picked, &policy, plan.throttle.as_ref())).await
-        }
+    match (retry, hedge) {
+        (Some(policy), _) => boxed(call.retry(picked, policy, throttle)).await,
+        (None, Some(policy)) => boxed(call.hedge(picked, policy, throttle)).await,
+        (None, None) => call.attempt(picked, 0).await.finish(&call.replay, None),
     }
 }
 

@@ -209,10 +209,16 @@ impl ServiceConfig {
     /// The `methodConfig` entry for `/service/method`: an exact name first,
     /// then the service's, then the default one (gRFC A2's order).
     pub fn method(&self, service: &str, method: &str) -> Option<&MethodConfig> {
+        self.method_index(service, method)
+            .map(|i| &self.method_config[i])
+    }
+
+    /// Where in `method_config` the entry [`method`](Self::method) finds is.
+    pub(crate) fn method_index(&self, service: &str, method: &str) -> Option<usize> {
         let find = |s: &str, m: &str| {
             self.method_config
                 .iter()
-                .find(|c| c.name.iter().any(|n| n.service == s && n.method == m))
+                .position(|c| c.name.iter().any(|n| n.service == s && n.method == m))
         };
         find(service, method)
             .or_else(|| find(service, ""))
