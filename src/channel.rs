@@ -14,11 +14,11 @@ use tonic::Status;
 use tonic::body::Body;
 
 use crate::balancer::{Running, ServingSet};
-use crate::deadline::{deadline_in, encode_grpc_timeout, grpc_timeout};
+use crate::deadline::{deadline_in, grpc_timeout};
 use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::picker::Picker;
-use crate::response::{BoxError, ResponseFuture};
+use crate::response::{BoxError, Deadline, ResponseFuture};
 use crate::retry::{Plan, Throttle};
 use crate::service_config::ServiceConfig;
 use crate::status::EndpointStatus;
@@ -231,6 +231,7 @@ impl ChannelShared {
     ) -> Result<Arc<Pool>, Status> {
         let mut published = self.picker.subscribe();
         let started = Instant::now();
+        let limit = crate::deadline::rounded(until.saturating_duration_since(started));
         let mut waited = false;
         loop {
             if let Some(conn) = self.picker.pick_avoiding(tried) {
@@ -258,9 +259,8 @@ impl ChannelShared {
                 Err(_) => {
                     crate::metrics::pick_wait(&self.target, started.elapsed());
                     return Err(Status::unavailable(format!(
-                        "{}: no endpoint is SERVING after waiting {:?}; {}",
+                        "{}: no endpoint is SERVING after waiting {limit:?}; {}",
                         self.target,
-                        self.ready_timeout,
                         self.picker.summary()
                     )));
                 }
@@ -284,7 +284,7 @@ impl tower::Service<Request<Body>> for LbChannel {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> ResponseFuture {
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
         let shared = self.shared.clone();
         let picked = self.picked.take();
         let applied = shared.service_config.load();
@@ -296,8 +296,13 @@ impl tower::Service<Request<Body>> for LbChannel {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let deadline = call_deadline(&mut request, timeout);
+        let limit = call_deadline(&request, timeout);
+        let deadline = limit.map(|limit| Deadline {
+            limit,
+            at: deadline_in(limit),
+        });
         let plan = Plan {
+            deadline: deadline.map(|d| d.at),
             fail_fast: entry
                 .and_then(|m| m.wait_for_ready)
                 .map_or(shared.fail_fast, |wait| !wait),
@@ -309,7 +314,7 @@ impl tower::Service<Request<Body>> for LbChannel {
                 .map(|(a, i)| (Arc::clone(a), i)),
         };
         drop(applied);
-        let replay = Replay::new(request, shared.retry_buffer.clone());
+        let replay = Replay::new(request, shared.retry_buffer.clone(), deadline.map(|d| d.at));
         ResponseFuture::new(crate::retry::run(shared, picked, replay, plan), deadline)
     }
 }
@@ -323,19 +328,12 @@ fn method_index(config: &ServiceConfig, path: &str) -> Option<usize> {
     config.method_index(service, method)
 }
 
-/// The call's deadline: the shorter of its own `grpc-timeout` and the
-/// channel's `timeout`. A call without one is given the channel's, header
-/// included, so the server knows it too.
-fn call_deadline(request: &mut Request<Body>, timeout: Option<Duration>) -> Option<Duration> {
+/// The call's deadline: the shortest of its own `grpc-timeout`, the
+/// channel's `timeout` and the method's. Each attempt tells the server the
+/// time left until it (`subchannel/replay.rs`).
+fn call_deadline(request: &Request<Body>, timeout: Option<Duration>) -> Option<Duration> {
     match (grpc_timeout(request.headers()), timeout) {
         (Some(own), Some(channel)) => Some(own.min(channel)),
-        (Some(own), None) => Some(own),
-        (None, Some(channel)) => {
-            request
-                .headers_mut()
-                .insert("grpc-timeout", encode_grpc_timeout(channel));
-            Some(channel)
-        }
-        (None, None) => None,
+        (own, channel) => own.or(channel),
     }
 }

@@ -24,6 +24,12 @@ pub(crate) fn deadline_in(d: Duration) -> Instant {
     Instant::now() + capped(d)
 }
 
+/// `d` to the nearest millisecond, for messages: a wait planned from a
+/// slightly earlier instant still reads as the setting it came from.
+pub(crate) fn rounded(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from((d.as_micros() + 500) / 1000).unwrap_or(u64::MAX))
+}
+
 /// `d` times `factor`, saturating at [`FOREVER`]; a factor that is not a
 /// positive number gives zero.
 pub(crate) fn scaled(d: Duration, factor: f64) -> Duration {

@@ -86,10 +86,12 @@ impl Throttle {
     }
 }
 
-/// How one call is sent: whether it waits for an endpoint, and by which
-/// retry or hedging policy.
+/// How one call is sent: whether it waits for an endpoint, until when,
+/// and by which retry or hedging policy.
 pub(crate) struct Plan {
     pub(crate) fail_fast: bool,
+    /// The call's deadline: no attempt waits past it.
+    pub(crate) deadline: Option<Instant>,
     /// The service config in force when the call was made, and the index
     /// of the method's `methodConfig` entry, when that entry has a retry
     /// or hedging policy. Shared: a call copies no policy.
@@ -128,10 +130,18 @@ fn trailers_only(response: &Response<Body>) -> Option<Code> {
 /// What one attempt came to.
 enum Outcome {
     Response(Response<Body>, AttemptId),
-    Failed(Status),
+    /// Failed, on this attempt if it was sent at all.
+    Failed(Status, Option<AttemptId>),
 }
 
 impl Outcome {
+    fn attempt(&self) -> Option<AttemptId> {
+        match self {
+            Outcome::Response(_, attempt) => Some(*attempt),
+            Outcome::Failed(_, attempt) => *attempt,
+        }
+    }
+
     /// The code of a failed attempt, and the server's pushback; `None` when
     /// the attempt answered the call (headers, or trailers-only OK).
     fn failure(&self) -> Option<(Code, Pushback)> {
@@ -140,11 +150,12 @@ impl Outcome {
                 None | Some(Code::Ok) => None,
                 Some(code) => Some((code, pushback(response.headers()))),
             },
-            Outcome::Failed(status) => Some((status.code(), Pushback::Absent)),
+            Outcome::Failed(status, _) => Some((status.code(), Pushback::Absent)),
         }
     }
 
-    /// The call's result: commits to this attempt.
+    /// The call's result: commits to this attempt, which the caller has
+    /// checked the call is not committed away from.
     fn finish(
         self,
         replay: &Replay,
@@ -152,7 +163,8 @@ impl Outcome {
     ) -> Result<Response<Body>, Status> {
         match self {
             Outcome::Response(response, attempt) => {
-                replay.commit(attempt);
+                let ours = replay.commit(attempt);
+                debug_assert!(ours, "an attempt answered a call committed to another");
                 let Some(throttle) = throttle else {
                     return Ok(response);
                 };
@@ -170,13 +182,18 @@ impl Outcome {
                     })),
                 }
             }
-            Outcome::Failed(status) => Err(status),
+            Outcome::Failed(status, _) => Err(status),
         }
     }
 
     /// The attempt is over and the call goes on without it.
     fn retire(self, replay: &Replay) {
-        if let Outcome::Response(_, attempt) = self {
+        self.stop(replay);
+    }
+
+    /// The attempt's request body reads no more; its outcome is kept.
+    fn stop(&self, replay: &Replay) {
+        if let Some(attempt) = self.attempt() {
             replay.retire(attempt);
         }
     }
@@ -200,7 +217,7 @@ pub(crate) async fn run(
         None => (None, None, None),
     };
     let call = Call {
-        until: deadline_in(shared.ready_timeout),
+        deadline: plan.deadline,
         shared,
         replay,
         fail_fast: plan.fail_fast,
@@ -221,8 +238,8 @@ struct Call {
     shared: Arc<ChannelShared>,
     replay: Replay,
     fail_fast: bool,
-    /// How long an attempt may wait for an endpoint.
-    until: Instant,
+    /// The call's deadline: no attempt waits past it.
+    deadline: Option<Instant>,
     /// The endpoints this call's attempts went to.
     tried: Mutex<Vec<Arc<Pool>>>,
     /// Whether to keep `tried`: only a call that may have another attempt.
@@ -237,6 +254,13 @@ impl Call {
     /// connections close under it unsent.
     async fn attempt(&self, mut picked: Option<Arc<Pool>>, previous: u32) -> Outcome {
         let target = &self.shared.target;
+        // Each attempt may wait the ready timeout for an endpoint or a
+        // slot, however long the ones before it took; never past the call's
+        // deadline.
+        let started = Instant::now();
+        let waits = deadline_in(self.shared.ready_timeout);
+        let until = self.deadline.map_or(waits, |d| d.min(waits));
+        let planned = crate::deadline::rounded(until.saturating_duration_since(started));
         for _ in 0..MAX_ATTEMPTS {
             let pool = match picked.take() {
                 Some(pool) if pool.is_ready() => pool,
@@ -248,9 +272,9 @@ impl Call {
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
                     // Boxed: waiting is rare, and its future is large.
-                    match boxed(self.shared.wait_pick(self.until, self.fail_fast, &tried)).await {
+                    match boxed(self.shared.wait_pick(until, self.fail_fast, &tried)).await {
                         Ok(pool) => pool,
-                        Err(status) => return Outcome::Failed(status),
+                        Err(status) => return Outcome::Failed(status, None),
                     }
                 }
             };
@@ -263,7 +287,7 @@ impl Call {
             let acquired = match pool.try_acquire() {
                 // Boxed: waiting for a slot is rare, and its future large.
                 Err(NoSlot::Full | NoSlot::Limited | NoSlot::RateLimited(_)) => {
-                    boxed(pool.acquire(self.until)).await
+                    boxed(pool.acquire(until)).await
                 }
                 done => done,
             };
@@ -272,24 +296,29 @@ impl Call {
                 // Its connections closed meanwhile: pick again.
                 Err(NoSlot::Closed) => continue,
                 Err(why) => {
-                    return Outcome::Failed(Status::unavailable(format!(
-                        "{target}: {}, after waiting {:?}",
-                        pool.refusal(why),
-                        self.shared.ready_timeout
-                    )));
+                    return Outcome::Failed(
+                        Status::unavailable(format!(
+                            "{target}: {}, after waiting {planned:?}",
+                            pool.refusal(why),
+                        )),
+                        None,
+                    );
                 }
             };
             match slot.send(&self.replay, previous, self.linger).await {
                 Sent::Response(response, attempt) => return Outcome::Response(response, attempt),
-                Sent::Failed(status) => return Outcome::Failed(status),
+                Sent::Failed(status, attempt) => return Outcome::Failed(status, attempt),
                 // The connection closed before the call left: another
                 // endpoint takes it.
                 Sent::Unsent => {}
             }
         }
-        Outcome::Failed(Status::unavailable(format!(
-            "{target}: {MAX_ATTEMPTS} connections closed in a row before the call could be sent"
-        )))
+        Outcome::Failed(
+            Status::unavailable(format!(
+                "{target}: {MAX_ATTEMPTS} connections closed in a row before the call could be sent"
+            )),
+            None,
+        )
     }
 
     /// A6 retries: one attempt at a time, after a random backoff.
@@ -391,9 +420,10 @@ impl Call {
             if in_flight.is_empty() && next.is_none() {
                 crate::metrics::call_attempts(target, "hedge", launched);
                 let outcome = last.unwrap_or_else(|| {
-                    Outcome::Failed(Status::unavailable(format!(
-                        "{target}: no attempt was sent"
-                    )))
+                    Outcome::Failed(
+                        Status::unavailable(format!("{target}: no attempt was sent")),
+                        None,
+                    )
                 });
                 return outcome.finish(&self.replay, throttle);
             }
@@ -401,19 +431,25 @@ impl Call {
                 Some(outcome) = in_flight.next() => outcome,
                 () = sleep_until(next) => continue,
             };
+            // Once the call has committed (its request outgrew the buffer),
+            // only the attempt it committed to may answer, whatever it says:
+            // the others' requests were cut off.
+            match self.replay.committed_to() {
+                Some(committed) if outcome.attempt() != Some(committed) => {
+                    outcome.retire(&self.replay);
+                    continue;
+                }
+                Some(_) => {
+                    crate::metrics::call_attempts(target, "hedge", launched);
+                    return outcome.finish(&self.replay, throttle);
+                }
+                None => {}
+            }
             let Some((code, pushed)) = outcome.failure() else {
                 crate::metrics::call_attempts(target, "hedge", launched);
                 // Dropping the others cancels them on their servers.
                 return outcome.finish(&self.replay, throttle);
             };
-            let committed_elsewhere = self.replay.committed_to().is_some_and(|c| match &outcome {
-                Outcome::Response(_, attempt) => *attempt != c,
-                Outcome::Failed(_) => true,
-            });
-            if committed_elsewhere && !in_flight.is_empty() {
-                // Another attempt outgrew the buffer and owns the call.
-                continue;
-            }
             if !policy.non_fatal_status_codes.contains(&code) {
                 crate::metrics::call_attempts(target, "hedge", launched);
                 return outcome.finish(&self.replay, throttle);
@@ -431,6 +467,9 @@ impl Call {
             } else if let Some(t) = throttle {
                 t.failure();
             }
+            // A failed attempt reads no more of the request, so it can't
+            // commit the call by outgrowing the buffer.
+            outcome.stop(&self.replay);
             if let Some(previous) = last.replace(outcome) {
                 previous.retire(&self.replay);
             }

@@ -516,3 +516,273 @@ async fn hedges_that_lose_are_not_cancelled_before_a_busy_server_takes_them() {
 
 /// Longer than a hedge keeps a lost stream (20 ms).
 const LINGER_AND_SOME: Duration = Duration::from_millis(200);
+
+/// A request stream fed by the test: its sender, and the stream.
+fn request_stream() -> (
+    tokio::sync::mpsc::Sender<EchoRequest>,
+    tokio_stream::wrappers::ReceiverStream<EchoRequest>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+const HEDGE_BIDI: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Bidi"}],
+    "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.02s",
+      "nonFatalStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+#[tokio::test]
+async fn every_hedge_of_a_streaming_call_reads_the_whole_request() {
+    use support::echo::BidiMode;
+    // One pod fails after reading the whole request, the other counts it:
+    // the call can only answer if both attempts see every message.
+    let backends = backends(92, 2).await;
+    *backends[0].counters.bidi_mode.lock().unwrap() = BidiMode::FailAtEnd;
+    *backends[1].counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd;
+    let channel = channel(&backends, HEDGE_BIDI).await;
+    for round in 0..3 {
+        let (tx, requests) = request_stream();
+        let mut client = EchoClient::new(channel.clone());
+        let call = tokio::spawn(async move { client.bidi(requests).await });
+        // Both attempts are out, and wait on the caller's next message.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for i in 0..5 {
+            let message = format!("m{i}");
+            tx.send(EchoRequest { message }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(tx);
+        let mut replies = within(Duration::from_secs(5), "the hedged call", call)
+            .await
+            .unwrap()
+            .expect("the counting pod answers")
+            .into_inner();
+        let reply = within(Duration::from_secs(5), "its reply", replies.message())
+            .await
+            .expect("a reply")
+            .expect("one message");
+        assert_eq!(
+            (reply.backend.as_str(), reply.seq),
+            ("b93", 5),
+            "round {round}"
+        );
+        for b in &backends {
+            assert_eq!(
+                b.counters.bidi_read_whole.load(Ordering::SeqCst),
+                round + 1,
+                "{} read the whole request in round {round}",
+                b.name
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn once_the_request_outgrows_its_buffer_only_that_attempt_may_answer() {
+    use support::echo::{BidiMode, Options};
+    let port = free_port();
+    // A pod that takes the whole request and counts it.
+    let counting = Backend::start("b94", loopback(94, port)).await;
+    *counting.counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd;
+    // A pod that lets a client send nothing (a stream window of 0) and
+    // answers after 150 ms: its attempt never reads past the first message.
+    let options = Options {
+        health: false,
+        stream_window: Some(0),
+        ..Options::default()
+    };
+    let stuck = Backend::start_with("b95", loopback(95, port), options).await;
+    *stuck.counters.bidi_mode.lock().unwrap() = BidiMode::AnswerAfter(150);
+    let builder = LbChannel::builder(format!("ipv4:{},{}", counting.addr, stuck.addr))
+        .outlier_detection(None)
+        .retry_buffer_size(1000, 1 << 20)
+        .default_service_config(HEDGE_BIDI)
+        .unwrap();
+    let channel = support::connect_serving(builder, 2).await;
+    let big = || EchoRequest {
+        message: "x".repeat(600),
+    };
+    let (tx, requests) = request_stream();
+    tx.send(big()).await.unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let call = tokio::spawn(async move { client.bidi(requests).await });
+    // Both attempts are out; the second message outgrows the 1,000-byte
+    // buffer, so the call commits to the attempt on the counting pod.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    tx.send(big()).await.unwrap();
+    // The stuck pod answers meanwhile, but its request was cut off.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(big()).await.unwrap();
+    drop(tx);
+    let mut replies = within(Duration::from_secs(5), "the call", call)
+        .await
+        .unwrap()
+        .expect("an answer")
+        .into_inner();
+    let reply = within(Duration::from_secs(5), "its reply", replies.message())
+        .await
+        .expect("a reply")
+        .expect("one message");
+    assert_eq!(
+        (reply.backend.as_str(), reply.seq),
+        ("b94", 3),
+        "the committed attempt, which sent the whole request, answers"
+    );
+}
+
+#[tokio::test]
+async fn the_server_is_told_the_deadline_the_client_enforces() {
+    let backends = backends(96, 1).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],
+        "timeout": "1s"}]}"#;
+    let channel = channel(&backends, config).await;
+    let mut client = EchoClient::new(channel);
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "t".into(),
+    });
+    request.set_timeout(Duration::from_secs(30));
+    within(Duration::from_secs(5), "a call", client.unary(request))
+        .await
+        .expect("answered");
+    let seen = backends[0].counters.timeouts_seen();
+    let sent = seen[0].expect("a grpc-timeout");
+    assert!(
+        sent <= Duration::from_secs(1),
+        "the method's 1 s, not the caller's 30 s: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn each_retry_and_hedge_carries_the_time_left() {
+    let backends = backends(97, 2).await;
+    let config = r#"{"methodConfig": [
+        {"name": [{"service": "echo.Echo", "method": "Unary"}],
+         "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+           "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}},
+        {"name": [{"service": "echo.Echo", "method": "Bidi"}],
+         "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.3s"}}]}"#;
+    let channel = channel(&backends, config).await;
+    // Retry: the first attempt takes 300 ms, then fails.
+    for b in &backends {
+        b.counters.delay_us.store(300_000, Ordering::SeqCst);
+        b.counters.fail_next.store(1, Ordering::SeqCst);
+    }
+    let mut client = EchoClient::new(channel.clone());
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "t".into(),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let status = within(
+        Duration::from_secs(5),
+        "a retried call",
+        client.unary(request),
+    )
+    .await
+    .expect_err("both attempts fail");
+    assert_eq!(status.code(), Code::Unavailable);
+    let mut seen: Vec<Duration> = backends
+        .iter()
+        .flat_map(|b| b.counters.timeouts_seen())
+        .map(|t| t.expect("a grpc-timeout"))
+        .collect();
+    seen.sort();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[1] <= Duration::from_secs(2), "{seen:?}");
+    assert!(
+        seen[0] <= Duration::from_millis(1700),
+        "the retry left 300 ms in: {seen:?}"
+    );
+    // Hedge: the second attempt goes out 300 ms in.
+    for b in &backends {
+        b.counters.timeouts.lock().unwrap().clear();
+        *b.counters.bidi_mode.lock().unwrap() = support::echo::BidiMode::AnswerAfter(1000);
+    }
+    let (tx, requests) = request_stream();
+    let mut request = tonic::Request::new(requests);
+    request.set_timeout(Duration::from_secs(2));
+    let call = client.bidi(request);
+    let _ = within(Duration::from_secs(5), "a hedged call", call).await;
+    drop(tx);
+    let mut seen: Vec<Duration> = backends
+        .iter()
+        .flat_map(|b| b.counters.timeouts_seen())
+        .map(|t| t.expect("a grpc-timeout"))
+        .collect();
+    seen.sort();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[0] <= Duration::from_millis(1700),
+        "the hedge left 300 ms in: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_streaming_call_ends_at_its_deadline_whatever_the_server_does() {
+    let backends = backends(99, 1).await;
+    let channel = channel(&backends, "{}").await;
+    let mut client = EchoClient::new(channel);
+    let mut request = tonic::Request::new(StreamRequest {
+        message: "s".into(),
+        count: 50,
+        interval_ms: 100,
+    });
+    request.set_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut stream = within(
+        Duration::from_secs(5),
+        "the stream",
+        client.server_stream(request),
+    )
+    .await
+    .expect("its headers arrive")
+    .into_inner();
+    let mut replies = 0;
+    let end = loop {
+        match within(Duration::from_secs(10), "a message", stream.message()).await {
+            Ok(Some(_)) => replies += 1,
+            other => break other,
+        }
+    };
+    let took = started.elapsed();
+    let status = end.expect_err("the deadline ends it");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(replies < 50, "cut short: {replies}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "at the 500 ms deadline: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_waits_for_an_endpoint_as_long_as_the_first_attempt_could() {
+    let backends = backends(100, 1).await;
+    let list = backends[0].addr.to_string();
+    let builder = LbChannel::builder(format!("ipv4:{list}"))
+        .outlier_detection(None)
+        .ready_timeout(Duration::from_millis(400))
+        .default_service_config(&retry_config(2, r#""UNAVAILABLE""#, ""))
+        .unwrap();
+    let channel = support::connect_serving(builder, 1).await;
+    // The first attempt takes 600 ms, past the ready timeout, and fails;
+    // meanwhile the pod leaves rotation, and comes back 200 ms after.
+    let counters = &backends[0].counters;
+    counters.delay_us.store(600_000, Ordering::SeqCst);
+    counters.fail_next.store(1, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel.clone());
+    let call = tokio::spawn(async move { unary(&mut client).await });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    backends[0].set_serving(false).await;
+    let out = wait_for(Duration::from_secs(2), || {
+        !channel.endpoints()[0].state.is_serving()
+    })
+    .await;
+    assert!(out.is_some());
+    counters.delay_us.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    backends[0].set_serving(true).await;
+    let backend = within(Duration::from_secs(5), "the retried call", call)
+        .await
+        .unwrap()
+        .expect("the retry waits for the pod to come back");
+    assert_eq!(backend, "b100");
+    assert_eq!(counters.unary.load(Ordering::SeqCst), 2);
+}

@@ -30,8 +30,9 @@ pub(crate) enum Sent {
     /// or the server refused it unprocessed (GOAWAY, REFUSED_STREAM). It is
     /// safe to send it elsewhere.
     Unsent,
-    /// The call failed in transport, after it may have reached the server.
-    Failed(Status),
+    /// The call failed in transport, after it may have reached the server,
+    /// on this attempt if it was sent.
+    Failed(Status, Option<AttemptId>),
 }
 
 /// What became of the balancer's own request (health, liveness).
@@ -65,10 +66,13 @@ impl Slot {
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
         let Some((attempt, response)) = dispatch(&conn, replay, counting, previous, linger_until)
         else {
-            return Sent::Failed(Status::unavailable(format!(
-                "the call to {} cannot be sent again: its request was not kept whole",
-                conn.addr
-            )));
+            return Sent::Failed(
+                Status::unavailable(format!(
+                    "the call to {} cannot be sent again: its request was not kept whole",
+                    conn.addr
+                )),
+                None,
+            );
         };
         let mut started = Started {
             stats,
@@ -134,7 +138,7 @@ impl Slot {
                 if let Some(method) = &method {
                     stats.metrics.request_done(status.code(), method);
                 }
-                Sent::Failed(status)
+                Sent::Failed(status, Some(attempt))
             }
         }
     }

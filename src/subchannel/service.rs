@@ -13,8 +13,8 @@ use super::handle::Subchannel;
 use super::pool::{NoSlot, Pool, Slot};
 use super::replay::{MAX_ATTEMPTS, Replay};
 use super::state::{SubchannelState, SubchannelStatus};
-use crate::deadline::{deadline_in, grpc_timeout};
-use crate::response::{BoxError, ResponseFuture};
+use crate::deadline::{deadline_in, grpc_timeout, rounded};
+use crate::response::{BoxError, Deadline, ResponseFuture};
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
 /// waiting until `until`, `waited` after the call began.
@@ -74,21 +74,26 @@ impl tower::Service<Request<Body>> for Subchannel {
         let mut status = self.status.clone();
         let ready_timeout = self.ready_timeout;
         let shared = self.shared.clone();
-        let deadline = grpc_timeout(request.headers());
+        let deadline = grpc_timeout(request.headers()).map(|limit| Deadline {
+            limit,
+            at: deadline_in(limit),
+        });
         ResponseFuture::new(
             async move {
                 let addr = shared.endpoint.addr();
-                let replay = Replay::new(request, shared.retry_buffer.clone());
+                let at = deadline.map(|d| d.at);
+                let replay = Replay::new(request, shared.retry_buffer.clone(), at);
                 for _ in 0..MAX_ATTEMPTS {
-                    let until = deadline_in(ready_timeout);
-                    let slot =
-                        serving_slot(&mut status, &shared.pool, until, ready_timeout).await?;
+                    let waits = deadline_in(ready_timeout);
+                    let until = at.map_or(waits, |at| at.min(waits));
+                    let waited = rounded(until.saturating_duration_since(Instant::now()));
+                    let slot = serving_slot(&mut status, &shared.pool, until, waited).await?;
                     match slot.send(&replay, 0, false).await {
                         Sent::Response(response, attempt) => {
                             replay.commit(attempt);
                             return Ok(response);
                         }
-                        Sent::Failed(status) => return Err(status),
+                        Sent::Failed(status, _) => return Err(status),
                         // The connection closed before the call left: wait for
                         // the next one.
                         Sent::Unsent => {}

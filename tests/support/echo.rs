@@ -64,6 +64,27 @@ pub struct Counters {
     pub cancelled: AtomicU64,
     /// Unary calls that came with `grpc-previous-rpc-attempts`: retries.
     pub retried: AtomicU64,
+    /// The `grpc-timeout` of every unary and bidi call, in arrival order.
+    pub timeouts: Mutex<Vec<String>>,
+    /// How bidi calls answer.
+    pub bidi_mode: Mutex<BidiMode>,
+    /// Bidi calls whose whole request stream, up to its end, was read.
+    pub bidi_read_whole: AtomicU64,
+}
+
+/// How a bidi call answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BidiMode {
+    /// One reply per request message, as it comes.
+    #[default]
+    Echo,
+    /// Reads the whole request stream, then fails with UNAVAILABLE.
+    FailAtEnd,
+    /// Reads the whole request stream, then sends one reply whose `seq` is
+    /// the number of messages read.
+    CountAtEnd,
+    /// Reads nothing; after this many ms sends its headers and one reply.
+    AnswerAfter(u64),
 }
 
 /// Counts a unary call as cancelled if it is dropped unfinished.
@@ -95,6 +116,26 @@ impl Drop for OpenStream {
 }
 
 impl Counters {
+    /// Records the call's `grpc-timeout`, or "-" without one.
+    fn saw_timeout(&self, metadata: &tonic::metadata::MetadataMap) {
+        let timeout = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        self.timeouts.lock().unwrap().push(timeout.to_owned());
+    }
+
+    /// The `grpc-timeout`s seen so far, as durations (`None` for a call
+    /// without one).
+    pub fn timeouts_seen(&self) -> Vec<Option<Duration>> {
+        self.timeouts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| parse_grpc_timeout(t))
+            .collect()
+    }
+
     /// Calls of every kind.
     pub fn total(&self) -> u64 {
         self.unary.load(Ordering::SeqCst)
@@ -153,6 +194,7 @@ impl Echo for EchoImpl {
         if headers.contains_key("grpc-previous-rpc-attempts") {
             self.counters.retried.fetch_add(1, Ordering::SeqCst);
         }
+        self.counters.saw_timeout(request.metadata());
         *self.counters.last_headers.lock().unwrap() = headers;
         let delay = self.counters.delay_us.load(Ordering::Relaxed);
         if delay > 0 {
@@ -231,8 +273,48 @@ impl Echo for EchoImpl {
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
         self.counters.bidi.fetch_add(1, Ordering::SeqCst);
+        self.counters.saw_timeout(request.metadata());
         let name = self.name.clone();
         let open = OpenStream::new(&self.counters);
+        let mode = *self.counters.bidi_mode.lock().unwrap();
+        let reply = |seq: u64| EchoReply {
+            message: String::new(),
+            backend: name.to_string(),
+            seq,
+        };
+        match mode {
+            BidiMode::Echo => {}
+            BidiMode::FailAtEnd | BidiMode::CountAtEnd => {
+                let mut inbound = request.into_inner();
+                let mut read = 0;
+                while let Some(message) = inbound.next().await {
+                    message?;
+                    read += 1;
+                }
+                self.counters.bidi_read_whole.fetch_add(1, Ordering::SeqCst);
+                if mode == BidiMode::FailAtEnd {
+                    return Err(Status::unavailable(format!(
+                        "{} fails after the whole stream",
+                        self.name
+                    )));
+                }
+                let one = futures::stream::iter([Ok(reply(read))]);
+                return Ok(Response::new(Box::pin(one)));
+            }
+            BidiMode::AnswerAfter(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                // Holds the request stream, unread, until the client ends
+                // the call.
+                let held = request.into_inner();
+                let rest = futures::stream::unfold(held, |held| async move {
+                    std::future::pending::<()>().await;
+                    drop(held);
+                    None::<(Result<EchoReply, Status>, Streaming<EchoRequest>)>
+                });
+                let one = futures::stream::iter([Ok(reply(0))]).chain(rest);
+                return Ok(Response::new(Box::pin(one)));
+            }
+        }
         let stream = request.into_inner().enumerate().map(move |(seq, item)| {
             let _open = &open;
             item.map(|req| EchoReply {
@@ -268,6 +350,9 @@ pub struct Options {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default (200) when `None`.
     pub max_concurrent_streams: Option<u32>,
+    /// SETTINGS_INITIAL_WINDOW_SIZE: how much a client may send on a
+    /// stream before the server reads; hyper's default when `None`.
+    pub stream_window: Option<u32>,
 }
 
 impl Default for Options {
@@ -278,6 +363,7 @@ impl Default for Options {
             max_connection_age: None,
             tls: None,
             max_concurrent_streams: None,
+            stream_window: None,
         }
     }
 }
@@ -350,6 +436,9 @@ impl Backend {
                     }
                     if let Some(n) = options.max_concurrent_streams {
                         builder = builder.max_concurrent_streams(n);
+                    }
+                    if let Some(window) = options.stream_window {
+                        builder = builder.initial_stream_window_size(window);
                     }
                     if let Some(tls) = options.tls {
                         builder = builder.tls_config(tls).expect("server TLS config");
@@ -453,6 +542,24 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// A `grpc-timeout` value as a duration.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// `127.0.0.N:port`
