@@ -407,3 +407,51 @@ async fn cancelling_many_calls_never_closes_the_connection() {
         status.last_error
     );
 }
+
+#[tokio::test]
+async fn a_server_sending_frames_on_forgotten_streams_gets_its_connection_closed() {
+    use support::hostile::Hostile;
+    let server = Hostile::start(loopback(69, free_port())).await;
+    let channel = connect_serving(LbChannel::builder(format!("ipv4:{}", server.addr)), 1).await;
+    // 3,000 calls, each answered UNIMPLEMENTED: 3,000 closed stream ids,
+    // more than h2 remembers (1,024), so frames on them are "forgotten".
+    for _ in 0..30 {
+        let batch = join_all((0..100).map(|_| {
+            let mut client = EchoClient::new(channel.clone());
+            async move {
+                client
+                    .unary(EchoRequest {
+                        message: "x".into(),
+                    })
+                    .await
+            }
+        }));
+        for result in within(Duration::from_secs(10), "100 calls", batch).await {
+            assert_eq!(result.unwrap_err().code(), tonic::Code::Unimplemented);
+        }
+    }
+    // Past the second h2 remembers the streams it reset.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Each frame makes the client queue a RST_STREAM; without a cap it
+    // answers them all, for as long as the server goes on.
+    for _ in 0..50 {
+        server.flood(1_000).await;
+        if server.seen.goaway.lock().unwrap().is_some() {
+            break;
+        }
+    }
+    let goaway = server.seen.goaway.lock().unwrap().clone();
+    let flooded = server.seen.flooded_at_goaway.load(Ordering::SeqCst);
+    assert_eq!(
+        goaway,
+        Some((0xb, "too_many_internal_resets".to_owned())),
+        "ENHANCE_YOUR_CALM after {} frames",
+        server.seen.flooded.load(Ordering::SeqCst)
+    );
+    assert!(flooded <= 20_000, "closed only after {flooded} frames");
+    let closed = wait_for(Duration::from_secs(5), || {
+        server.seen.closed.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(closed.is_some(), "the client closed the connection");
+}

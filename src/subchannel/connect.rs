@@ -37,6 +37,15 @@ pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), Ended>> + Send>>
 /// frames are dropped quietly: 1,024 cancels a second (h2's default is 50).
 const RESET_STREAMS_REMEMBERED: usize = 1024;
 
+/// Frames for streams a connection has forgotten that it answers (each with
+/// a RST_STREAM it must queue) before it closes the connection with GOAWAY
+/// ENHANCE_YOUR_CALM: 10,000 in its life, ten times h2's default. Late
+/// frames of cancelled calls land on remembered streams and cost nothing
+/// here; only a connection cancelling more than 1,024 streams a second
+/// with answers on the way spends from it. Without a cap, a server that
+/// sends frames on old stream ids grows the client's queue without bound.
+const FORGOTTEN_STREAM_FRAMES: usize = 10_000;
+
 /// Who calls are addressed to.
 #[derive(Debug, Clone)]
 pub(crate) struct Origin {
@@ -326,10 +335,10 @@ impl Dialer {
             // and each frame for a forgotten one counts against a limit of
             // 1,024 per connection's life, after which the client closes its
             // own connection (ENHANCE_YOUR_CALM) and fails every call on it.
-            // Remember more, and let late frames be answered, not counted:
-            // they cost the server as much as us, so there is nothing to cap.
+            // Remember more, so late frames are dropped quietly, and keep a
+            // cap for a server that sends frames on old ids on purpose.
             .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
-            .max_local_error_reset_streams(None);
+            .max_local_error_reset_streams(Some(FORGOTTEN_STREAM_FRAMES));
         // Set only when given: setting a window turns the adaptive one off.
         if let Some(size) = settings.initial_stream_window_size {
             builder.initial_stream_window_size(size);

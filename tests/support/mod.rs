@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod echo;
+pub mod hostile;
 pub mod proxy;
 
 use std::future::Future;
