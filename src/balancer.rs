@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
@@ -398,8 +399,10 @@ impl Balancer {
     ) -> Option<Instant> {
         let mut ready = Vec::new();
         let mut since = Vec::new();
+        let mut in_rotation = Vec::new();
         let mut ejected_ready = Vec::new();
         let mut ejected_since = Vec::new();
+        let mut ejected_in_rotation = Vec::new();
         let mut ejected_serving = BTreeMap::new();
         let mut labels = Vec::with_capacity(subchannels.len());
         let mut serving = BTreeMap::new();
@@ -426,12 +429,18 @@ impl Balancer {
                     .detector
                     .as_ref()
                     .is_some_and(|d| d.is_ejected(addr));
-                let (ready, since, serving) = match ejected {
-                    false => (&mut ready, &mut since, &mut serving),
-                    true => (&mut ejected_ready, &mut ejected_since, &mut ejected_serving),
+                let (ready, since, in_rotation, serving) = match ejected {
+                    false => (&mut ready, &mut since, &mut in_rotation, &mut serving),
+                    true => (
+                        &mut ejected_ready,
+                        &mut ejected_since,
+                        &mut ejected_in_rotation,
+                        &mut ejected_serving,
+                    ),
                 };
                 if pool.is_ready() {
                     ready.push(pool.clone());
+                    in_rotation.push(*addr);
                     since.push(status.since());
                     if ramp.is_some() && status.since().elapsed() < window {
                         let end = status.since() + window;
@@ -457,6 +466,7 @@ impl Balancer {
             // Panic mode: ejected endpoints that still say SERVING beat none.
             ready = ejected_ready;
             since = ejected_since;
+            in_rotation = ejected_in_rotation;
             serving = ejected_serving;
             debug!(target = %self.target, endpoints = ready.len(), "every serving endpoint is ejected: calls go to them anyway");
         }
@@ -477,6 +487,14 @@ impl Balancer {
             since,
             summary,
         });
+        // After the snapshot: "not in rotation" means no new pick finds it.
+        for (addr, sub) in subchannels {
+            let picked = in_rotation.binary_search(addr).is_ok();
+            sub.shared
+                .stats
+                .in_rotation
+                .store(picked, Ordering::Release);
+        }
         self.outputs.endpoints.store(Arc::new(
             subchannels.values().map(Subchannel::handle).collect(),
         ));

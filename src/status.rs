@@ -19,6 +19,11 @@ pub struct EndpointStatus {
     pub hostname: Option<String>,
     /// Its state. Only [`SubchannelState::Serving`] gets calls.
     pub state: SubchannelState,
+    /// Whether new calls may go to it now: the picker's last snapshot holds
+    /// it. SERVING, connected and not ejected (or every endpoint is
+    /// ejected, and calls go to them anyway). It follows `state` by as long
+    /// as the balancer takes to publish, typically microseconds.
+    pub in_rotation: bool,
     /// How long the state has held.
     pub state_for: Duration,
     /// The last answer of the endpoint's health service, if any.
@@ -70,6 +75,7 @@ impl EndpointStatus {
             addr: sub.endpoint().addr(),
             hostname: sub.endpoint().hostname().map(str::to_owned),
             state: status.state().clone(),
+            in_rotation: stats.in_rotation.load(Ordering::Acquire),
             state_for: now.saturating_duration_since(status.since()),
             last_health: status.last_health(),
             connection_age: status

@@ -31,7 +31,7 @@ async fn serving(channel: &LbChannel, n: usize) {
         channel
             .endpoints()
             .iter()
-            .filter(|e| e.state.is_serving())
+            .filter(|e| e.state.is_serving() && e.in_rotation)
             .count()
             == n
     })

@@ -33,21 +33,28 @@ fn publish(zone: &Zone, addrs: &[SocketAddr]) {
     zone.set_a(HOST, &ipv4s(addrs.iter().copied()), 1);
 }
 
-/// Calls from `CALLERS` tasks, counted.
+/// Calls from `CALLERS` tasks, counted, each recorded.
 struct Load {
     stats: Arc<LoadStats>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Call>>>,
     started: Instant,
 }
 
 #[derive(Default)]
 struct LoadStats {
     stop: AtomicBool,
-    sent: AtomicU64,
     ok: AtomicU64,
     failed: AtomicU64,
     by_backend: Mutex<HashMap<String, u64>>,
-    errors: Mutex<Vec<String>>,
+}
+
+/// One call as its caller saw it: when it started and ended, and the
+/// backend that answered or the error.
+#[derive(Debug)]
+struct Call {
+    started: Instant,
+    ended: Instant,
+    outcome: Result<String, String>,
 }
 
 #[derive(Debug)]
@@ -56,6 +63,8 @@ struct Report {
     ok: u64,
     failed: u64,
     by_backend: HashMap<String, u64>,
+    calls: Vec<Call>,
+    /// The first errors, for messages.
     errors: Vec<String>,
     elapsed: Duration,
 }
@@ -69,37 +78,43 @@ impl Load {
                 let (channel, stats) = (channel.clone(), stats.clone());
                 tokio::spawn(async move {
                     let mut client = EchoClient::new(channel);
+                    let mut calls = Vec::new();
                     // Bounded in count as well as time.
                     for _ in 0..5_000_000u64 {
                         if stats.stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        stats.sent.fetch_add(1, Ordering::Relaxed);
                         let mut request = tonic::Request::new(EchoRequest {
                             message: "r".into(),
                         });
                         if let Some(d) = deadline {
                             request.set_timeout(d);
                         }
-                        match client.unary(request).await {
+                        let started = Instant::now();
+                        let outcome = match client.unary(request).await {
                             Ok(reply) => {
                                 stats.ok.fetch_add(1, Ordering::Relaxed);
                                 let backend = reply.into_inner().backend;
-                                *stats.by_backend.lock().unwrap().entry(backend).or_default() += 1;
+                                *stats
+                                    .by_backend
+                                    .lock()
+                                    .unwrap()
+                                    .entry(backend.clone())
+                                    .or_default() += 1;
+                                Ok(backend)
                             }
                             Err(status) => {
                                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                                let mut errors = stats.errors.lock().unwrap();
-                                if errors.len() < 20 {
-                                    errors.push(format!(
-                                        "{:?}: {}",
-                                        status.code(),
-                                        status.message()
-                                    ));
-                                }
+                                Err(format!("{:?}: {}", status.code(), status.message()))
                             }
-                        }
+                        };
+                        calls.push(Call {
+                            started,
+                            ended: Instant::now(),
+                            outcome,
+                        });
                     }
+                    calls
                 })
             })
             .collect();
@@ -108,10 +123,6 @@ impl Load {
             tasks,
             started: Instant::now(),
         }
-    }
-
-    fn failed(&self) -> u64 {
-        self.stats.failed.load(Ordering::Relaxed)
     }
 
     fn served_by(&self, backend: &str) -> u64 {
@@ -126,16 +137,27 @@ impl Load {
 
     async fn finish(self) -> Report {
         self.stats.stop.store(true, Ordering::Relaxed);
+        let mut calls = Vec::new();
         for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            let done = tokio::time::timeout(Duration::from_secs(10), task).await;
+            calls.extend(
+                done.expect("a caller ends within 10 s")
+                    .expect("a caller ends"),
+            );
         }
         let s = &self.stats;
+        let errors = calls
+            .iter()
+            .filter_map(|c| c.outcome.as_ref().err().cloned())
+            .take(20)
+            .collect();
         Report {
-            sent: s.sent.load(Ordering::Relaxed),
+            sent: calls.len() as u64,
             ok: s.ok.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
             by_backend: s.by_backend.lock().unwrap().clone(),
-            errors: s.errors.lock().unwrap().clone(),
+            calls,
+            errors,
             elapsed: self.started.elapsed(),
         }
     }
@@ -154,6 +176,21 @@ impl Report {
             backends,
             &self.errors[..self.errors.len().min(3)]
         );
+    }
+
+    /// The calls that failed, with their errors.
+    fn failures(&self) -> impl Iterator<Item = (&Call, &str)> {
+        self.calls
+            .iter()
+            .filter_map(|c| c.outcome.as_ref().err().map(|e| (c, e.as_str())))
+    }
+
+    /// Calls `backend` answered that started at or after `at`.
+    fn served_from(&self, backend: &str, at: Instant) -> usize {
+        self.calls
+            .iter()
+            .filter(|c| c.started >= at && c.outcome.as_deref() == Ok(backend))
+            .count()
     }
 }
 
@@ -225,35 +262,49 @@ async fn a_crash_fails_at_most_the_calls_in_flight() {
 
     let victim = backends.remove(0);
     let addr = victim.addr;
-    let in_flight = channel
-        .endpoints()
-        .iter()
-        .find(|e| e.addr == addr)
-        .map(|e| e.calls_in_flight)
-        .unwrap_or(0);
-    let failed_before = load.failed();
+    let killed = Instant::now();
     victim.kill().await;
     let out = wait_for(Duration::from_secs(3), || !is_serving(&channel, addr)).await;
+    // Seen out of rotation no earlier than it left.
+    let left = Instant::now();
     assert!(out.is_some(), "the crashed backend left rotation");
-    let failed_at_crash = load.failed() - failed_before;
-    let after = load.failed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let failed_after = load.failed() - after;
     let report = load.finish().await;
+    let in_flight = report
+        .calls
+        .iter()
+        .filter(|c| c.started < killed && c.ended >= killed)
+        .count();
+    let between = report
+        .calls
+        .iter()
+        .filter(|c| c.started >= killed && c.started < left)
+        .count();
     report.print(
         "crash",
-        &format!("in flight at the kill {in_flight}, failed at the kill {failed_at_crash}, failed afterwards {failed_after}"),
+        &format!(
+            "calls in flight at the kill {in_flight}, started before it left rotation {between}, out {:?} after the kill",
+            left - killed
+        ),
     );
-    // In flight was read just before the kill; allow the callers' next pick.
+    // The promise: a crash fails only calls that were sent to the crashed
+    // pod before it left rotation; none after.
+    for (call, error) in report.failures() {
+        assert!(
+            error.contains(&addr.to_string()),
+            "only calls to the crashed pod fail: {error}"
+        );
+        assert!(
+            call.started < left,
+            "a call started {:?} after the pod left rotation failed: {error}",
+            call.started - left
+        );
+        assert!(call.ended >= killed, "it failed from the crash: {error}");
+    }
     assert!(
-        failed_at_crash <= in_flight as u64 + CALLERS as u64 / 4,
-        "failed {failed_at_crash} with {in_flight} in flight: {:?}",
-        report.errors
-    );
-    assert_eq!(
-        failed_after, 0,
-        "no failure once it left rotation: {:?}",
-        report.errors
+        report.failed as usize <= in_flight + between,
+        "{} failed; {in_flight} were in flight and {between} started before it left",
+        report.failed
     );
 }
 
@@ -370,20 +421,20 @@ async fn server_and_client_max_age_under_load_fail_only_calls_a_closing_server_d
     // the client sees them end in a broken pipe and cannot know whether the
     // server ran them, so it doesn't retry. Every other failure is a bug.
     let broken_pipe = report
-        .errors
-        .iter()
-        .filter(|e| e.contains("connection error"))
+        .failures()
+        .filter(|(_, e)| e.contains("connection error"))
         .count();
     report.print(
         "server GOAWAY + client max age",
         &format!("{recycles} new connections; failures from a server close under open calls: {broken_pipe}"),
     );
     assert!(recycled.is_some(), "20 recycles happened: {recycles}");
-    assert!(
-        report.errors.iter().all(|e| e.contains("connection error")),
-        "only server closes under open calls fail: {:?}",
-        report.errors
-    );
+    for (_, error) in report.failures() {
+        assert!(
+            error.contains("connection error"),
+            "only server closes under open calls fail: {error}"
+        );
+    }
     assert!(
         report.failed <= CALLERS as u64,
         "at most one connection's calls: {:?}",
@@ -463,6 +514,8 @@ async fn flapping_settles_without_leaks() {
     })
     .await;
     assert!(settled.is_some(), "it ends NOT_SERVING");
+    // Seen out of rotation no earlier than it left.
+    let settled_at = Instant::now();
     // Calls that took their slot before the change finish; after that,
     // none may start.
     let idle = wait_for(Duration::from_secs(5), || {
@@ -473,11 +526,10 @@ async fn flapping_settles_without_leaks() {
     })
     .await;
     assert!(idle.is_some(), "its calls in flight finished");
-    let calls_at_rest = flapper.calls();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let leaked_calls = flapper.calls() - calls_at_rest;
     let rss_after = rss();
     let report = load.finish().await;
+    let leaked_calls = report.served_from(&flapper.name, settled_at);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let tasks_after = metrics.num_alive_tasks();
     report.print(
@@ -488,7 +540,10 @@ async fn flapping_settles_without_leaks() {
             rss_after / 1024
         ),
     );
-    assert_eq!(leaked_calls, 0, "no call while NOT_SERVING");
+    assert_eq!(
+        leaked_calls, 0,
+        "no call that started once it was out of rotation reached it"
+    );
     assert!(
         tasks_after <= tasks_before,
         "tasks back to baseline: {tasks_before} → {tasks_after}"
@@ -572,13 +627,14 @@ async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
         "at most the calls in flight: {:?}",
         report.errors
     );
-    assert!(
-        report.errors.iter().all(|e| e.starts_with("Unavailable")
-            && e.contains(&proxy.addr.to_string())
-            && e.contains("too_many_pings")),
-        "{:?}",
-        report.errors
-    );
+    for (_, error) in report.failures() {
+        assert!(
+            error.starts_with("Unavailable")
+                && error.contains(&proxy.addr.to_string())
+                && error.contains("too_many_pings"),
+            "{error}"
+        );
+    }
 }
 
 #[tokio::test]

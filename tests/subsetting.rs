@@ -114,7 +114,10 @@ async fn each_client_balances_over_its_own_stable_subset() {
         let now = subset(&by_builder);
         !now.contains(&gone)
             && now.len() == 3
-            && by_builder.endpoints().iter().all(|e| e.state.is_serving())
+            && by_builder
+                .endpoints()
+                .iter()
+                .all(|e| e.state.is_serving() && e.in_rotation)
     })
     .await;
     assert!(moved.is_some(), "no new subset: {:?}", states(&by_builder));

@@ -1,6 +1,6 @@
 //! Counters of one endpoint.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 /// Counters of one endpoint, kept as atomics so the request path pays one
 /// add per call; [`EndpointStatus`](crate::EndpointStatus) reads them.
@@ -14,6 +14,9 @@ pub(crate) struct Stats {
     pub(crate) recycles: AtomicU64,
     /// What calls show: status and latency.
     pub(crate) outcomes: super::outcome::Outcomes,
+    /// Whether the picker's last snapshot holds it: set by the balancer
+    /// after each publish.
+    pub(crate) in_rotation: AtomicBool,
     /// Until when the balancer keeps it out of rotation, and why.
     pub(crate) ejection: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
 }

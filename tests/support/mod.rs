@@ -72,12 +72,13 @@ pub fn ipv4s(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Whether `channel` has `addr` SERVING.
+/// Whether `channel` has `addr` SERVING and in rotation: the picker's
+/// snapshot holds it, so new calls may go to it.
 pub fn is_serving(channel: &LbChannel, addr: SocketAddr) -> bool {
     channel
         .endpoints()
         .iter()
-        .any(|e| e.addr == addr && e.state.is_serving())
+        .any(|e| e.addr == addr && e.state.is_serving() && e.in_rotation)
 }
 
 /// Every endpoint of `channel` with its state, for failure messages.
@@ -97,11 +98,11 @@ pub async fn connect_serving(builder: healthlb::Builder, n: usize) -> LbChannel 
 }
 
 /// Waits up to 10 s until `channel` has exactly `n` endpoints, all
-/// SERVING; fails naming their states otherwise.
+/// SERVING and in rotation; fails naming their states otherwise.
 pub async fn all_serving(channel: &LbChannel, n: usize) {
     let done = wait_for(Duration::from_secs(10), || {
         let eps = channel.endpoints();
-        eps.len() == n && eps.iter().all(|e| e.state.is_serving())
+        eps.len() == n && eps.iter().all(|e| e.state.is_serving() && e.in_rotation)
     })
     .await;
     assert!(done.is_some(), "not all {n} SERVING: {:?}", states(channel));
