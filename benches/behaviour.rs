@@ -107,7 +107,7 @@ async fn main() {
     let reps = std::env::var("HEALTHLB_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 50usize } else { 2 })
+        .unwrap_or(if full { 50usize } else { 1 })
         .clamp(1, 1000);
     let port = free_port();
     let mut base = Vec::new();
@@ -270,6 +270,7 @@ async fn main() {
     let healthlb = since(&before);
     let before = since(&zero);
     let addrs: Vec<SocketAddr> = base.iter().map(|b| b.addr).collect();
+    let shuffled_calls = if full { 1000 } else { 20 };
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let addr = addrs[rand::random_range(0..addrs.len())];
@@ -280,7 +281,7 @@ async fn main() {
                     .await
                     .expect("connects");
                 let mut client = EchoClient::new(channel);
-                for _ in 0..1000 {
+                for _ in 0..shuffled_calls {
                     let _ = client
                         .unary(EchoRequest {
                             message: "s".into(),

@@ -50,7 +50,11 @@ fn main() {
         (backends, contenders)
     });
 
-    let concurrency_levels = peers::concurrencies(&[1, 16, 64, 256]);
+    // Without `--bench` (as `cargo test --all-targets` runs it), one short
+    // round at two concurrencies: a check that every contender works.
+    let full = support::benchmarking();
+    let default_levels: &[usize] = if full { &[1, 16, 64, 256] } else { &[1, 16] };
+    let concurrency_levels = peers::concurrencies(default_levels);
     // For profiling: one contender at one concurrency for 10 s, nothing else.
     if let Ok(only) = std::env::var("HEALTHLB_BENCH_PROFILE") {
         let concurrency =
@@ -102,14 +106,24 @@ fn main() {
     }
 
     // The table pass.
-    let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 2.0).clamp(0.2, 60.0));
-    let rounds = env_or("HEALTHLB_BENCH_ROUNDS", 5.0).clamp(1.0, 20.0) as usize;
+    let (secs, rounds) = if full { (2.0, 5.0) } else { (0.2, 1.0) };
+    let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", secs).clamp(0.2, 60.0));
+    let rounds = env_or("HEALTHLB_BENCH_ROUNDS", rounds).clamp(1.0, 20.0) as usize;
     let results = runtime.block_on(peers::rounds(
         &contenders,
         &concurrency_levels,
         rounds,
         length,
     ));
+    if !full {
+        for (i, samples) in results.iter().enumerate() {
+            let name = contenders[i % contenders.len()].name();
+            for s in samples {
+                assert!(s.calls_per_sec > 0.0, "{name} made no call: {s:?}");
+                assert_eq!(s.failed, 0, "{name} failed calls: {s:?}");
+            }
+        }
+    }
     let base = peers::healthlb_index(&contenders);
     let mut table = String::new();
     let _ = writeln!(

@@ -47,7 +47,7 @@ use tonic::transport::{Channel, Endpoint};
 
 const SLOW: Duration = Duration::from_millis(50);
 
-/// Rounds of the hedged slow-pod scenario.
+/// Rounds of the hedged slow-pod scenario (one in a smoke run).
 const HEDGE_ROUNDS: usize = 3;
 
 /// A6 retries for the flaky pod: up to 3 attempts, 1 ms backoff.
@@ -83,7 +83,8 @@ const KINDS: [Kind; 6] = [
     Kind::WarmChannels,
 ];
 
-async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
+/// A contender of `kind`, warmed up with `warm` calls.
+async fn build(kind: Kind, addrs: &[SocketAddr], warm: usize) -> Contender {
     let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
     let mut contender = match kind {
         Kind::Healthlb(name) => {
@@ -128,7 +129,7 @@ async fn build(kind: Kind, addrs: &[SocketAddr]) -> Contender {
     };
     // Warm up: connections open, discovery done. Bounded in count and time.
     let started = std::time::Instant::now();
-    for _ in 0..100 {
+    for _ in 0..warm {
         if started.elapsed() > Duration::from_secs(10) {
             break;
         }
@@ -154,6 +155,7 @@ fn main() {
     // smoke run.
     let full = std::env::args().any(|a| a == "--bench");
     let scale = if full { 1.0 } else { 0.03 };
+    let warm = if full { 100 } else { 4 };
     let gray = Duration::from_secs_f64(env_or("HEALTHLB_GRAY_SECS", 10.0) * scale);
     let length = Duration::from_secs_f64(env_or("HEALTHLB_BENCH_SECS", 5.0) * scale);
     let port = free_port();
@@ -177,7 +179,7 @@ fn main() {
     let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
     for kind in KINDS {
         let sample = runtime.block_on(async {
-            let contender = build(kind, &addrs).await;
+            let contender = build(kind, &addrs, warm).await;
             bad.fail_with
                 .store(tonic::Code::Unavailable as i32, Ordering::SeqCst);
             let sample = measure(&contender, 16, gray).await;
@@ -209,7 +211,7 @@ fn main() {
                     if slow { SLOW.as_micros() as u64 } else { 0 },
                     Ordering::SeqCst,
                 );
-                let contender = build(kind, &addrs).await;
+                let contender = build(kind, &addrs, warm).await;
                 figures.push(measure(&contender, concurrency, length).await);
                 if slow && concurrency == 16 {
                     slow_contenders.push(contender);
@@ -259,7 +261,7 @@ fn main() {
     };
     for kind in flaky_kinds {
         let (name, s, attempts) = runtime.block_on(async {
-            let contender = build(kind, &addrs).await;
+            let contender = build(kind, &addrs, warm).await;
             bad.fail_every.store(2, Ordering::SeqCst);
             let before = served();
             let sample = measure(&contender, 16, gray).await;
@@ -315,12 +317,13 @@ fn main() {
     ];
     // Per row: p99s, calls/s, failed, and the slow pod's calls and cancels.
     let mut seen = vec![(Vec::new(), Vec::new(), 0u64, 0u64, 0u64); rows.len()];
-    for _ in 0..HEDGE_ROUNDS {
+    let hedge_rounds = if full { HEDGE_ROUNDS } else { 1 };
+    for _ in 0..hedge_rounds {
         for (row, (_, kind, slow)) in rows.iter().enumerate() {
             let delay = if *slow { SLOW.as_micros() as u64 } else { 0 };
             bad.delay_us.store(delay, Ordering::SeqCst);
             let (sample, calls, cancelled) = runtime.block_on(async {
-                let contender = build(Kind::Healthlb(kind), &addrs).await;
+                let contender = build(Kind::Healthlb(kind), &addrs, warm).await;
                 // The warm-up's losers are cancelled within 20 ms.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let (calls, cancelled) = (&bad.unary, &bad.cancelled);
