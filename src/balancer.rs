@@ -103,6 +103,27 @@ struct Ejections {
     next_interval: Option<Instant>,
 }
 
+/// Runs the balancer's `work`, and tells the picker if it ends for any
+/// reason but the channel's drop, a panic included: calls then fail at
+/// once, saying why, rather than wait for endpoints that will never come.
+async fn supervised(picker: Arc<Picker>, work: impl Future<Output = Option<String>>) {
+    use futures::FutureExt;
+    let why = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(None) => return,
+        Ok(Some(why)) => why,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("it panicked: {message}")
+        }
+    };
+    tracing::error!(reason = %why, "the balancer task stopped; calls on this channel will fail");
+    picker.stop(why);
+}
+
 impl Balancer {
     /// Starts the balancer task on `runtime`.
     pub(crate) fn spawn(spec: Spec, runtime: &tokio::runtime::Handle) -> Running {
@@ -167,7 +188,10 @@ impl Balancer {
             applied: service_config,
             default: default_service_config,
         };
-        runtime.spawn(balancer.run(stopped, ejections, configs));
+        runtime.spawn(supervised(
+            picker.clone(),
+            balancer.run(stopped, ejections, configs),
+        ));
         Running {
             picker,
             endpoints,
@@ -178,13 +202,14 @@ impl Balancer {
 
     /// Runs until `stopped` fires (the last `LbChannel` clone is gone) or
     /// resolution ends. Dropping the subchannels then closes their
-    /// connections once their calls are done.
+    /// connections once their calls are done. Why it ended, unless the
+    /// channel asked it to.
     async fn run(
         self,
         mut stopped: oneshot::Receiver<()>,
         mut ejections: Ejections,
         configs: Configs,
-    ) {
+    ) -> Option<String> {
         let mut from_dns = self.resolver.service_config_receiver();
         let changed = Arc::new(Notify::new());
         let mut subchannels: BTreeMap<SocketAddr, Subchannel> = BTreeMap::new();
@@ -213,7 +238,7 @@ impl Balancer {
                 _ = &mut stopped => break,
                 result = resolved.changed() => {
                     if result.is_err() {
-                        break;
+                        return Some("its resolver task stopped".to_owned());
                     }
                     let set = resolved.borrow_and_update().clone();
                     self.apply(&mut subchannels, &set, &changed, &mut ejections);
@@ -240,14 +265,17 @@ impl Balancer {
                 }
                 result = status.changed() => {
                     if result.is_err() {
-                        break;
+                        return Some("its resolver task stopped".to_owned());
                     }
                     // Only the error summary depends on it.
                 }
             }
+            #[cfg(test)]
+            tests::crash_if_asked(&self.target);
             ramp_end = self.publish(&subchannels, &ejections);
         }
         debug!(target = %self.target, "balancer stopped");
+        None
     }
 
     /// Consecutive-failure ejection: at once, not at the next interval.
@@ -443,7 +471,8 @@ impl Balancer {
                     in_rotation.push(*addr);
                     since.push(status.since());
                     if ramp.is_some() && status.since().elapsed() < window {
-                        let end = status.since() + window;
+                        // Saturating: a window of Duration::MAX ramps "forever".
+                        let end = status.since() + crate::deadline::capped(window);
                         ramp_end = Some(ramp_end.map_or(end, |e| e.max(end)));
                     }
                 }
@@ -513,5 +542,103 @@ impl Balancer {
             true
         });
         ramp_end.map(Instant::from_std)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use crate::LbChannel;
+
+    /// Targets whose balancer panics at its next event: how a test kills one.
+    static CRASH: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub(super) fn crash_if_asked(target: &str) {
+        let asked = CRASH.lock().map(|t| t.iter().any(|c| c == target));
+        if asked.unwrap_or(false) {
+            panic!("a crash a test asked for");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_balancer_that_dies_fails_calls_at_once_and_says_why() {
+        // A real server with tonic-health on loopback.
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(incoming),
+        );
+        let target = format!("ipv4:{addr}");
+        let channel = LbChannel::builder(target.clone())
+            .connect()
+            .await
+            .expect("it connects");
+        let mut client = HealthClient::new(channel.clone());
+        let check = HealthCheckRequest {
+            service: String::new(),
+        };
+        client.check(check.clone()).await.expect("a call works");
+
+        // Its next event, a health change, kills the balancer.
+        CRASH.lock().unwrap().push(target.clone());
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let started = Instant::now();
+        let mut status = None;
+        while started.elapsed() < Duration::from_secs(5) {
+            match client.check(check.clone()).await {
+                Err(s) if s.code() == tonic::Code::Internal => {
+                    status = Some(s);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let status = status.expect("calls fail once the balancer died");
+        assert!(
+            status
+                .message()
+                .contains("it panicked: a crash a test asked for")
+                && status.message().contains(&target)
+                && status.message().contains("its 1 endpoint is SHUTDOWN"),
+            "{status:?}"
+        );
+        // Later calls fail at once, not after the 5 s ready timeout.
+        let started = Instant::now();
+        let again = client.check(check).await.expect_err("still dead");
+        assert_eq!(again.code(), tonic::Code::Internal);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The status agrees: its subchannel is shut down.
+        let shut = crate::deadline::deadline_in(Duration::from_secs(5));
+        while tokio::time::Instant::now() < shut
+            && !channel
+                .endpoints()
+                .iter()
+                .all(|e| matches!(e.state, crate::SubchannelState::Shutdown))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let endpoints = channel.endpoints();
+        assert_eq!(endpoints.len(), 1);
+        assert!(
+            matches!(endpoints[0].state, crate::SubchannelState::Shutdown),
+            "{endpoints:?}"
+        );
+        server.abort();
     }
 }

@@ -221,6 +221,20 @@ impl LbChannel {
 }
 
 impl ChannelShared {
+    /// The error of every call once the balancer stopped for good: it
+    /// says why, and that the endpoints are shut down, as `endpoints()`
+    /// then shows them.
+    fn stopped(&self, why: &str) -> Status {
+        let endpoints = match self.endpoints.load().len() {
+            1 => "its 1 endpoint is".to_owned(),
+            n => format!("its {n} endpoints are"),
+        };
+        Status::internal(format!(
+            "{}: the channel's balancer stopped ({why}); {endpoints} SHUTDOWN, and no call can be sent: build a new channel",
+            self.target,
+        ))
+    }
+
     /// A serving endpoint, not one of `tried` if another can take the
     /// call, waiting until `until` for one unless `fail_fast`.
     pub(crate) async fn wait_pick(
@@ -239,6 +253,9 @@ impl ChannelShared {
                     crate::metrics::pick_wait(&self.target, started.elapsed());
                 }
                 return Ok(conn);
+            }
+            if let Some(why) = self.picker.stopped() {
+                return Err(self.stopped(why));
             }
             waited = true;
             if fail_fast {

@@ -193,6 +193,9 @@ pub(crate) struct Picker<T = Arc<Pool>> {
     next: AtomicUsize,
     pick: Pick,
     slow_start: Option<SlowStart>,
+    /// Why the balancer stopped for good, if it did (a panic, its resolver
+    /// gone): no snapshot will come again.
+    stopped: std::sync::OnceLock<String>,
 }
 
 impl<T: Candidate> Picker<T> {
@@ -209,7 +212,25 @@ impl<T: Candidate> Picker<T> {
             next: AtomicUsize::new(rand::random_range(0..usize::MAX / 2)),
             pick,
             slow_start,
+            stopped: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The balancer stopped for good, for `why`: an empty snapshot, and
+    /// every call waiting for an endpoint is woken to fail.
+    pub(crate) fn stop(&self, why: String) {
+        let summary = format!("the balancer stopped: {why}");
+        let _ = self.stopped.set(why);
+        self.publish(Snapshot {
+            ready: Vec::new(),
+            since: Vec::new(),
+            summary,
+        });
+    }
+
+    /// Why the balancer stopped for good, if it did.
+    pub(crate) fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
     }
 
     /// Whether the picker wants to know when each endpoint became SERVING.

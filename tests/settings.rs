@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use healthlb::LbChannel;
+use healthlb::{LbChannel, SlowStart};
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
 use support::echo::{Backend, free_port, loopback};
@@ -34,14 +34,12 @@ async fn timeout_is_the_deadline_of_calls_that_carry_none_and_reaches_the_server
     )
     .await;
     unary(&channel).await.expect("a call");
-    let sent = backend
-        .counters
-        .last_headers
-        .lock()
-        .unwrap()
-        .get("grpc-timeout")
-        .cloned();
-    assert_eq!(sent.as_deref(), Some("300000u"), "the server learns it");
+    let sent = backend.counters.timeouts_seen()[0].expect("the server learns it");
+    // The time left when the call went out: a little under 300 ms.
+    assert!(
+        sent <= Duration::from_millis(300) && sent > Duration::from_millis(250),
+        "{sent:?}"
+    );
 
     // A call of its own with a longer deadline: the shorter one applies.
     proxy.go_silent(true);
@@ -152,4 +150,31 @@ async fn the_user_agent_and_an_http_target_work_as_with_tonic() {
         .user_agent("bad\nagent")
         .unwrap_err();
     assert_eq!(err.kind(), healthlb::ErrorKind::InvalidConfig);
+}
+
+#[tokio::test]
+async fn a_slow_start_window_of_any_length_leaves_the_channel_working() {
+    let port = free_port();
+    let backends = support::echo::backends(194, 2, port).await;
+    let list: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    // Duration::MAX overflowed an instant in the balancer, which panicked:
+    // every call then waited out the ready timeout.
+    let channel = connect_serving(
+        LbChannel::builder(format!("ipv4:{}", list.join(",")))
+            .slow_start(SlowStart::new(Duration::MAX))
+            .ready_timeout(Duration::from_secs(2)),
+        2,
+    )
+    .await;
+    for _ in 0..20 {
+        let call = unary(&channel);
+        within(Duration::from_secs(5), "a call", call)
+            .await
+            .expect("the channel works");
+    }
+    assert!(
+        channel.endpoints().iter().all(|e| e.in_rotation),
+        "{:?}",
+        channel.endpoints()
+    );
 }
