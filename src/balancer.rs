@@ -482,7 +482,7 @@ impl Balancer {
                 match ejections
                     .detector
                     .as_ref()
-                    .and_then(|d| d.ejected_until(addr))
+                    .and_then(|d| d.ejected_for(addr))
                 {
                     Some(_) if status.state().is_serving() => "SERVING but ejected".to_owned(),
                     _ => status.state().label().to_owned(),

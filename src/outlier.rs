@@ -351,7 +351,7 @@ pub(crate) struct Ejection {
 
 #[derive(Debug, Default)]
 struct Entry {
-    ejected_until: Option<Instant>,
+    ejected_for: Option<Instant>,
     /// Ejections in a row, less one per interval spent in rotation.
     multiplier: u32,
 }
@@ -387,17 +387,17 @@ impl Detector {
     pub(crate) fn is_ejected(&self, addr: &SocketAddr) -> bool {
         self.entries
             .get(addr)
-            .is_some_and(|e| e.ejected_until.is_some())
+            .is_some_and(|e| e.ejected_for.is_some())
     }
 
-    pub(crate) fn ejected_until(&self, addr: &SocketAddr) -> Option<Instant> {
-        self.entries.get(addr).and_then(|e| e.ejected_until)
+    pub(crate) fn ejected_for(&self, addr: &SocketAddr) -> Option<Instant> {
+        self.entries.get(addr).and_then(|e| e.ejected_for)
     }
 
     fn ejected_count(&self) -> usize {
         self.entries
             .values()
-            .filter(|e| e.ejected_until.is_some())
+            .filter(|e| e.ejected_for.is_some())
             .count()
     }
 
@@ -427,7 +427,7 @@ impl Detector {
         let base = self.config.base_ejection_time;
         let max = self.config.max_ejection_time.max(base);
         let entry = self.entries.get_mut(&addr)?;
-        if entry.ejected_until.is_some() {
+        if entry.ejected_for.is_some() {
             return None;
         }
         entry.multiplier = entry.multiplier.saturating_add(1);
@@ -435,7 +435,7 @@ impl Detector {
         let until = now
             .checked_add(length)
             .unwrap_or(now + max.min(Duration::from_secs(86400)));
-        entry.ejected_until = Some(until);
+        entry.ejected_for = Some(until);
         Some(Ejection {
             addr,
             reason,
@@ -507,7 +507,7 @@ impl Detector {
             }
         }
         for entry in self.entries.values_mut() {
-            if entry.ejected_until.is_none() && entry.multiplier > 0 {
+            if entry.ejected_for.is_none() && entry.multiplier > 0 {
                 entry.multiplier -= 1;
             }
         }
@@ -543,8 +543,8 @@ impl Detector {
     pub(crate) fn returns(&mut self, now: Instant) -> Vec<SocketAddr> {
         let mut back = Vec::new();
         for (addr, entry) in &mut self.entries {
-            if entry.ejected_until.is_some_and(|until| until <= now) {
-                entry.ejected_until = None;
+            if entry.ejected_for.is_some_and(|until| until <= now) {
+                entry.ejected_for = None;
                 back.push(*addr);
             }
         }
@@ -553,7 +553,7 @@ impl Detector {
 
     /// When the next ejection ends.
     pub(crate) fn next_return(&self) -> Option<Instant> {
-        self.entries.values().filter_map(|e| e.ejected_until).min()
+        self.entries.values().filter_map(|e| e.ejected_for).min()
     }
 
     pub(crate) fn config(&self) -> &OutlierDetection {

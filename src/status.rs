@@ -1,5 +1,6 @@
 //! [`EndpointStatus`]: what the client thinks of one endpoint.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,15 +41,30 @@ pub struct EndpointStatus {
     pub connects: u64,
     /// Connections replaced because of `max_connection_age`.
     pub recycles: u64,
-    /// Calls sent to it.
+    /// Calls sent to it, retries and hedges each counted. Once they have
+    /// ended, `calls_started` = `calls_ok` + `calls_failed` +
+    /// `calls_transport_failed` + `calls_cancelled`.
     pub calls_started: u64,
     /// Calls whose response has not ended.
     pub calls_in_flight: usize,
-    /// Calls that failed in transport after they were sent.
+    /// Calls that ended with status OK.
+    pub calls_ok: u64,
+    /// Calls that ended with another gRPC status from the server (in its
+    /// trailers, or a trailers-only response): the server answered, and
+    /// said no.
     pub calls_failed: u64,
-    /// Until when outlier ejection keeps it out of rotation; `None` when
-    /// it is in rotation.
-    pub ejected_until: Option<Instant>,
+    /// Calls the connection failed under, with no status from the server
+    /// (UNAVAILABLE, or the code of an HTTP/2 reset).
+    pub calls_transport_failed: u64,
+    /// Calls the client gave up on before their status: hedges that lost,
+    /// deadlines, callers that dropped them.
+    pub calls_cancelled: u64,
+    /// The last call that did not end OK (cancelled ones aside): its
+    /// status from the server, or the transport failure.
+    pub last_call_error: Option<tonic::Status>,
+    /// How much longer outlier ejection keeps it out of rotation; `None`
+    /// when it is not ejected.
+    pub ejected_for: Option<Duration>,
     /// Why it was ejected: `consecutive_failures`, `success_rate` or
     /// `failure_percentage`.
     pub ejection_reason: Option<&'static str>,
@@ -58,7 +74,7 @@ pub struct EndpointStatus {
     /// The peak-EWMA of its time to response headers, decayed to now;
     /// `None` before its first answer.
     pub latency_ewma: Option<Duration>,
-    /// The last connection failure.
+    /// The last connection failure: connecting, TLS, the health stream.
     pub last_error: Option<Error>,
     /// The HTTP/2 keepalive interval of its next connection: the configured
     /// one, doubled after each GOAWAY `too_many_pings`. `None` when off.
@@ -70,7 +86,13 @@ impl EndpointStatus {
         let status = sub.status();
         let stats = &sub.shared.stats;
         let now = Instant::now();
-        let ejection = *stats.ejection.lock().expect("ejection");
+        let ejection = *stats
+            .ejection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ejected_for = ejection
+            .map(|(until, _)| until.saturating_duration_since(now))
+            .filter(|left| !left.is_zero());
         Self {
             addr: sub.endpoint().addr(),
             hostname: sub.endpoint().hostname().map(str::to_owned),
@@ -87,13 +109,63 @@ impl EndpointStatus {
             recycles: stats.recycles.load(Ordering::Relaxed),
             calls_started: stats.calls_started.load(Ordering::Relaxed),
             calls_in_flight: stats.calls_in_flight.load(Ordering::SeqCst),
+            calls_ok: stats.calls_ok.load(Ordering::Relaxed),
             calls_failed: stats.calls_failed.load(Ordering::Relaxed),
-            ejected_until: ejection.map(|(until, _)| until),
-            ejection_reason: ejection.map(|(_, reason)| reason),
+            calls_transport_failed: stats.calls_transport_failed.load(Ordering::Relaxed),
+            calls_cancelled: stats.calls_cancelled.load(Ordering::Relaxed),
+            last_call_error: stats
+                .last_call_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            ejected_for,
+            ejection_reason: ejected_for.and(ejection.map(|(_, reason)| reason)),
             consecutive_failures: stats.outcomes.consecutive_failures(),
             latency_ewma: stats.outcomes.latency(),
             last_error: sub.last_error(),
             http2_keep_alive_interval: sub.http2_keep_alive_interval(),
         }
+    }
+}
+
+impl fmt::Display for EndpointStatus {
+    /// One line, as a person reads it:
+    ///
+    /// ```text
+    /// 10.0.0.7:50051 SERVING, ejected for 29.4s (consecutive_failures), out of rotation; calls: 81 started, 2 ok, 79 failed, 0 transport failed, 0 cancelled, 0 in flight; last call error: Unavailable "pod 7 fails"
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.addr, self.state)?;
+        if let Some(left) = self.ejected_for {
+            write!(f, ", ejected for {left:.1?}")?;
+            if let Some(reason) = self.ejection_reason {
+                write!(f, " ({reason})")?;
+            }
+        }
+        if !self.in_rotation {
+            f.write_str(", out of rotation")?;
+        }
+        write!(
+            f,
+            "; calls: {} started, {} ok, {} failed, {} transport failed, {} cancelled, {} in flight",
+            self.calls_started,
+            self.calls_ok,
+            self.calls_failed,
+            self.calls_transport_failed,
+            self.calls_cancelled,
+            self.calls_in_flight
+        )?;
+        if let Some(status) = &self.last_call_error {
+            write!(
+                f,
+                "; last call error: {:?} {:?}",
+                status.code(),
+                status.message()
+            )?;
+        }
+        if let Some(error) = &self.last_error {
+            write!(f, "; last connection error: {error}")?;
+        }
+        Ok(())
     }
 }

@@ -105,8 +105,36 @@ async fn a_pod_failing_with_unavailable_is_ejected_and_returns() {
         status.state
     );
     assert_eq!(status.ejection_reason, Some("consecutive_failures"));
-    assert!(status.ejected_until.is_some());
+    assert!(
+        status
+            .ejected_for
+            .is_some_and(|d| d <= Duration::from_millis(1500))
+    );
+    assert!(!status.in_rotation);
     assert_eq!(status.connections, 1, "its connection stays up");
+    // What its calls came to, as a person reads the status.
+    assert_eq!(
+        (status.calls_started, status.calls_ok, status.calls_failed),
+        (5, 0, 5),
+        "{status}"
+    );
+    assert_eq!(status.calls_transport_failed + status.calls_cancelled, 0);
+    let last = status.last_call_error.as_ref().expect("the last failure");
+    assert_eq!(last.code(), tonic::Code::Unavailable);
+    assert_eq!(last.message(), "b60 fails on purpose");
+    let line = status.to_string();
+    assert!(
+        line.contains("SERVING, ejected for")
+            && line.contains("(consecutive_failures), out of rotation")
+            && line.contains("5 started, 0 ok, 5 failed")
+            && line.contains("b60 fails on purpose"),
+        "{line}"
+    );
+    // The others' counts add up.
+    for e in channel.endpoints().iter().filter(|e| e.addr != bad.addr) {
+        assert_eq!(e.calls_started, e.calls_ok, "{e}");
+        assert!(e.last_call_error.is_none(), "{e}");
+    }
     // Discover drops it too.
     let removed = tokio::time::timeout(Duration::from_secs(5), discover.next())
         .await
@@ -121,7 +149,7 @@ async fn a_pod_failing_with_unavailable_is_ejected_and_returns() {
         channel
             .endpoints()
             .iter()
-            .all(|e| e.ejected_until.is_none())
+            .all(|e| e.ejected_for.is_none() && e.in_rotation)
     })
     .await;
     assert!(back.is_some(), "{:?}", channel.endpoints());
@@ -148,7 +176,7 @@ async fn application_errors_do_not_eject() {
         channel
             .endpoints()
             .iter()
-            .all(|e| e.ejected_until.is_none())
+            .all(|e| e.ejected_for.is_none() && e.in_rotation)
     );
     // DEADLINE_EXCEEDED depends on the caller: not counted either.
     fail(&backends[0], tonic::Code::DeadlineExceeded);
@@ -157,7 +185,7 @@ async fn application_errors_do_not_eject() {
         channel
             .endpoints()
             .iter()
-            .all(|e| e.ejected_until.is_none())
+            .all(|e| e.ejected_for.is_none() && e.in_rotation)
     );
 }
 
@@ -181,7 +209,7 @@ async fn with_every_pod_ejected_calls_still_go_to_them() {
     let ejected = channel
         .endpoints()
         .iter()
-        .filter(|e| e.ejected_until.is_some())
+        .filter(|e| e.ejected_for.is_some())
         .count();
     assert_eq!(ejected, 2, "{:?}", channel.endpoints());
     // Panic mode: the servers still answer, with their own errors, rather
@@ -338,11 +366,7 @@ async fn the_service_config_sets_policy_and_ejection() {
             // Bounded: at most 2,000 calls, until the pod is ejected.
             for _ in 0..100 {
                 calls(&channel, 20).await;
-                if channel
-                    .endpoints()
-                    .iter()
-                    .any(|e| e.ejected_until.is_some())
-                {
+                if channel.endpoints().iter().any(|e| e.ejected_for.is_some()) {
                     break;
                 }
             }

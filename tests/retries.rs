@@ -246,6 +246,7 @@ async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
         .find(|e| e.addr == backends[0].addr)
         .expect("the slow pod's status");
     assert_eq!(status.calls_started, hedged, "every attempt counted");
+    assert_eq!(status.calls_cancelled, hedged, "as cancelled: {status}");
     assert_eq!(status.calls_in_flight, 0);
 }
 

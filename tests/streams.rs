@@ -298,6 +298,11 @@ async fn a_connection_lost_under_a_stream_fails_it_unavailable_naming_the_endpoi
             && status.message().contains("went silent"),
         "{status:?}"
     );
+    // The endpoint's status counts it as a transport failure, and says why.
+    let endpoint = &channel.endpoints()[0];
+    assert_eq!(endpoint.calls_transport_failed, 1, "{endpoint}");
+    let last = endpoint.last_call_error.as_ref().expect("the failure");
+    assert_eq!(last.message(), status.message());
 }
 
 /// A `grpc.health.v1.Health` whose `Check` answers with an endless body.

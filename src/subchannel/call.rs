@@ -17,6 +17,7 @@ use tonic::body::Body;
 use super::connect::{Conn, Origin};
 use super::pool::Slot;
 use super::replay::{AttemptId, Counting, Replay};
+use super::stats::Ended;
 use super::transport_errors::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 
@@ -102,7 +103,7 @@ impl Slot {
                 // A trailers-only response carries its status in the headers.
                 let status = grpc_status(response.headers());
                 if let Some(code) = status {
-                    stats.outcomes.record(code);
+                    stats.ended(Ended::Status(code, Some(response.headers())));
                     if let Some(counting) = &mut counting {
                         stats.metrics.request_done(code, &counting.method);
                         counting.done = true;
@@ -132,9 +133,8 @@ impl Slot {
                     return Sent::Unsent;
                 }
                 drop(started);
-                stats.calls_failed.fetch_add(1, Ordering::Relaxed);
                 let status = transport_status(conn.addr, &err);
-                stats.outcomes.record(status.code());
+                stats.ended(Ended::Transport(&status));
                 if let Some(method) = &method {
                     stats.metrics.request_done(status.code(), method);
                 }
@@ -242,12 +242,13 @@ struct Started<'a> {
 impl Drop for Started<'_> {
     fn drop(&mut self) {
         self.stats.calls_started.fetch_add(1, Ordering::Relaxed);
-        if self.waiting
-            && let Some(method) = self.method
-        {
-            self.stats
-                .metrics
-                .request_done(tonic::Code::Cancelled, method);
+        if self.waiting {
+            self.stats.ended(Ended::Cancelled);
+            if let Some(method) = self.method {
+                self.stats
+                    .metrics
+                    .request_done(tonic::Code::Cancelled, method);
+            }
         }
     }
 }
@@ -320,6 +321,10 @@ pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        if !self.judged {
+            // Dropped before its status: the caller gave up on it.
+            self.slot.conn.stats.ended(Ended::Cancelled);
+        }
         if let Some(counting) = &self.counting
             && !counting.done
         {
@@ -348,18 +353,25 @@ impl HttpBody for TrackedBody {
         if !this.judged
             && let Poll::Ready(result) = &polled
         {
-            let code = match result {
-                Some(Ok(frame)) => frame.trailers_ref().map(|t| {
-                    // Trailers without a status break the protocol.
-                    grpc_status(t).unwrap_or(tonic::Code::Internal)
-                }),
-                Some(Err(status)) => Some(status.code()),
+            let stats = &this.slot.conn.stats;
+            match result {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        // Trailers without a status break the protocol.
+                        let code = grpc_status(trailers).unwrap_or(tonic::Code::Internal);
+                        stats.ended(Ended::Status(code, Some(trailers)));
+                        this.judged = true;
+                    }
+                }
+                Some(Err(status)) => {
+                    stats.ended(Ended::Transport(status));
+                    this.judged = true;
+                }
                 // The stream ended without trailers: no status at all.
-                None => Some(tonic::Code::Internal),
-            };
-            if let Some(code) = code {
-                this.slot.conn.stats.outcomes.record(code);
-                this.judged = true;
+                None => {
+                    stats.ended(Ended::Status(tonic::Code::Internal, None));
+                    this.judged = true;
+                }
             }
         }
         if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {

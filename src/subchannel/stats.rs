@@ -1,6 +1,9 @@
 //! Counters of one endpoint.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use tonic::{Code, Status};
 
 /// Counters of one endpoint, kept as atomics so the request path pays one
 /// add per call; [`EndpointStatus`](crate::EndpointStatus) reads them.
@@ -9,7 +12,13 @@ pub(crate) struct Stats {
     pub(crate) metrics: crate::metrics::EndpointMetrics,
     pub(crate) calls_started: AtomicU64,
     pub(crate) calls_in_flight: AtomicUsize,
+    /// How calls ended: see [`Ended`].
+    pub(crate) calls_ok: AtomicU64,
     pub(crate) calls_failed: AtomicU64,
+    pub(crate) calls_transport_failed: AtomicU64,
+    pub(crate) calls_cancelled: AtomicU64,
+    /// The last call that did not end OK, and how.
+    pub(crate) last_call_error: Mutex<Option<Status>>,
     pub(crate) connects: AtomicU64,
     pub(crate) recycles: AtomicU64,
     /// What calls show: status and latency.
@@ -19,4 +28,53 @@ pub(crate) struct Stats {
     pub(crate) in_rotation: AtomicBool,
     /// Until when the balancer keeps it out of rotation, and why.
     pub(crate) ejection: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
+}
+
+/// How a call on the endpoint ended.
+#[derive(Debug)]
+pub(crate) enum Ended<'a> {
+    /// With a gRPC status from the server, in its trailers or in a
+    /// trailers-only response, which carry the message too.
+    Status(Code, Option<&'a http::HeaderMap>),
+    /// The connection failed under it: no status came.
+    Transport(&'a Status),
+    /// The client gave up on it before its status: a hedge that lost, a
+    /// deadline, a caller that dropped it.
+    Cancelled,
+}
+
+impl Stats {
+    /// Counts a call's end, and tells the outcomes (outlier ejection, the
+    /// load-aware policies) what it showed.
+    pub(crate) fn ended(&self, end: Ended<'_>) {
+        let failure = match end {
+            Ended::Status(Code::Ok, _) => {
+                self.calls_ok.fetch_add(1, Ordering::Relaxed);
+                self.outcomes.record(Code::Ok);
+                return;
+            }
+            Ended::Status(code, headers) => {
+                self.calls_failed.fetch_add(1, Ordering::Relaxed);
+                self.outcomes.record(code);
+                headers
+                    .and_then(Status::from_header_map)
+                    .unwrap_or_else(|| {
+                        Status::new(code, "the response ended without a gRPC status")
+                    })
+            }
+            Ended::Transport(status) => {
+                self.calls_transport_failed.fetch_add(1, Ordering::Relaxed);
+                self.outcomes.record(status.code());
+                status.clone()
+            }
+            Ended::Cancelled => {
+                self.calls_cancelled.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        *self
+            .last_call_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(failure);
+    }
 }
