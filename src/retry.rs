@@ -274,7 +274,7 @@ impl Call {
                     // Boxed: waiting is rare, and its future is large.
                     match boxed(self.shared.wait_pick(until, self.fail_fast, &tried)).await {
                         Ok(pool) => pool,
-                        Err(status) => return Outcome::Failed(status, None),
+                        Err(status) => return Outcome::Failed(self.waited(status), None),
                     }
                 }
             };
@@ -296,13 +296,11 @@ impl Call {
                 // Its connections closed meanwhile: pick again.
                 Err(NoSlot::Closed) => continue,
                 Err(why) => {
-                    return Outcome::Failed(
-                        Status::unavailable(format!(
-                            "{target}: {}, after waiting {planned:?}",
-                            pool.refusal(why),
-                        )),
-                        None,
-                    );
+                    let status = Status::unavailable(format!(
+                        "{target}: {}, after waiting {planned:?}",
+                        pool.refusal(why),
+                    ));
+                    return Outcome::Failed(self.waited(status), None);
                 }
             };
             match slot.send(&self.replay, previous, self.linger).await {
@@ -319,6 +317,20 @@ impl Call {
             )),
             None,
         )
+    }
+
+    /// A wait for an endpoint or a slot that failed: DEADLINE_EXCEEDED if
+    /// the call's deadline is what ended it, as it ends the call.
+    fn waited(&self, status: Status) -> Status {
+        match self.deadline {
+            Some(deadline) if status.code() == Code::Unavailable && deadline <= Instant::now() => {
+                Status::deadline_exceeded(format!(
+                    "the call's deadline passed while it waited: {}",
+                    status.message()
+                ))
+            }
+            _ => status,
+        }
     }
 
     /// A6 retries: one attempt at a time, after a random backoff.

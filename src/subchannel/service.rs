@@ -87,7 +87,16 @@ impl tower::Service<Request<Body>> for Subchannel {
                     let waits = deadline_in(ready_timeout);
                     let until = at.map_or(waits, |at| at.min(waits));
                     let waited = rounded(until.saturating_duration_since(Instant::now()));
-                    let slot = serving_slot(&mut status, &shared.pool, until, waited).await?;
+                    let slot = serving_slot(&mut status, &shared.pool, until, waited)
+                        .await
+                        .map_err(|status| match at {
+                            // The call's deadline ended the wait, as it ends the call.
+                            Some(at) if at <= Instant::now() => Status::deadline_exceeded(format!(
+                                "the call's deadline passed while it waited: {}",
+                                status.message()
+                            )),
+                            _ => status,
+                        })?;
                     match slot.send(&replay, 0, false).await {
                         Sent::Response(response, attempt) => {
                             replay.commit(attempt);
