@@ -245,6 +245,9 @@ impl Balancer {
                 }
                 _ = changed.notified() => {}
                 config = next_config(&mut from_dns) => {
+                    if let Some(config) = &config {
+                        config.log_warnings(&self.target);
+                    }
                     let config = config.or_else(|| configs.default.clone());
                     configs.applied.store(config.map(AppliedConfig::new));
                     continue;

@@ -141,9 +141,12 @@ impl Builder {
     /// calls follow them: `timeout`, `waitForReady`, `retryPolicy` and
     /// `hedgingPolicy` per method, and the token bucket channel-wide
     /// (README, "Retries and hedging"). Fails with an error
-    /// naming the field for an invalid config. Default: none.
+    /// naming the field for an invalid config. Fields it doesn't know are
+    /// ignored, as gRFC A2 says, each with a warning logged
+    /// ([`ServiceConfig::warnings`]). Default: none.
     pub fn default_service_config(mut self, json: &str) -> Result<Self, Error> {
         let config = ServiceConfig::parse(json)?;
+        config.log_warnings(&self.target);
         if let Some(policy) = &config.policy {
             self.policy = policy.clone();
             self.slow_start = config.slow_start;

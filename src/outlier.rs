@@ -222,7 +222,8 @@ impl OutlierDetection {
         self
     }
 
-    /// Sets the longest ejection. Default: 300 s.
+    /// Sets the longest ejection, at least `base_ejection_time` (`build`
+    /// refuses a shorter one). Default: 300 s.
     pub fn max_ejection_time(mut self, d: Duration) -> Self {
         self.max_ejection_time = d;
         self
@@ -272,6 +273,12 @@ impl OutlierDetection {
         if self.base_ejection_time.is_zero() {
             return Err(Error::invalid_config(format!(
                 "{name}.baseEjectionTime must be above zero"
+            )));
+        }
+        if self.max_ejection_time < self.base_ejection_time {
+            return Err(Error::invalid_config(format!(
+                "{name}.maxEjectionTime ({:?}) is shorter than baseEjectionTime ({:?}): no ejection could last its base time; raise maxEjectionTime",
+                self.max_ejection_time, self.base_ejection_time
             )));
         }
         let percents = [
@@ -432,9 +439,8 @@ impl Detector {
         }
         entry.multiplier = entry.multiplier.saturating_add(1);
         let length = base.saturating_mul(entry.multiplier).min(max);
-        let until = now
-            .checked_add(length)
-            .unwrap_or(now + max.min(Duration::from_secs(86400)));
+        // Saturating: Duration::MAX means as long as the process lives.
+        let until = now + crate::deadline::capped(length);
         entry.ejected_for = Some(until);
         Some(Ejection {
             addr,
@@ -573,6 +579,23 @@ mod tests {
         let mut d = Detector::new(config);
         d.retain((1..=n).map(addr));
         d
+    }
+
+    #[test]
+    fn the_longest_ejection_is_the_same_from_the_builder_and_the_json() {
+        // Duration::MAX from the builder became a day; A2's largest JSON
+        // duration, 10,000 years. Both are "as long as the process lives".
+        let now = Instant::now();
+        let eject_for = |length: Duration| {
+            let config = OutlierDetection::default()
+                .base_ejection_time(length)
+                .max_ejection_time(length);
+            let mut d = detector(config, 2);
+            d.on_failures(now, &[(addr(1), 5)])[0].until
+        };
+        let json = crate::service_config::parse_duration("315576000000s").unwrap();
+        assert_eq!(eject_for(Duration::MAX), eject_for(json));
+        assert!(eject_for(Duration::MAX) > now + Duration::from_secs(20 * 365 * 86_400));
     }
 
     #[tokio::test(start_paused = true)]

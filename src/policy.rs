@@ -35,8 +35,9 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// `least_request_experimental` with `choice_count` samples (2 to 10;
-    /// more is taken as 10, as gRFC A48 says).
+    /// `least_request_experimental` with `choice_count` samples, 2 to 10;
+    /// `build` refuses any other. (A service config's `choiceCount` above
+    /// 10 is taken as 10, as gRFC A48 says.)
     pub fn least_request(choice_count: usize) -> Self {
         Policy::LeastRequest { choice_count }
     }
@@ -61,9 +62,9 @@ impl Policy {
     pub(crate) fn validate(&self) -> Result<(), Error> {
         match self {
             Policy::RoundRobin => Ok(()),
-            Policy::LeastRequest { choice_count } if *choice_count < 2 => {
+            Policy::LeastRequest { choice_count } if !(2..=10).contains(choice_count) => {
                 Err(Error::invalid_config(format!(
-                    "least_request_experimental.choiceCount must be at least 2, got {choice_count}"
+                    "least_request's choice count must be from 2 to 10, got {choice_count} (in a service config, a choiceCount above 10 is taken as 10, as gRFC A48 says)"
                 )))
             }
             Policy::LeastRequest { .. } => Ok(()),

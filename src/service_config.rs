@@ -13,9 +13,11 @@
 //! - DNS can publish one too, opt-in: the TXT record `_grpc_config.<host>`
 //!   holds `grpc_config=` and a list of choices ([`ServiceConfig::from_txt`]).
 //!
-//! Unknown fields are ignored, as the spec says. A field of the wrong type
-//! or out of range is an error naming its path, such as
-//! `loadBalancingConfig[0].least_request_experimental.choiceCount`.
+//! Unknown fields are ignored, as the spec says, and each is named in
+//! [`ServiceConfig::warnings`], which is logged when the config is applied:
+//! a typo such as `retrypolicy` would otherwise turn retries off without a
+//! word. A field of the wrong type or out of range is an error naming its
+//! path, such as `loadBalancingConfig[0].least_request_experimental.choiceCount`.
 //!
 //! healthlb's additions, which other gRPC clients ignore as unknown fields:
 //! `slowStart` (`window`, `aggression`, `minWeightPercent`) in the
@@ -24,6 +26,7 @@
 //! (`threshold`, `enforcementPercentage`) and `failureCodes` in
 //! `outlier_detection_experimental`.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -53,6 +56,11 @@ pub struct ServiceConfig {
     pub method_config: Vec<MethodConfig>,
     /// `retryThrottling`.
     pub retry_throttling: Option<RetryThrottling>,
+    /// What was read but not applied, one line each: fields healthlb
+    /// doesn't know (ignored, as gRFC A2 says, but most often a typo such
+    /// as `retrypolicy`), deprecated ones, and values taken as a gRFC's
+    /// limit. Each is logged as a warning when the config is applied.
+    pub warnings: Vec<String>,
 }
 
 /// One `methodConfig` entry.
@@ -126,7 +134,7 @@ pub struct RetryThrottling {
 
 /// The names of the policies healthlb runs.
 const SUPPORTED: &str = "round_robin, least_request_experimental, peak_ewma, \
-    outlier_detection_experimental, random_subsetting";
+    outlier_detection_experimental, random_subsetting (or random_subsetting_experimental)";
 
 impl ServiceConfig {
     /// Parses and validates a service config. The error names the field
@@ -134,10 +142,41 @@ impl ServiceConfig {
     pub fn parse(json: &str) -> Result<Self, Error> {
         let value: Value = serde_json::from_str(json)
             .map_err(|e| invalid("the service config", format!("is not JSON: {e}")))?;
-        let root = Field::root(&value);
+        let notes = RefCell::new(Vec::new());
+        let mut config = Self::from_value(Field::root(&value, &notes))?;
+        config.warnings = notes.into_inner();
+        Ok(config)
+    }
+
+    /// Logs each of [`warnings`](Self::warnings), naming `source`.
+    pub(crate) fn log_warnings(&self, source: &str) {
+        for warning in &self.warnings {
+            tracing::warn!(source, "service config: {warning}");
+        }
+    }
+
+    fn from_value(root: Field<'_>) -> Result<Self, Error> {
         let object = root.object()?;
+        root.known(
+            object,
+            &[
+                "loadBalancingConfig",
+                "loadBalancingPolicy",
+                "methodConfig",
+                "retryThrottling",
+                "healthCheckConfig",
+            ],
+        );
+        if root.get(object, "healthCheckConfig").is_some() {
+            root.note(
+                "healthCheckConfig is not applied: healthlb's health checking is set with Builder::health_service",
+            );
+        }
         let mut config = ServiceConfig::default();
         if let Some(list) = root.get(object, "loadBalancingConfig") {
+            if root.get(object, "loadBalancingPolicy").is_some() {
+                root.note("loadBalancingPolicy is ignored: loadBalancingConfig is set, and wins");
+            }
             if let Some(chosen) = load_balancing(&list)? {
                 config.policy = Some(chosen.policy);
                 config.slow_start = chosen.slow_start;
@@ -147,6 +186,10 @@ impl ServiceConfig {
         } else if let Some(name) = root.get(object, "loadBalancingPolicy") {
             // The deprecated form: a policy name with its defaults.
             let name_str = name.string()?;
+            root.note(format!(
+                "loadBalancingPolicy is deprecated (gRFC A24): write \"loadBalancingConfig\": [{{\"{}\": {{}}}}]",
+                name_str.to_ascii_lowercase()
+            ));
             let entry = Value::Object(Map::from_iter([(
                 name_str.to_ascii_lowercase(),
                 Value::Object(Map::new()),
@@ -154,6 +197,7 @@ impl ServiceConfig {
             let (policy, slow_start) = child_policy(&Field {
                 path: name.path.clone(),
                 value: &entry,
+                notes: name.notes,
             })?
             .ok_or_else(|| {
                 invalid(
@@ -184,6 +228,7 @@ impl ServiceConfig {
         }
         if let Some(t) = root.get(object, "retryThrottling") {
             let o = t.object()?;
+            t.known(o, &["maxTokens", "tokenRatio"]);
             let max_tokens = t.require(o, "maxTokens")?.number()?;
             let token_ratio = t.require(o, "tokenRatio")?.number()?;
             if !(max_tokens > 0.0 && max_tokens <= 1000.0 && max_tokens.fract() == 0.0) {
@@ -261,12 +306,23 @@ impl ServiceConfig {
         }
         let value: Value = serde_json::from_str(json)
             .map_err(|e| invalid("_grpc_config", format!("is not JSON: {e}")))?;
+        let notes = RefCell::new(Vec::new());
         let root = Field {
             path: "_grpc_config".to_owned(),
             value: &value,
+            notes: &notes,
         };
         for (i, choice) in root.array()?.into_iter().enumerate() {
             let object = choice.object()?;
+            choice.known(
+                object,
+                &[
+                    "clientLanguage",
+                    "percentage",
+                    "clientHostname",
+                    "serviceConfig",
+                ],
+            );
             let path = format!("_grpc_config[{i}]");
             let strings = |key: &str| -> Result<Option<Vec<String>>, Error> {
                 let Some(list) = choice.get(object, key) else {
@@ -292,9 +348,13 @@ impl ServiceConfig {
                 && hostnames
                     .is_none_or(|h| chooser.hostname.as_ref().is_some_and(|me| h.contains(me)));
             if matches {
-                return Self::parse(&config.value.to_string())
-                    .map(Some)
-                    .map_err(|e| invalid(&format!("{path}.serviceConfig"), e));
+                let mut chosen = Self::from_value(Field {
+                    path: format!("{path}.serviceConfig"),
+                    value: config.value,
+                    notes: &notes,
+                })?;
+                chosen.warnings = notes.into_inner();
+                return Ok(Some(chosen));
             }
         }
         Ok(None)
@@ -305,17 +365,20 @@ fn invalid(path: &str, what: impl std::fmt::Display) -> Error {
     Error::invalid_config(format!("service config: {path} {what}"))
 }
 
-/// A JSON value with its path, for errors.
+/// A JSON value with its path, for errors, and where notes about what
+/// is not applied go.
 struct Field<'a> {
     path: String,
     value: &'a Value,
+    notes: &'a RefCell<Vec<String>>,
 }
 
 impl<'a> Field<'a> {
-    fn root(value: &'a Value) -> Self {
+    fn root(value: &'a Value, notes: &'a RefCell<Vec<String>>) -> Self {
         Self {
             path: "the service config".to_owned(),
             value,
+            notes,
         }
     }
 
@@ -325,7 +388,27 @@ impl<'a> Field<'a> {
         } else {
             format!("{}.{key}", self.path)
         };
-        Self { path, value }
+        Self {
+            path,
+            value,
+            notes: self.notes,
+        }
+    }
+
+    /// Notes each key of `object` that is not one of `keys`: ignored, as
+    /// gRFC A2 says, but named.
+    fn known(&self, object: &Map<String, Value>, keys: &[&str]) {
+        for key in object.keys().filter(|k| !keys.contains(&k.as_str())) {
+            let path = self.child(key, &Value::Null).path;
+            self.note(format!(
+                "{path} is not a field healthlb knows, and is ignored (known here: {})",
+                keys.join(", ")
+            ));
+        }
+    }
+
+    fn note(&self, note: impl Into<String>) {
+        self.notes.borrow_mut().push(note.into());
     }
 
     fn kind(&self) -> &'static str {
@@ -357,6 +440,7 @@ impl<'a> Field<'a> {
             .map(|(i, value)| Field {
                 path: format!("{}[{i}]", self.path),
                 value,
+                notes: self.notes,
             })
             .collect())
     }
@@ -504,8 +588,12 @@ fn load_balancing(list: &Field<'_>) -> Result<Option<Chosen>, Error> {
             chosen.outlier_detection = Some(outlier);
             return Ok(Some(chosen));
         }
-        if name == "random_subsetting" {
+        if name == "random_subsetting" || name == "random_subsetting_experimental" {
             let o = config.object()?;
+            config.known(
+                o,
+                &["subsetSize", "subset_size", "childPolicy", "child_policy"],
+            );
             let size = config
                 .get(o, "subsetSize")
                 .or_else(|| config.get(o, "subset_size"))
@@ -567,15 +655,24 @@ fn child_policy(entry: &Field<'_>) -> Result<Option<(Policy, Option<SlowStart>)>
     let (name, config) = single(entry)?;
     let o = config.object()?;
     let policy = match name.as_str() {
-        "round_robin" => Policy::RoundRobin,
+        "round_robin" => {
+            config.known(o, &["slowStart"]);
+            Policy::RoundRobin
+        }
         "least_request_experimental" => {
+            config.known(o, &["choiceCount", "slowStart"]);
             let choice_count = match config.get(o, "choiceCount") {
                 Some(c) => {
                     let n = c.whole(0, u64::from(u32::MAX))?;
                     if n < 2 {
-                        return Err(invalid(&c.path, format!("must be at least 2, got {n}")));
+                        return Err(invalid(
+                            &c.path,
+                            format!("must be at least 2 (above 10 is taken as 10), got {n}"),
+                        ));
                     }
-                    // More than 10 is taken as 10 (gRFC A48).
+                    if n > 10 {
+                        c.note(format!("{} {n} is taken as 10 (gRFC A48)", c.path));
+                    }
                     n.min(10) as usize
                 }
                 None => 2,
@@ -583,6 +680,7 @@ fn child_policy(entry: &Field<'_>) -> Result<Option<(Policy, Option<SlowStart>)>
             Policy::LeastRequest { choice_count }
         }
         "peak_ewma" => {
+            config.known(o, &["decay", "defaultRtt", "slowStart"]);
             let Policy::PeakEwma {
                 mut decay,
                 mut default_rtt,
@@ -612,6 +710,7 @@ fn child_policy(entry: &Field<'_>) -> Result<Option<(Policy, Option<SlowStart>)>
 
 fn slow_start(field: &Field<'_>) -> Result<SlowStart, Error> {
     let o = field.object()?;
+    field.known(o, &["window", "aggression", "minWeightPercent"]);
     let mut s = SlowStart::new(field.require(o, "window")?.duration()?);
     if let Some(a) = field.get(o, "aggression") {
         s.aggression = a.number()?;
@@ -626,6 +725,21 @@ fn slow_start(field: &Field<'_>) -> Result<SlowStart, Error> {
 
 fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
     let o = field.object()?;
+    field.known(
+        o,
+        &[
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionTime",
+            "maxEjectionPercent",
+            "successRateEjection",
+            "failurePercentageEjection",
+            "consecutiveFailures",
+            "failureCodes",
+            "childPolicy",
+            "child_policy",
+        ],
+    );
     let mut od = OutlierDetection::a50();
     if let Some(d) = field.get(o, "interval") {
         od.interval = positive(&d)?;
@@ -633,14 +747,25 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
     if let Some(d) = field.get(o, "baseEjectionTime") {
         od.base_ejection_time = positive(&d)?;
     }
-    if let Some(d) = field.get(o, "maxEjectionTime") {
-        od.max_ejection_time = d.duration()?;
+    match field.get(o, "maxEjectionTime") {
+        Some(d) => od.max_ejection_time = d.duration()?,
+        // A50: 300 s, or the base ejection time if that is longer.
+        None => od.max_ejection_time = od.max_ejection_time.max(od.base_ejection_time),
     }
     if let Some(p) = field.get(o, "maxEjectionPercent") {
         od.max_ejection_percent = p.percent()?;
     }
     if let Some(s) = field.get(o, "successRateEjection") {
         let so = s.object()?;
+        s.known(
+            so,
+            &[
+                "stdevFactor",
+                "enforcementPercentage",
+                "minimumHosts",
+                "requestVolume",
+            ],
+        );
         let mut rule = SuccessRateEjection::default();
         if let Some(v) = s.get(so, "stdevFactor") {
             rule.stdev_factor = v.count(0)?;
@@ -658,6 +783,15 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
     }
     if let Some(f) = field.get(o, "failurePercentageEjection") {
         let fo = f.object()?;
+        f.known(
+            fo,
+            &[
+                "threshold",
+                "enforcementPercentage",
+                "minimumHosts",
+                "requestVolume",
+            ],
+        );
         let mut rule = FailurePercentageEjection::default();
         if let Some(v) = f.get(fo, "threshold") {
             rule.threshold = v.percent()?;
@@ -675,6 +809,7 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
     }
     if let Some(c) = field.get(o, "consecutiveFailures") {
         let co = c.object()?;
+        c.known(co, &["threshold", "enforcementPercentage"]);
         let mut rule = ConsecutiveFailures::default();
         if let Some(v) = c.get(co, "threshold") {
             rule.threshold = v.count(1)?;
@@ -690,6 +825,23 @@ fn outlier_detection(field: &Field<'_>) -> Result<OutlierDetection, Error> {
     Ok(od)
 }
 
+/// A6's `maxAttempts`: at least 2, and above 5 taken as 5.
+fn max_attempts(field: &Field<'_>) -> Result<u32, Error> {
+    let n = field.whole(0, u64::from(u32::MAX))?;
+    if n < 2 {
+        return Err(invalid(
+            &field.path,
+            format!(
+                "must be at least 2, the first attempt included (above 5 is taken as 5, as gRFC A6 says), got {n}"
+            ),
+        ));
+    }
+    if n > 5 {
+        field.note(format!("{} {n} is taken as 5 (gRFC A6)", field.path));
+    }
+    Ok(n.min(5) as u32)
+}
+
 fn positive(field: &Field<'_>) -> Result<Duration, Error> {
     let d = field.duration()?;
     if d.is_zero() {
@@ -700,10 +852,23 @@ fn positive(field: &Field<'_>) -> Result<Duration, Error> {
 
 fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
     let o = entry.object()?;
+    entry.known(
+        o,
+        &[
+            "name",
+            "timeout",
+            "waitForReady",
+            "maxRequestMessageBytes",
+            "maxResponseMessageBytes",
+            "retryPolicy",
+            "hedgingPolicy",
+        ],
+    );
     let mut m = MethodConfig::default();
     if let Some(names) = entry.get(o, "name") {
         for name in names.array()? {
             let no = name.object()?;
+            name.known(no, &["service", "method"]);
             let service = match name.get(no, "service") {
                 Some(s) => s.string()?.to_owned(),
                 None => String::new(),
@@ -740,7 +905,17 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
     }
     if let Some(r) = retry {
         let ro = r.object()?;
-        let max_attempts = r.require(ro, "maxAttempts")?.count(2)?;
+        r.known(
+            ro,
+            &[
+                "maxAttempts",
+                "initialBackoff",
+                "maxBackoff",
+                "backoffMultiplier",
+                "retryableStatusCodes",
+            ],
+        );
+        let max_attempts = max_attempts(&r.require(ro, "maxAttempts")?)?;
         let initial_backoff = positive(&r.require(ro, "initialBackoff")?)?;
         let max_backoff = positive(&r.require(ro, "maxBackoff")?)?;
         let multiplier = r.require(ro, "backoffMultiplier")?;
@@ -757,7 +932,7 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
             return Err(invalid(&codes.path, "must name at least one code"));
         }
         m.retry_policy = Some(RetryPolicy {
-            max_attempts: max_attempts.min(5),
+            max_attempts,
             initial_backoff,
             max_backoff,
             backoff_multiplier,
@@ -766,7 +941,8 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
     }
     if let Some(h) = hedging {
         let ho = h.object()?;
-        let max_attempts = h.require(ho, "maxAttempts")?.count(2)?;
+        h.known(ho, &["maxAttempts", "hedgingDelay", "nonFatalStatusCodes"]);
+        let max_attempts = max_attempts(&h.require(ho, "maxAttempts")?)?;
         let hedging_delay = match h.get(ho, "hedgingDelay") {
             Some(d) => d.duration()?,
             None => Duration::ZERO,
@@ -776,7 +952,7 @@ fn method_config(entry: &Field<'_>) -> Result<MethodConfig, Error> {
             None => Vec::new(),
         };
         m.hedging_policy = Some(HedgingPolicy {
-            max_attempts: max_attempts.min(5),
+            max_attempts,
             hedging_delay,
             non_fatal_status_codes,
         });
@@ -935,7 +1111,7 @@ mod tests {
             ),
             (
                 r#"{"methodConfig": [{"name": [{"service": "a"}], "retryPolicy": {"maxAttempts": 1, "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
-                "methodConfig[0].retryPolicy.maxAttempts must be a whole number from 2",
+                "methodConfig[0].retryPolicy.maxAttempts must be at least 2",
             ),
             (
                 r#"{"methodConfig": [{"retryPolicy": {"maxAttempts": 2, "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": ["NOPE"]}}]}"#,

@@ -425,6 +425,11 @@ fn parse_list(
 }
 
 fn parse_ipv4_item(s: &str, default_port: Option<u16>) -> Result<SocketAddr, String> {
+    if s.starts_with('[') || s.matches(':').count() > 1 {
+        return Err(format!(
+            "{s:?} is an IPv6 address; IPv6 addresses take the scheme ipv6:, as in ipv6:[::1]:50051"
+        ));
+    }
     let (ip, port) = match s.split_once(':') {
         Some((ip, port)) => (ip, Some(parse_port(port)?)),
         None => (s, None),

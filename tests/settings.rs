@@ -178,3 +178,127 @@ async fn a_slow_start_window_of_any_length_leaves_the_channel_working() {
         channel.endpoints()
     );
 }
+
+/// The builder's error for `builder`, which must fail.
+fn refused(builder: healthlb::Builder) -> String {
+    let err = builder.build().expect_err("refused");
+    assert_eq!(err.kind(), healthlb::ErrorKind::InvalidConfig, "{err}");
+    err.to_string()
+}
+
+#[tokio::test]
+async fn the_builder_and_the_service_config_judge_settings_alike() {
+    use healthlb::{OutlierDetection, Policy, ServiceConfig};
+    let builder = || LbChannel::builder("ipv4:127.0.0.1:1");
+
+    // least_request's choice count: 2 to 10 from the builder; a service
+    // config's choiceCount above 10 is taken as 10 (gRFC A48), and says so.
+    let err = refused(builder().policy(Policy::least_request(1000)));
+    assert!(err.contains("2 to 10") && err.contains("1000"), "{err}");
+    let config = ServiceConfig::parse(
+        r#"{"loadBalancingConfig": [{"least_request_experimental": {"choiceCount": 1000}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(config.policy, Some(Policy::least_request(10)));
+    assert!(
+        config.warnings.iter().any(|w| w.contains("taken as 10")),
+        "{:?}",
+        config.warnings
+    );
+
+    // A longest ejection shorter than the base one, from either.
+    let short = OutlierDetection::default()
+        .base_ejection_time(Duration::from_secs(30))
+        .max_ejection_time(Duration::from_secs(10));
+    let err = refused(builder().outlier_detection(short));
+    assert!(
+        err.contains("maxEjectionTime (10s) is shorter than baseEjectionTime (30s)"),
+        "{err}"
+    );
+    let json = r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+        "baseEjectionTime": "30s", "maxEjectionTime": "10s",
+        "childPolicy": [{"round_robin": {}}]}}]}"#;
+    let err = refused(builder().default_service_config(json).unwrap());
+    assert!(
+        err.contains("maxEjectionTime (10s) is shorter than baseEjectionTime (30s)"),
+        "{err}"
+    );
+    // Without a maxEjectionTime, A50's is 300 s or the base, if longer.
+    let json = r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+        "baseEjectionTime": "600s", "childPolicy": [{"round_robin": {}}]}}]}"#;
+    let config = ServiceConfig::parse(json).unwrap();
+    let od = config.outlier_detection.expect("outlier detection");
+    assert_eq!(od.max_ejection_time, Duration::from_secs(600));
+
+    // A retry buffer that keeps nothing.
+    let err = refused(builder().retry_buffer_size(0, 0));
+    assert!(err.contains("retry_buffer_size"), "{err}");
+    let err = refused(builder().retry_buffer_size(1024, 512));
+    assert!(err.contains("1024 per call of 512"), "{err}");
+
+    // maxAttempts: the error says what applies.
+    let attempts = |n: u32| {
+        format!(
+            r#"{{"methodConfig": [{{"name": [{{}}], "retryPolicy": {{"maxAttempts": {n},
+            "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"]}}}}]}}"#
+        )
+    };
+    let err = ServiceConfig::parse(&attempts(1)).unwrap_err().to_string();
+    assert!(
+        err.contains("at least 2") && err.contains("above 5 is taken as 5"),
+        "{err}"
+    );
+    let config = ServiceConfig::parse(&attempts(1000)).unwrap();
+    let retry = config.method_config[0].retry_policy.as_ref().unwrap();
+    assert_eq!(retry.max_attempts, 5);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("1000 is taken as 5"))
+    );
+}
+
+#[test]
+fn typos_and_deprecated_fields_are_named_not_silently_dropped() {
+    use healthlb::ServiceConfig;
+    let config = ServiceConfig::parse(
+        r#"{"loadBalancingPolicy": "round_robin",
+            "methodConfigs": [],
+            "methodConfig": [{"name": [{"service": "echo.Echo"}],
+              "retrypolicy": {"maxAttempts": 3}}]}"#,
+    )
+    .unwrap();
+    let warnings = config.warnings.join("\n");
+    assert!(
+        warnings.contains("methodConfigs is not a field"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("methodConfig[0].retrypolicy is not a field"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("loadBalancingPolicy is deprecated"),
+        "{warnings}"
+    );
+    assert_eq!(config.warnings.len(), 3, "{warnings}");
+    assert!(config.method_config[0].retry_policy.is_none());
+
+    // A config without a typo has nothing to say.
+    let clean = ServiceConfig::parse(
+        r#"{"loadBalancingConfig": [{"random_subsetting_experimental": {"subsetSize": 3,
+             "childPolicy": [{"round_robin": {}}]}}]}"#,
+    )
+    .unwrap();
+    assert!(clean.warnings.is_empty(), "{:?}", clean.warnings);
+    assert_eq!(clean.subset_size, Some(3), "grpc-go's name for A68");
+}
+
+#[test]
+fn an_ipv6_address_under_ipv4_names_the_scheme_to_use() {
+    let err = "ipv4:[::1]:50071".parse::<healthlb::Target>().unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("ipv6:[::1]:50051"), "{message}");
+}

@@ -141,7 +141,9 @@ impl SubchannelConfig {
     /// The request bytes kept so that a call can be sent again until it
     /// commits: at most `per_call` for one call, and `total` for every call
     /// of the channel together. A call past either commits to the attempt
-    /// it is on; it is not failed. Default: 256 KiB and 16 MiB, grpc-go's.
+    /// it is on; it is not failed. Each kept frame counts its data and
+    /// about 100 bytes of bookkeeping. `per_call` must be at least 1 and
+    /// `total` at least `per_call`. Default: 256 KiB and 16 MiB, grpc-go's.
     pub fn retry_buffer_size(mut self, per_call: usize, total: usize) -> Self {
         self.retry_buffer = RetryBuffer::new(per_call, total);
         self
@@ -423,6 +425,12 @@ impl SubchannelConfig {
                     "{name} must be at most {MAX_WINDOW_SIZE} (HTTP/2's limit), got {size}"
                 )));
             }
+        }
+        let (per_call, total) = self.retry_buffer.sizes();
+        if per_call == 0 || total < per_call {
+            return Err(Error::invalid_config(format!(
+                "retry_buffer_size must keep at least 1 byte per call, within a total at least as large; got {per_call} per call of {total} in all. Without it, a call a closing connection never sent (a GOAWAY) could not be sent again"
+            )));
         }
         if let Some(authority) = &self.authority {
             http::uri::Authority::try_from(authority.as_str()).map_err(|e| {

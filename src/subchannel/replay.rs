@@ -66,6 +66,11 @@ impl RetryBuffer {
         })
     }
 
+    /// The limits: per call, and for the channel.
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.per_call, self.total)
+    }
+
     /// Takes `n` more bytes for a call already holding `held`, if both
     /// limits allow it.
     fn reserve(&self, held: usize, n: usize) -> bool {
