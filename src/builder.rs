@@ -348,6 +348,7 @@ impl Builder {
     pub fn build(mut self) -> Result<LbChannel, Error> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::no_runtime("LbChannel::build"))?;
+        crate::metrics::describe();
         let target = Target::parse(&self.target, self.subchannel.is_tls().then_some(443))?;
         if target.wants_tls() && !self.subchannel.is_tls() {
             self.subchannel = default_tls(self.subchannel, &target)?;

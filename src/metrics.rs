@@ -3,25 +3,10 @@
 //! empty and compiles away. The application installs a recorder (for
 //! example metrics-exporter-prometheus); healthlb never exports.
 //!
-//! | name | kind | labels |
-//! | --- | --- | --- |
-//! | `healthlb_endpoints` | gauge | `target`, `state` (serving, not_serving, connecting, transient_failure) |
-//! | `healthlb_requests_total` | counter | `target`, `endpoint`, `code` (the gRPC status, from trailers) |
-//! | `healthlb_stream_messages_sent_total` | counter | `target`, `endpoint` |
-//! | `healthlb_stream_messages_received_total` | counter | `target`, `endpoint` |
-//! | `healthlb_health_transitions_total` | counter | `target`, `endpoint`, `to` |
-//! | `healthlb_resolutions_total` | counter | `target`, `result` (ok, empty, error) |
-//! | `healthlb_connection_recycles_total` | counter | `target`, `endpoint`, `reason` (max_age, goaway, too_many_pings, lost) |
-//! | `healthlb_connections` | gauge | `target`, `endpoint`; connections open for calls, extra ones included |
-//! | `healthlb_pick_wait_seconds` | histogram | `target`; calls that had to wait for a SERVING endpoint |
-//! | `healthlb_policy` | gauge | `target`, `policy`, `outlier_detection` (on, off); 1 for the policy in use |
-//! | `healthlb_ejections_total` | counter | `target`, `endpoint`, `reason` (consecutive_failures, success_rate, failure_percentage) |
-//! | `healthlb_ejected_endpoints` | gauge | `target` |
-//! | `healthlb_panic_mode` | gauge | `target`; 1 while every endpoint is ejected and calls go to them anyway |
-//! | `healthlb_call_attempts` | histogram | `target`, `kind` (retry, hedge); attempts per call under a retry or hedging policy, transparent ones not counted |
-//! | `healthlb_retries_total` | counter | `target`, `kind` (retry, hedge), `code` (the status that caused it) |
-//! | `healthlb_retries_throttled_total` | counter | `target`; retries and hedges the token bucket held back |
-//! | `healthlb_retry_pushbacks_total` | counter | `target`, `action` (delay, stop); `grpc-retry-pushback-ms` obeyed |
+//! [`METRICS`] lists every metric with its kind, unit, labels and meaning:
+//! the README's reference table is checked against it, and `build()`
+//! registers each description with the recorder, so an exporter shows them
+//! (Prometheus's `# HELP` lines).
 //!
 //! Messages are counted from the 5-byte gRPC length prefixes in request and
 //! response bodies as they pass, so a long-lived stream's messages show up
@@ -30,6 +15,175 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// What one metric is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Described {
+    pub(crate) name: &'static str,
+    /// counter, gauge or histogram.
+    pub(crate) kind: &'static str,
+    /// seconds, or empty for a plain count.
+    pub(crate) unit: &'static str,
+    pub(crate) labels: &'static str,
+    pub(crate) meaning: &'static str,
+}
+
+const fn described(
+    name: &'static str,
+    kind: &'static str,
+    unit: &'static str,
+    labels: &'static str,
+    meaning: &'static str,
+) -> Described {
+    Described {
+        name,
+        kind,
+        unit,
+        labels,
+        meaning,
+    }
+}
+
+/// Every metric healthlb records.
+pub(crate) const METRICS: &[Described] = &[
+    described(
+        "healthlb_endpoints",
+        "gauge",
+        "",
+        "target, state (serving, not_serving, connecting, transient_failure)",
+        "Endpoints in each state.",
+    ),
+    described(
+        "healthlb_requests_total",
+        "counter",
+        "",
+        "target, endpoint, code (the gRPC status name), method (opt-in)",
+        "Calls that ended, each attempt counted, by gRPC status; CANCELLED for attempts the client gave up on.",
+    ),
+    described(
+        "healthlb_stream_messages_sent_total",
+        "counter",
+        "",
+        "target, endpoint, method (opt-in)",
+        "Request messages sent, counted as they pass.",
+    ),
+    described(
+        "healthlb_stream_messages_received_total",
+        "counter",
+        "",
+        "target, endpoint, method (opt-in)",
+        "Response messages received, counted as they pass.",
+    ),
+    described(
+        "healthlb_health_transitions_total",
+        "counter",
+        "",
+        "target, endpoint, to (the new state)",
+        "Endpoint state changes.",
+    ),
+    described(
+        "healthlb_resolutions_total",
+        "counter",
+        "",
+        "target, result (ok, empty, error)",
+        "Name resolutions.",
+    ),
+    described(
+        "healthlb_connection_recycles_total",
+        "counter",
+        "",
+        "target, endpoint, reason (max_age, goaway, too_many_pings, lost)",
+        "Connections replaced, and why.",
+    ),
+    described(
+        "healthlb_connections",
+        "gauge",
+        "",
+        "target, endpoint",
+        "Connections open for calls, extra ones past a server's stream limit included.",
+    ),
+    described(
+        "healthlb_pick_wait_seconds",
+        "histogram",
+        "seconds",
+        "target",
+        "How long calls waited for a SERVING endpoint, for the calls that had to.",
+    ),
+    described(
+        "healthlb_policy",
+        "gauge",
+        "",
+        "target, policy, outlier_detection (on, off)",
+        "1 for the policy in use.",
+    ),
+    described(
+        "healthlb_ejections_total",
+        "counter",
+        "",
+        "target, endpoint, reason (consecutive_failures, success_rate, failure_percentage)",
+        "Outlier ejections.",
+    ),
+    described(
+        "healthlb_ejected_endpoints",
+        "gauge",
+        "",
+        "target",
+        "Endpoints ejected now.",
+    ),
+    described(
+        "healthlb_panic_mode",
+        "gauge",
+        "",
+        "target",
+        "1 while every SERVING endpoint is ejected and calls go to them anyway.",
+    ),
+    described(
+        "healthlb_call_attempts",
+        "histogram",
+        "",
+        "target, kind (retry, hedge)",
+        "Attempts per call under a retry or hedging policy; transparent ones are not counted.",
+    ),
+    described(
+        "healthlb_retries_total",
+        "counter",
+        "",
+        "target, kind (retry, hedge), code (the status that caused it)",
+        "Retries and hedges sent.",
+    ),
+    described(
+        "healthlb_retries_throttled_total",
+        "counter",
+        "",
+        "target",
+        "Retries and hedges the token bucket held back.",
+    ),
+    described(
+        "healthlb_retry_pushbacks_total",
+        "counter",
+        "",
+        "target, action (delay, stop)",
+        "Servers' grpc-retry-pushback-ms obeyed.",
+    ),
+];
+
+/// Registers every metric's description with the installed recorder, so
+/// an exporter shows them. Called by each `build()`: a recorder installed
+/// later than a channel's build gets them at the next.
+pub(crate) fn describe() {
+    #[cfg(feature = "metrics")]
+    for m in METRICS {
+        let unit = match m.unit {
+            "seconds" => metrics::Unit::Seconds,
+            _ => metrics::Unit::Count,
+        };
+        match m.kind {
+            "counter" => metrics::describe_counter!(m.name, unit, m.meaning),
+            "gauge" => metrics::describe_gauge!(m.name, unit, m.meaning),
+            _ => metrics::describe_histogram!(m.name, unit, m.meaning),
+        }
+    }
+}
 
 /// The handles of one endpoint, registered once so the request path only
 /// adds to atomics.
@@ -405,7 +559,29 @@ pub(crate) mod bench {
 
 #[cfg(test)]
 mod tests {
-    use super::GrpcFrames;
+    use super::{GrpcFrames, METRICS};
+
+    #[test]
+    fn the_readme_table_lists_every_metric_as_the_code_describes_it() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `healthlb_"))
+            .collect();
+        assert_eq!(rows.len(), METRICS.len(), "one row per metric: {rows:#?}");
+        for m in METRICS {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{}` |", m.name)))
+                .unwrap_or_else(|| panic!("{} has no row in the README", m.name));
+            let unit = if m.unit.is_empty() { "" } else { m.unit };
+            let expected = format!(
+                "| `{}` | {} | {} | {} | {} |",
+                m.name, m.kind, unit, m.labels, m.meaning
+            );
+            assert_eq!(*row, expected.replace("|  |", "| |"), "{}", m.name);
+        }
+    }
 
     fn message(body: &[u8]) -> Vec<u8> {
         let mut out = vec![0];

@@ -78,6 +78,21 @@ async fn calls_streams_and_ejections_are_counted() {
     }
     let text = handle.render();
 
+    // Every series has its description, as build() registered them.
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("healthlb_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| n.trim_end_matches("_sum").trim_end_matches("_count"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no description: {text}"
+        );
+    }
+
     // Every unary call is counted once, OK; the open stream is not done yet.
     assert_eq!(
         sum(&text, "healthlb_requests_total", &["code=\"OK\""]),
