@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 /// What one metric is.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) struct Described {
     pub(crate) name: &'static str,
     /// counter, gauge or histogram.
@@ -28,6 +29,7 @@ pub(crate) struct Described {
     pub(crate) meaning: &'static str,
 }
 
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 const fn described(
     name: &'static str,
     kind: &'static str,
@@ -45,6 +47,7 @@ const fn described(
 }
 
 /// Every metric healthlb records.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) const METRICS: &[Described] = &[
     described(
         "healthlb_endpoints",
@@ -177,10 +180,11 @@ pub(crate) fn describe() {
             "seconds" => metrics::Unit::Seconds,
             _ => metrics::Unit::Count,
         };
+        let help = format!("{} Labels: {}.", m.meaning, m.labels);
         match m.kind {
-            "counter" => metrics::describe_counter!(m.name, unit, m.meaning),
-            "gauge" => metrics::describe_gauge!(m.name, unit, m.meaning),
-            _ => metrics::describe_histogram!(m.name, unit, m.meaning),
+            "counter" => metrics::describe_counter!(m.name, unit, help),
+            "gauge" => metrics::describe_gauge!(m.name, unit, help),
+            _ => metrics::describe_histogram!(m.name, unit, help),
         }
     }
 }
