@@ -1,64 +1,6 @@
-//! healthlb: a health-aware, client-side load balancer for tonic gRPC clients.
-//!
-//! In Kubernetes, kube-proxy pins each HTTP/2 connection to one pod, so one
-//! pod does all the work, new pods get nothing until something breaks, and
-//! pods that are alive but not ready keep getting calls. healthlb balances
-//! inside the client instead, over exactly the pods that say they are SERVING.
-//!
-//! The pipeline, one module per stage:
-//!
-//! ```text
-//! target ─► resolve ─► subchannel per endpoint ─► picker ─► LbChannel
-//! ```
-//!
-//! - [`target`]: gRPC's target syntax (`dns:`, `srv:`, `ipv4:`, `ipv6:`, and
-//!   tonic's `http://` and `https://`).
-//! - [`resolve`]: a live endpoint set from DNS, refreshed on the record's TTL.
-//! - [`subchannel`]: one health-checked, kept-alive, age-recycled endpoint,
-//!   with its connections (its module docs map its files).
-//! - `balancer.rs`: the task that keeps one subchannel per resolved endpoint
-//!   and publishes the SERVING ones.
-//! - `picker.rs`: the [`Policy`] (`policy.rs`) over the SERVING endpoints,
-//!   read lock-free; `outlier.rs` ejects the ones whose calls fail, and
-//!   `service_config.rs` reads all of it from gRPC's service config.
-//! - [`LbChannel`] (`channel.rs`): the tower service tonic clients use, and
-//!   [`Discover`] (`discover.rs`) for tower's own balancers. [`Builder`]
-//!   (`builder.rs`) holds every setting of every stage.
-//!
-//! Beside the pipeline: [`BackoffConfig`] (`backoff.rs`), gRPC's retry
-//! backoff; `deadline.rs`, call deadlines and saturating time arithmetic;
-//! `retry.rs`, A6 retries and hedging, with `timer.rs`'s sub-millisecond sleep;
-//! [`EndpointStatus`] (`status.rs`); [`ResponseFuture`] (`response.rs`);
-//! [`Error`] (`error.rs`); and
-//! `metrics.rs` (feature `metrics`).
-//!
-//! # Quickstart
-//!
-//! Swap `tonic::transport::Channel` for [`LbChannel`] in any generated
-//! client:
-//!
-//! ```no_run
-//! # mod pb { tonic::include_proto!("echo"); }
-//! use std::time::Duration;
-//!
-//! use pb::{EchoRequest, echo_client::EchoClient};
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let channel = healthlb::LbChannel::builder("dns:///echo.default.svc.cluster.local:50051")
-//!     .health_service("echo.Echo") // default "": whole-server health
-//!     .max_connection_age(Duration::from_secs(300)) // default: off
-//!     .build()?; // sync; needs a Tokio runtime; never blocks
-//! let mut client = EchoClient::new(channel.clone());
-//! let reply = client.unary(EchoRequest { message: "hi".into() }).await?;
-//! tracing::info!(backend = %reply.into_inner().backend, "served");
-//!
-//! for endpoint in channel.endpoints() {
-//!     tracing::info!(addr = %endpoint.addr, state = %endpoint.state, calls = endpoint.calls_started);
-//! }
-//! # Ok(())
-//! # }
-//! ```
-
+// The guide a user reads on docs.rs is the README: one text, whose
+// examples compile as doctests. DEVELOPERS.md maps the modules.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
