@@ -38,6 +38,8 @@ struct Load {
     stats: Arc<LoadStats>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Call>>>,
     started: Instant,
+    /// For the report of a caller that doesn't end.
+    channel: LbChannel,
 }
 
 #[derive(Default)]
@@ -46,6 +48,8 @@ struct LoadStats {
     ok: AtomicU64,
     failed: AtomicU64,
     by_backend: Mutex<HashMap<String, u64>>,
+    /// When each caller's call in progress started.
+    current: Mutex<HashMap<usize, Instant>>,
 }
 
 /// One call as its caller saw it: when it started and ended, and the
@@ -74,7 +78,7 @@ impl Load {
     fn start(channel: &LbChannel, deadline: Option<Duration>) -> Self {
         let stats = Arc::new(LoadStats::default());
         let tasks = (0..CALLERS)
-            .map(|_| {
+            .map(|caller| {
                 let (channel, stats) = (channel.clone(), stats.clone());
                 tokio::spawn(async move {
                     let mut client = EchoClient::new(channel);
@@ -91,6 +95,7 @@ impl Load {
                             request.set_timeout(d);
                         }
                         let started = Instant::now();
+                        stats.current.lock().unwrap().insert(caller, started);
                         let outcome = match client.unary(request).await {
                             Ok(reply) => {
                                 stats.ok.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +113,7 @@ impl Load {
                                 Err(format!("{:?}: {}", status.code(), status.message()))
                             }
                         };
+                        stats.current.lock().unwrap().remove(&caller);
                         calls.push(Call {
                             started,
                             ended: Instant::now(),
@@ -122,6 +128,7 @@ impl Load {
             stats,
             tasks,
             started: Instant::now(),
+            channel: channel.clone(),
         }
     }
 
@@ -138,12 +145,29 @@ impl Load {
     async fn finish(self) -> Report {
         self.stats.stop.store(true, Ordering::Relaxed);
         let mut calls = Vec::new();
+        let stopped = Instant::now();
         for task in self.tasks {
-            let done = tokio::time::timeout(Duration::from_secs(10), task).await;
-            calls.extend(
-                done.expect("a caller ends within 10 s")
-                    .expect("a caller ends"),
-            );
+            let Ok(done) = tokio::time::timeout(Duration::from_secs(10), task).await else {
+                let stuck: Vec<String> = self
+                    .stats
+                    .current
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(caller, at)| format!("caller {caller}: a call {:?} old", at.elapsed()))
+                    .collect();
+                let endpoints: Vec<String> = self
+                    .channel
+                    .endpoints()
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect();
+                panic!(
+                    "callers still busy {:?} after the stop: {stuck:?}; endpoints {endpoints:#?}",
+                    stopped.elapsed()
+                );
+            };
+            calls.extend(done.expect("a caller ends"));
         }
         let s = &self.stats;
         let errors = calls

@@ -534,11 +534,12 @@ const HEDGE_BIDI: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo",
 #[tokio::test]
 async fn every_hedge_of_a_streaming_call_reads_the_whole_request() {
     use support::echo::BidiMode;
-    // One pod fails after reading the whole request, the other counts it:
+    // One pod fails after reading the whole request, the other counts it
+    // and answers a second later, so that the first has failed by then:
     // the call can only answer if both attempts see every message.
     let backends = backends(92, 2).await;
     *backends[0].counters.bidi_mode.lock().unwrap() = BidiMode::FailAtEnd;
-    *backends[1].counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd;
+    *backends[1].counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd(1000);
     let channel = channel(&backends, HEDGE_BIDI).await;
     for round in 0..3 {
         let (tx, requests) = request_stream();
@@ -583,7 +584,7 @@ async fn once_the_request_outgrows_its_buffer_only_that_attempt_may_answer() {
     let port = free_port();
     // A pod that takes the whole request and counts it.
     let counting = Backend::start("b94", loopback(94, port)).await;
-    *counting.counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd;
+    *counting.counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd(0);
     // A pod that lets a client send nothing (a stream window of 0) and
     // answers after 150 ms: its attempt never reads past the first message.
     let options = Options {

@@ -80,9 +80,9 @@ pub enum BidiMode {
     Echo,
     /// Reads the whole request stream, then fails with UNAVAILABLE.
     FailAtEnd,
-    /// Reads the whole request stream, then sends one reply whose `seq` is
-    /// the number of messages read.
-    CountAtEnd,
+    /// Reads the whole request stream, waits this many ms, then sends one
+    /// reply whose `seq` is the number of messages read.
+    CountAtEnd(u64),
     /// Reads nothing; after this many ms sends its headers and one reply.
     AnswerAfter(u64),
 }
@@ -284,7 +284,7 @@ impl Echo for EchoImpl {
         };
         match mode {
             BidiMode::Echo => {}
-            BidiMode::FailAtEnd | BidiMode::CountAtEnd => {
+            BidiMode::FailAtEnd | BidiMode::CountAtEnd(_) => {
                 let mut inbound = request.into_inner();
                 let mut read = 0;
                 while let Some(message) = inbound.next().await {
@@ -292,12 +292,13 @@ impl Echo for EchoImpl {
                     read += 1;
                 }
                 self.counters.bidi_read_whole.fetch_add(1, Ordering::SeqCst);
-                if mode == BidiMode::FailAtEnd {
+                let BidiMode::CountAtEnd(wait) = mode else {
                     return Err(Status::unavailable(format!(
                         "{} fails after the whole stream",
                         self.name
                     )));
-                }
+                };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
                 let one = futures::stream::iter([Ok(reply(read))]);
                 return Ok(Response::new(Box::pin(one)));
             }
