@@ -247,10 +247,12 @@ async fn load(channel: &LbChannel, concurrency: usize, n: usize) -> HashMap<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_aware_policies_keep_calls_off_a_slow_pod() {
     let backends = backends(72, 3).await;
+    // 200 ms: far slower than the others even on a starved machine, where
+    // they slow down too.
     backends[0]
         .counters
         .delay_us
-        .store(40_000, Ordering::SeqCst);
+        .store(200_000, Ordering::SeqCst);
     // peak_ewma tells the slow pod apart at a concurrency of 1.
     let ewma = LbChannel::builder(target(&backends))
         .policy(Policy::peak_ewma())
@@ -265,7 +267,8 @@ async fn load_aware_policies_keep_calls_off_a_slow_pod() {
     );
 
     // least_request under concurrency: the slow pod's calls pile up, so
-    // it is picked less.
+    // it is picked less. By Little's law its share is about its latency's
+    // inverse: 1 % here, 5 % if the others took 20 ms.
     let least = LbChannel::builder(target(&backends))
         .policy(Policy::least_request(2))
         .build()
@@ -279,6 +282,7 @@ async fn load_aware_policies_keep_calls_off_a_slow_pod() {
     );
 
     // Round robin, for contrast, gives it a third.
+    backends[0].counters.delay_us.store(1_000, Ordering::SeqCst);
     let rr = LbChannel::builder(target(&backends)).build().unwrap();
     serving(&rr, 3).await;
     let per = load(&rr, 3, 30).await;

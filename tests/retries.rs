@@ -760,26 +760,28 @@ async fn a_retry_waits_for_an_endpoint_as_long_as_the_first_attempt_could() {
     let list = backends[0].addr.to_string();
     let builder = LbChannel::builder(format!("ipv4:{list}"))
         .outlier_detection(None)
-        .ready_timeout(Duration::from_millis(400))
+        .ready_timeout(Duration::from_secs(1))
         .default_service_config(&retry_config(2, r#""UNAVAILABLE""#, ""))
         .unwrap();
     let channel = support::connect_serving(builder, 1).await;
-    // The first attempt takes 600 ms, past the ready timeout, and fails;
-    // meanwhile the pod leaves rotation, and comes back 200 ms after.
+    // The first attempt takes 1.2 s, past the 1 s ready timeout, and fails.
+    // Meanwhile the pod leaves rotation, and comes back 0.4 s after the
+    // retry began waiting: well within its own 1 s.
     let counters = &backends[0].counters;
-    counters.delay_us.store(600_000, Ordering::SeqCst);
+    counters.delay_us.store(1_200_000, Ordering::SeqCst);
     counters.fail_next.store(1, Ordering::SeqCst);
+    let started = Instant::now();
     let mut client = EchoClient::new(channel.clone());
     let call = tokio::spawn(async move { unary(&mut client).await });
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     backends[0].set_serving(false).await;
     let out = wait_for(Duration::from_secs(2), || {
-        !channel.endpoints()[0].state.is_serving()
+        !channel.endpoints()[0].in_rotation
     })
     .await;
     assert!(out.is_some());
     counters.delay_us.store(0, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
     backends[0].set_serving(true).await;
     let backend = within(Duration::from_secs(5), "the retried call", call)
         .await
