@@ -377,61 +377,91 @@ pub fn env_or(name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
+/// The standard contenders, by name, in the order [`standard`] builds them.
+pub const STANDARD: [&str; 5] = [
+    "direct Channel",
+    "tonic balance_list",
+    "ginepro",
+    "warm_channels",
+    "healthlb",
+];
+
+/// The contender named `name` (one of [`STANDARD`]) over `addrs`; `None`
+/// for another name. A direct `Channel` goes to the first address.
+pub async fn build(name: &str, addrs: &[SocketAddr]) -> Option<Contender> {
+    let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
+    Some(match name {
+        "direct Channel" => Contender::Direct(EchoClient::new(
+            endpoint(&addrs[0]).connect().await.expect("direct connect"),
+        )),
+        "tonic balance_list" => Contender::BalanceList(EchoClient::new(Channel::balance_list(
+            addrs.iter().map(endpoint),
+        ))),
+        "ginepro" => {
+            let ginepro =
+                ginepro::LoadBalancedChannel::builder(("echo.bench.local", addrs[0].port()))
+                    .lookup_service(StaticLookup(addrs.to_vec()))
+                    .channel()
+                    .await
+                    .expect("ginepro channel");
+            Contender::Ginepro(tonic013::client::Grpc::new(ginepro))
+        }
+        "warm_channels" => Contender::WarmChannels(EchoClient::with_origin(
+            warm_channel(addrs),
+            format!("http://{}", addrs[0]).parse().expect("uri"),
+        )),
+        "healthlb" => Contender::Healthlb(EchoClient::new(healthlb_over(addrs).await)),
+        _ => return None,
+    })
+}
+
+/// A healthlb channel over `addrs`, every endpoint SERVING.
+async fn healthlb_over(addrs: &[SocketAddr]) -> LbChannel {
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let channel = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .connect()
+        .await
+        .expect("healthlb connects");
+    healthlb_all_serving(&channel, addrs.len()).await;
+    channel
+}
+
+/// Makes calls until 200 succeed (bounded in count and time), so that
+/// connections are open and the peers' discovery and health checks ran.
+pub async fn warm_up(contender: &mut Contender) {
+    let started = Instant::now();
+    let mut ok = 0;
+    for _ in 0..10_000 {
+        if ok >= 200 || started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if contender.call().await.is_ok() {
+            ok += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// The contenders side by side over `addrs`, warmed up: a direct tonic
 /// `Channel` to the first, tonic's `balance_list`, ginepro, warm_channels
 /// and healthlb, then, with `metrics`, healthlb recording into a Prometheus
 /// recorder (installed here, for the rest of the process).
 pub async fn standard(addrs: &[SocketAddr], metrics: bool) -> Vec<Contender> {
-    let endpoint = |a: &SocketAddr| Endpoint::from_shared(format!("http://{a}")).expect("valid");
-    let direct = endpoint(&addrs[0]).connect().await.expect("direct connect");
-    let balanced = Channel::balance_list(addrs.iter().map(endpoint));
-    let ginepro = ginepro::LoadBalancedChannel::builder(("echo.bench.local", addrs[0].port()))
-        .lookup_service(StaticLookup(addrs.to_vec()))
-        .channel()
-        .await
-        .expect("ginepro channel");
-    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let healthlb = LbChannel::builder(format!("ipv4:{}", list.join(",")))
-        .connect()
-        .await
-        .expect("healthlb connects");
-    healthlb_all_serving(&healthlb, addrs.len()).await;
-    let mut all = vec![
-        Contender::Direct(EchoClient::new(direct)),
-        Contender::BalanceList(EchoClient::new(balanced)),
-        Contender::Ginepro(tonic013::client::Grpc::new(ginepro)),
-        Contender::WarmChannels(EchoClient::with_origin(
-            warm_channel(addrs),
-            format!("http://{}", addrs[0]).parse().expect("uri"),
-        )),
-        Contender::Healthlb(EchoClient::new(healthlb)),
-    ];
+    let mut all = Vec::new();
+    for name in STANDARD {
+        all.push(build(name, addrs).await.expect("a standard contender"));
+    }
     if metrics {
         // Channels built from here on record into Prometheus; the one above
         // registered its per-endpoint counters with no recorder.
         let _ = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
-        let measured = LbChannel::builder(format!("ipv4:{}", list.join(",")))
-            .connect()
-            .await
-            .expect("healthlb connects");
-        healthlb_all_serving(&measured, addrs.len()).await;
-        all.push(Contender::HealthlbMetrics(EchoClient::new(measured)));
+        all.push(Contender::HealthlbMetrics(EchoClient::new(
+            healthlb_over(addrs).await,
+        )));
     }
-    // Warm every contender up, and let the peers' discovery and health
-    // checks run. Bounded in count and time.
     for contender in &mut all {
-        let started = Instant::now();
-        let mut ok = 0;
-        for _ in 0..10_000 {
-            if ok >= 200 || started.elapsed() > Duration::from_secs(10) {
-                break;
-            }
-            if contender.call().await.is_ok() {
-                ok += 1;
-            } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        warm_up(contender).await;
     }
     all
 }

@@ -26,6 +26,17 @@ pub struct Servers {
 }
 
 impl Servers {
+    /// Echo backends (`support::echo`, with tonic-health) on the addresses
+    /// `0..n`, in one child process.
+    pub fn echo(n: usize, port: u16) -> Self {
+        let (child, ready) = spawn_self("HEALTHLB_SERVE_ECHO", &format!("0:{n}:{port}"));
+        assert_eq!(ready, "READY", "the echo server process started");
+        Self {
+            children: vec![child],
+            port,
+        }
+    }
+
     pub fn start(n: usize, port: u16) -> Self {
         let mut children = Vec::new();
         for from in (0..n).step_by(PER_CHILD) {
@@ -73,15 +84,46 @@ pub fn spawn_self(var: &str, value: &str) -> (Child, String) {
 /// In a child started by [`Servers::start`]: serves until stdin closes,
 /// then returns `true`. Otherwise returns `false` at once.
 pub fn serve_if_child() -> bool {
-    let Ok(spec) = std::env::var("HEALTHLB_SERVE") else {
-        return false;
+    let spec = |var| {
+        let spec = std::env::var(var).ok()?;
+        let parts: Vec<usize> = spec
+            .split(':')
+            .map(|p| p.parse().expect("FROM:TO:PORT"))
+            .collect();
+        Some((parts[0], parts[1], parts[2] as u16))
     };
-    let parts: Vec<usize> = spec
-        .split(':')
-        .map(|p| p.parse().expect("FROM:TO:PORT"))
-        .collect();
-    serve(parts[0], parts[1], parts[2] as u16);
-    true
+    if let Some((from, to, port)) = spec("HEALTHLB_SERVE") {
+        serve(from, to, port);
+        return true;
+    }
+    if let Some((from, to, port)) = spec("HEALTHLB_SERVE_ECHO") {
+        serve_echo(from, to, port);
+        return true;
+    }
+    false
+}
+
+/// Echo backends on the addresses `from..to`, each on its own thread as
+/// the tests run them; says READY; lives until stdin closes.
+fn serve_echo(from: usize, to: usize, port: u16) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut backends = Vec::new();
+        for i in from..to {
+            let name = format!("b{i}");
+            backends.push(crate::support::echo::Backend::start(&name, addr(i, port)).await);
+        }
+        println!("READY");
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        })
+        .await;
+        drop(backends);
+    });
 }
 
 /// Serves tonic servers with tonic-health on the addresses `from..to`, all

@@ -1,0 +1,193 @@
+//! Per-call costs that noise can't move, side by side: the client's
+//! user-space instructions per call, counted by callgrind, and its syscalls
+//! per call, counted by strace, for each contender at each concurrency.
+//!
+//! Each figure comes from the contender alone in a child process (this
+//! binary again), making unary echo calls to 4 backends in another child
+//! process. The child runs twice, with `SHORT` and `LONG` calls after the
+//! same setup and warm-up; the difference over `LONG - SHORT` calls is the
+//! cost of a call, with the setup, the warm-up and the exit taken out.
+//! Instructions are counted over every thread of the client process: its
+//! runtime, and any task or thread a contender keeps (warm_channels' and
+//! ginepro's discovery, healthlb's health and liveness).
+//!
+//! `cargo bench --bench calls` (needs `valgrind` and `strace` on the PATH;
+//! without them it says so and measures nothing). `HEALTHLB_BENCH_CONCURRENCY`
+//! sets the concurrencies (default `1,16`); `HEALTHLB_CALLS_CONTENDERS` a
+//! comma-separated subset of the contenders' names. Under `cargo test` it
+//! makes one short run of each contender, unmeasured, as a check.
+
+#[path = "peers/mod.rs"]
+mod peers;
+#[path = "servers/mod.rs"]
+mod servers;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Command;
+
+/// Calls after the warm-up in the two runs whose difference is measured.
+const SHORT: usize = 1000;
+const LONG: usize = 3000;
+
+fn main() {
+    if servers::serve_if_child() {
+        return;
+    }
+    if let Ok(spec) = std::env::var("HEALTHLB_CALLS") {
+        run_calls(&spec);
+        return;
+    }
+    let full = support::benchmarking();
+    let port = support::echo::free_port();
+    let backends = servers::Servers::echo(4, port);
+    let concurrencies = peers::concurrencies(&[1, 16]);
+    let chosen = std::env::var("HEALTHLB_CALLS_CONTENDERS").unwrap_or_default();
+    let contenders: Vec<&str> = peers::STANDARD
+        .into_iter()
+        .filter(|c| chosen.is_empty() || chosen.split(',').any(|x| x.trim() == *c))
+        .collect();
+    if !full {
+        // A check: each contender's child makes its calls and exits cleanly.
+        for contender in &contenders {
+            let spec = format!("{contender}:1:10:{}", backends.port);
+            let status = Command::new(std::env::current_exe().expect("this binary"))
+                .env("HEALTHLB_CALLS", &spec)
+                .status()
+                .expect("the calls child");
+            assert!(status.success(), "{contender}: {status}");
+        }
+        return;
+    }
+    for tool in ["valgrind", "strace"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("calls: {tool} is not on the PATH; nothing measured");
+            return;
+        }
+    }
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| concurrency | contender | instructions per call | vs healthlb | syscalls per call | vs healthlb |"
+    );
+    let _ = writeln!(table, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    for &c in &concurrencies {
+        let rows: Vec<(&str, f64, f64)> = contenders
+            .iter()
+            .map(|name| {
+                let spec = |n: usize| format!("{name}:{c}:{n}:{}", backends.port);
+                let instr = per_call(|n| instructions(&spec(n)));
+                let sys = per_call(|n| syscalls(&spec(n)));
+                eprintln!(
+                    "calls: {name} at c={c}: {instr:.0} instructions, {sys:.2} syscalls per call"
+                );
+                (*name, instr, sys)
+            })
+            .collect();
+        let ours = rows.iter().find(|r| r.0 == "healthlb").copied();
+        for (name, instr, sys) in &rows {
+            let vs = |mine: f64, theirs: Option<f64>| {
+                theirs.map_or(String::new(), |t| format!("{:.2}×", mine / t))
+            };
+            let _ = writeln!(
+                table,
+                "| {c} | {name} | {instr:.0} | {} | {sys:.2} | {} |",
+                vs(*instr, ours.map(|o| o.1)),
+                vs(*sys, ours.map(|o| o.2)),
+            );
+        }
+    }
+    println!("\n{table}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("calls.md"), &table);
+}
+
+/// `(count(LONG) - count(SHORT)) / (LONG - SHORT)`.
+fn per_call(count: impl Fn(usize) -> u64) -> f64 {
+    let (short, long) = (count(SHORT), count(LONG));
+    long.saturating_sub(short) as f64 / (LONG - SHORT) as f64
+}
+
+/// User-space instructions the child executed, by callgrind.
+fn instructions(spec: &str) -> u64 {
+    let out = std::env::temp_dir().join(format!("healthlb-callgrind-{}", std::process::id()));
+    let output = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(std::env::current_exe().expect("this binary"))
+        .env("HEALTHLB_CALLS", spec)
+        .output()
+        .expect("valgrind runs");
+    let _ = std::fs::remove_file(&out);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{spec} under callgrind: {stderr}");
+    // "==123== Collected : 4567890"
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("Collected :")
+                .map(|(_, n)| n.trim().to_owned())
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no instruction count from callgrind: {stderr}"))
+}
+
+/// Syscalls the child made, every thread, by strace.
+fn syscalls(spec: &str) -> u64 {
+    let out = std::env::temp_dir().join(format!("healthlb-strace-{}", std::process::id()));
+    let status = Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(&out)
+        .arg(std::env::current_exe().expect("this binary"))
+        .env("HEALTHLB_CALLS", spec)
+        .status()
+        .expect("strace runs");
+    assert!(status.success(), "{spec} under strace");
+    let summary = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    // The last line: "100.00  0.123456  1  123456  789  total".
+    summary
+        .lines()
+        .find(|l| l.trim_end().ends_with("total"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no syscall count from strace: {summary}"))
+}
+
+/// The measured child: `NAME:CONCURRENCY:CALLS:PORT`. Builds the contender,
+/// warms it up, makes `CALLS` calls from `CONCURRENCY` callers, exits.
+fn run_calls(spec: &str) {
+    let mut parts = spec.rsplitn(4, ':');
+    let port: u16 = parts.next().and_then(|p| p.parse().ok()).expect("PORT");
+    let calls: usize = parts.next().and_then(|p| p.parse().ok()).expect("CALLS");
+    let concurrency: usize = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("CONCURRENCY");
+    let name = parts.next().expect("NAME").to_owned();
+    let addrs: Vec<SocketAddr> = (0..4).map(|i| servers::addr(i, port)).collect();
+    let runtime = peers::client_runtime();
+    runtime.block_on(async move {
+        let mut contender = peers::build(&name, &addrs)
+            .await
+            .unwrap_or_else(|| panic!("no contender {name:?}"));
+        peers::warm_up(&mut contender).await;
+        let per_task = calls.div_ceil(concurrency);
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let mut contender = contender.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        contender.call().await.expect("a call");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("a caller");
+        }
+    });
+}
