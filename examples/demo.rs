@@ -17,8 +17,7 @@
 //! With `--target`, it balances over a real target instead, with steady
 //! traffic only.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_testkit as support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -13,8 +13,7 @@
 //! stream-message counters, the open stream's messages included. It
 //! serves `/metrics` for `--hold` more seconds (default 0), then exits.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_testkit as support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

@@ -13,8 +13,7 @@
 //! `interop/ccore_echo_server.py` serves the echo service from C-core (grpcio)
 //! with a chosen stream limit. Exits 1 if any call failed, 2 on bad input.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_testkit as support;
 
 use std::time::{Duration, Instant};
 

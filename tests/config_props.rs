@@ -4,7 +4,7 @@
 //! within a bounded time. Nothing panics, in the caller or in any of the
 //! channel's background tasks.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};

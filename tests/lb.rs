@@ -2,7 +2,7 @@
 //! tonic-health on 127.0.0.x sharing one port, like pods behind a headless
 //! Service.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

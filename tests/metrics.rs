@@ -7,7 +7,7 @@
 //! `cargo test`, `cargo test --all-targets`, `cargo test --test metrics` and
 //! nextest alike.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;

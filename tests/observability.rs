@@ -2,7 +2,7 @@
 //! through untouched. The metrics have a test binary of their own,
 //! `tests/metrics.rs`.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! mode, the load-aware policies against a slow pod, slow start, and the
 //! service config that sets them.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

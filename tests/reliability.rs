@@ -4,7 +4,7 @@
 //! calls sent, succeeded and failed, and which backend served each one, and
 //! prints a `RELIABILITY` line with its figures (see RELIABILITY.md).
 
-mod support;
+use healthlb_testkit as support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

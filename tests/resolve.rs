@@ -1,7 +1,7 @@
 //! Resolution against a real DNS server (hickory-server, in-process on
 //! loopback), on real time with 1 s TTLs, records changed while it runs.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -9,8 +9,8 @@ use std::time::Duration;
 use healthlb::ErrorKind;
 use healthlb::resolve::{ResolveConfig, ResolveStatus, Resolver};
 use healthlb::target::Target;
-use hickory_server::proto::rr::RecordType;
 use support::dns::{Mode, TestDns, garbage_server, many_ips};
+use support::hickory_server::proto::rr::RecordType;
 use support::{wait_for, within};
 
 const HOST: &str = "echo.test.local";

@@ -1,7 +1,7 @@
 //! Retries, hedging, deadlines and wait-for-ready from the service config
 //! (gRFC A6), against real tonic servers on loopback.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -398,12 +398,12 @@ async fn the_service_config_from_a_dns_txt_record() {
     );
     let before = zone.queries(
         "_grpc_config.echo.txt.local",
-        hickory_server::proto::rr::RecordType::TXT,
+        support::hickory_server::proto::rr::RecordType::TXT,
     );
     let asked = wait_for(Duration::from_secs(10), || {
         zone.queries(
             "_grpc_config.echo.txt.local",
-            hickory_server::proto::rr::RecordType::TXT,
+            support::hickory_server::proto::rr::RecordType::TXT,
         ) >= before + 2
     })
     .await;

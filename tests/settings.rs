@@ -2,7 +2,7 @@
 //! `timeout`, `concurrency_limit` and `rate_limit` (both per endpoint),
 //! `user_agent`, and `http://` targets. Real tonic servers on loopback.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

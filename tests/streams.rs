@@ -2,7 +2,7 @@
 //! liveness must not mistake a full connection for a dead one, and calls past
 //! the cap go to more connections to the same endpoint.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

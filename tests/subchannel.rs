@@ -1,7 +1,7 @@
 //! Subchannels against real tonic servers with tonic-health, on loopback and
 //! real time.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

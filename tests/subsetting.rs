@@ -2,7 +2,7 @@
 //! 8 tonic backends with tonic-health on 127.0.0.x, and channels that keep
 //! 3 of them, while DNS changes under them.
 
-mod support;
+use healthlb_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! pod IP, and a wrong name fails the handshake with a clear error.
 #![cfg(feature = "tls")]
 
-mod support;
+use healthlb_testkit as support;
 
 use std::time::Duration;
 

@@ -28,10 +28,8 @@
 //! `cargo bench --bench gray`; the table also goes to
 //! `target/healthlb-bench/gray.txt`.
 
-#[path = "peers/mod.rs"]
-mod peers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::peers;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -375,7 +373,10 @@ fn main() {
     }
 
     eprintln!("{out}");
-    let dir = std::path::Path::new("target/healthlb-bench");
+    let dir = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/healthlb-bench"
+    ));
     let _ = std::fs::create_dir_all(dir);
     if full {
         let _ = std::fs::write(dir.join("gray.txt"), &out);

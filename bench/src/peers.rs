@@ -4,8 +4,6 @@
 //! dependency) and warm_channels 0.3 (tower p2c over health-checked
 //! connections).
 
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -15,8 +13,8 @@ use healthlb::LbChannel;
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::support::echo::pb::echo_client::EchoClient;
-use crate::support::echo::pb::{EchoReply, EchoRequest};
+use healthlb_testkit::echo::pb::echo_client::EchoClient;
+use healthlb_testkit::echo::pb::{EchoReply, EchoRequest};
 
 /// warm_channels' gRPC channel over plain TCP, with `TCP_NODELAY`.
 pub type WarmChannel = warm_channels::grpc::GRPCChannel<SocketAddr, NoDelayConnector>;
@@ -299,7 +297,7 @@ pub async fn measure(contender: &Contender, concurrency: usize, length: Duration
 /// The concurrencies to measure: `HEALTHLB_BENCH_CONCURRENCY` as a
 /// comma-separated list, or `default`.
 pub fn concurrencies(default: &[usize]) -> Vec<usize> {
-    let chosen = crate::support::env_list("HEALTHLB_BENCH_CONCURRENCY", 1..=4096);
+    let chosen = healthlb_testkit::env_list("HEALTHLB_BENCH_CONCURRENCY", 1..=4096);
     if chosen.is_empty() {
         default.to_vec()
     } else {

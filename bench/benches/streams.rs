@@ -15,10 +15,8 @@
 //! `cargo bench --bench streams` (`HEALTHLB_STREAMS`, default 10000, sets
 //! the number of streams.)
 
-#[path = "servers/mod.rs"]
-mod servers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::servers;
+use healthlb_testkit as support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
@@ -259,7 +257,7 @@ fn main() {
     if !support::benchmarking() {
         return;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("streams.md"), &report);
 }

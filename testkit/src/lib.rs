@@ -1,7 +1,11 @@
-//! Shared test servers and helpers, all on loopback: a real DNS server
-//! (hickory-server), echo backends (tonic with tonic-health), and a TCP proxy
-//! that can go silent or inject a GOAWAY.
-#![allow(dead_code, unreachable_pub)]
+//! healthlb's test kit: real servers on loopback for its tests, examples
+//! and benchmarks. A DNS server (hickory-server), echo backends (tonic with
+//! tonic-health), a TCP proxy that can go silent or inject a GOAWAY, and a
+//! hostile HTTP/2 peer; and helpers that wait, bounded, for a channel to
+//! reach a state.
+
+// The DNS server's types, for tests that read its query counts.
+pub use hickory_server;
 
 pub mod dns;
 pub mod echo;
@@ -15,8 +19,8 @@ use std::time::{Duration, Instant};
 use healthlb::LbChannel;
 
 /// Whether a `harness = false` bench runs under `cargo bench`, which passes
-/// `--bench`, rather than `cargo test --all-targets`, where it only runs a
-/// short smoke version of itself, as criterion does.
+/// `--bench`, rather than `cargo test`, where it only runs a short smoke
+/// version of itself, as criterion does.
 pub fn benchmarking() -> bool {
     std::env::args().any(|a| a == "--bench")
 }

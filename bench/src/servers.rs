@@ -4,8 +4,6 @@
 //! started with `HEALTHLB_SERVE=FROM:TO:PORT`; its `main` calls
 //! [`serve_if_child`] first.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -114,7 +112,7 @@ fn serve_echo(from: usize, to: usize, port: u16) {
         let mut backends = Vec::new();
         for i in from..to {
             let name = format!("b{i}");
-            backends.push(crate::support::echo::Backend::start(&name, addr(i, port)).await);
+            backends.push(healthlb_testkit::echo::Backend::start(&name, addr(i, port)).await);
         }
         println!("READY");
         let _ = tokio::task::spawn_blocking(|| {

@@ -11,10 +11,8 @@
 //! length; `HEALTHLB_SCALE_SIZES`, say `10000`,
 //! replaces the sizes.)
 
-#[path = "servers/mod.rs"]
-mod servers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::servers;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -144,7 +142,7 @@ fn main() {
     if !support::benchmarking() {
         return;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("scale.md"), &report);
 }

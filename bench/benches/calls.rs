@@ -17,12 +17,9 @@
 //! comma-separated subset of the contenders' names. Under `cargo test` it
 //! makes one short run of each contender, unmeasured, as a check.
 
-#[path = "peers/mod.rs"]
-mod peers;
-#[path = "servers/mod.rs"]
-mod servers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::peers;
+use healthlb_bench::servers;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -100,7 +97,7 @@ fn main() {
         }
     }
     println!("\n{table}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("calls.md"), &table);
 }

@@ -20,12 +20,9 @@
 //! Needs `taskset` (util-linux) to pin; without it, runs unpinned and says
 //! so.
 
-#[path = "peers/mod.rs"]
-mod peers;
-#[path = "servers/mod.rs"]
-mod servers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::peers;
+use healthlb_bench::servers;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -149,7 +146,7 @@ fn main() {
     drop(child.stdin.take());
     let _ = child.wait();
     if full {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join("cores.md"), &table);
     }

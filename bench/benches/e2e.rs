@@ -24,10 +24,8 @@
 //! alone for 10 s at concurrency 64 (or the first of
 //! `HEALTHLB_BENCH_CONCURRENCY`), for perf.
 
-#[path = "peers/mod.rs"]
-mod peers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::peers;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -163,7 +161,7 @@ fn main() {
         }
     }
     println!("\n{table}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("e2e.md"), &table);
     let names: Vec<&str> = contenders.iter().map(Contender::name).collect();

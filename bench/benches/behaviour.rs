@@ -14,8 +14,7 @@
 //! Each reaction is repeated `HEALTHLB_BENCH_REPS` times (default 50) and
 //! reported as p50 and p99. `cargo bench --bench behaviour`
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_testkit as support;
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -311,7 +310,7 @@ async fn main() {
     if !support::benchmarking() {
         return;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("behaviour.md"), &report);
 }

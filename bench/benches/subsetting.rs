@@ -12,8 +12,7 @@ use std::net::SocketAddr;
 
 use healthlb::internals::random_subset;
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_testkit as support;
 
 fn pod(i: usize) -> SocketAddr {
     SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080))
@@ -161,7 +160,7 @@ fn main() {
     if !full {
         return;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/healthlb-bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("subsetting.md"), &report);
 }

@@ -14,10 +14,8 @@
 //! `cargo bench --bench channel` (`HEALTHLB_BENCH_SIZES`, say `1,10000`,
 //! replaces the endpoint counts.)
 
-#[path = "servers/mod.rs"]
-mod servers;
-#[path = "../tests/support/mod.rs"]
-mod support;
+use healthlb_bench::servers;
+use healthlb_testkit as support;
 
 use std::hint::black_box;
 use std::task::{Context, Poll, Waker};
