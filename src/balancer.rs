@@ -18,12 +18,13 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::channel::AppliedConfig;
+use crate::connection::ProbeRate;
 use crate::outlier::{Counts, Detector, Ejection, OutlierDetection};
 use crate::picker::{Pick, Picker, Snapshot};
 use crate::policy::{Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
 use crate::service_config::ServiceConfig;
-use crate::subchannel::{CodeSet, Hooks, Judge, ProbeRate, Subchannel, SubchannelConfig};
+use crate::subchannel::{CodeSet, Hooks, Judge, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
 /// The handles don't keep the subchannels running: only the balancer does.

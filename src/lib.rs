@@ -8,6 +8,7 @@ mod backoff;
 mod balancer;
 mod builder;
 mod channel;
+mod connection;
 mod deadline;
 mod discover;
 mod error;
@@ -54,7 +55,7 @@ pub mod internals {
     /// Runs the HTTP/2 frame sniffer over `bytes`, split into chunks whose
     /// size the first byte picks, checking the split changes nothing.
     pub fn fuzz_frames(bytes: &[u8]) -> usize {
-        crate::subchannel::frames::fuzz(bytes)
+        crate::connection::frames::fuzz(bytes)
     }
 }
 

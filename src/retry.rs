@@ -28,9 +28,10 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 
 use crate::channel::{AppliedConfig, ChannelShared};
+use crate::connection::grpc_status;
 use crate::deadline::{deadline_in, scaled};
 use crate::service_config::{HedgingPolicy, RetryPolicy, RetryThrottling};
-use crate::subchannel::{AttemptId, MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent, grpc_status};
+use crate::subchannel::{AttemptId, MAX_ATTEMPTS, NoSlot, Pool, Replay, Sent};
 
 /// A6's cap on `maxAttempts`, for retries and hedges alike.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 5;

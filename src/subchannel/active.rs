@@ -8,13 +8,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::config::SubchannelConfig;
-use super::connect::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
-use super::health::{HealthEvent, HealthWatch};
-use super::liveness::{Liveness, Probe, ProbeRate, probe};
 use super::shared::Shared;
-use super::state::HealthStatus;
-use super::transport_errors::{chain, h2_error};
 use crate::Error;
+use crate::connection::HealthStatus;
+use crate::connection::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
+use crate::connection::{HealthEvent, HealthWatch};
+use crate::connection::{Liveness, Probe, ProbeRate, probe};
+use crate::connection::{chain, h2_error};
 use crate::deadline::capped;
 
 /// What a subchannel's connections are made with.
@@ -250,6 +250,19 @@ pub(crate) struct Active {
 // === impl Active ===
 
 impl Active {
+    /// Takes the connection out of use: its health stream stops, and it
+    /// finishes its calls, for at most `grace` when given, then closes.
+    pub(crate) fn drain(self, grace: Option<Duration>) -> impl Future<Output = ()> + use<> {
+        let Active {
+            conn,
+            driver,
+            health,
+            ..
+        } = self;
+        drop(health);
+        crate::connection::drain(conn, driver, grace)
+    }
+
     /// The endpoint's first connection: it carries the health Watch when
     /// health checking is on.
     fn new(conn: Arc<Conn>, driver: Driver, ctx: &Ctx) -> Self {

@@ -6,19 +6,18 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::USER_AGENT;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::connect::{Conn, Origin};
 use super::pool::Slot;
 use super::replay::{AttemptId, Counting, Replay};
 use super::stats::Ended;
-use super::transport_errors::{refused_unprocessed, transport_status};
+use crate::connection::{Conn, grpc_status, prepare};
+use crate::connection::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 
 /// What became of a call handed to a connection.
@@ -36,15 +35,6 @@ pub(crate) enum Sent {
     Failed(Status, Option<AttemptId>),
 }
 
-/// What became of the balancer's own request (health, liveness).
-#[derive(Debug)]
-pub(crate) enum Internal {
-    Response(Response<Body>),
-    /// The connection had closed before it could be sent.
-    Unsent,
-    Failed(Status),
-}
-
 // === impl Slot ===
 
 impl Slot {
@@ -55,7 +45,8 @@ impl Slot {
     /// after it was sent, and only then is cancelled.
     pub(crate) async fn send(self, replay: &Replay, previous: u32, linger: bool) -> Sent {
         let conn = self.conn.clone();
-        let stats = &conn.stats;
+        let endpoint = self.endpoint.clone();
+        let stats = &endpoint;
         // Metrics: the method, and counting of the request's messages.
         let method: Option<Arc<str>> = stats.metrics.enabled().then(|| replay.path().into());
         let counting = method.clone().map(|method| Counting {
@@ -253,44 +244,6 @@ impl Drop for Started<'_> {
     }
 }
 
-// === impl Conn ===
-
-impl Conn {
-    /// Sends the balancer's own request (health, liveness): not counted, and
-    /// not waited for when draining.
-    pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Internal {
-        prepare(&mut req, &self.origin);
-        let mut send = self.send.clone();
-        match send.try_send_request(req).await {
-            Ok(response) => Internal::Response(response.map(Body::new)),
-            Err(mut e) => match e.take_message() {
-                Some(_) => Internal::Unsent,
-                None => Internal::Failed(transport_status(self.addr, &e.into_error())),
-            },
-        }
-    }
-}
-
-/// Addresses the request to the origin: tonic's generated clients send a
-/// path only.
-fn prepare(req: &mut Request<Body>, origin: &Origin) {
-    let uri = req.uri();
-    if uri.scheme().is_none() || uri.authority().is_none() {
-        let mut parts = uri.clone().into_parts();
-        parts.scheme = Some(origin.scheme.clone());
-        parts.authority = Some(origin.authority.clone());
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        }
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
-    }
-    req.headers_mut()
-        .entry(USER_AGENT)
-        .or_insert_with(|| origin.user_agent.clone());
-}
-
 /// A response body that keeps its call counted until it ends or is dropped,
 /// and, with metrics on, counts its messages and records its status.
 struct TrackedBody {
@@ -308,28 +261,17 @@ struct ResponseCounting {
     done: bool,
 }
 
-/// The `grpc-status` of a header or trailer map.
-pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let value = headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .parse::<i32>()
-        .ok()?;
-    Some(tonic::Code::from_i32(value))
-}
-
 impl Drop for TrackedBody {
     fn drop(&mut self) {
         if !self.judged {
             // Dropped before its status: the caller gave up on it.
-            self.slot.conn.stats.ended(Ended::Cancelled);
+            self.slot.endpoint.ended(Ended::Cancelled);
         }
         if let Some(counting) = &self.counting
             && !counting.done
         {
             // Dropped before its status: the caller gave up on it.
-            let metrics = &self.slot.conn.stats.metrics;
+            let metrics = &self.slot.endpoint.metrics;
             metrics.request_done(tonic::Code::Cancelled, &counting.method);
         }
     }
@@ -353,7 +295,7 @@ impl HttpBody for TrackedBody {
         if !this.judged
             && let Poll::Ready(result) = &polled
         {
-            let stats = &this.slot.conn.stats;
+            let stats = &this.slot.endpoint;
             match result {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {
@@ -375,7 +317,7 @@ impl HttpBody for TrackedBody {
             }
         }
         if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {
-            let metrics = &this.slot.conn.stats.metrics;
+            let metrics = &this.slot.endpoint.metrics;
             match result {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {

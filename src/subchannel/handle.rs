@@ -12,13 +12,13 @@ use tracing::error;
 
 use super::active::Ctx;
 use super::config::SubchannelConfig;
-use super::connect::{Dialer, Origin, Slots};
 use super::outcome::Outcomes;
 use super::pool::Pool;
 use super::shared::{Hooks, Shared};
 use super::state::{SubchannelState, SubchannelStatus};
 use super::stats::Stats;
 use super::task;
+use crate::connection::{Dialer, Origin, Slots};
 use crate::{Endpoint, Error};
 
 /// A handle to one endpoint's subchannel. Cloning is cheap.
@@ -85,7 +85,6 @@ impl Subchannel {
             tcp_nodelay: config.tcp_nodelay,
             #[cfg(feature = "tls")]
             tls: config.tls.clone(),
-            stats: stats.clone(),
             slots: slots.clone(),
         };
         let pool = Arc::new(Pool::new(addr, &config, slots, stats.clone()));

@@ -21,9 +21,9 @@ use tokio::time::{Sleep, sleep};
 use tracing::{debug, warn};
 
 use super::active::{Active, ConnEvent, Ctx, establish};
-use super::health::HealthEvent;
 use crate::Error;
 use crate::backoff::{Backoff, jittered};
+use crate::connection::HealthEvent;
 
 /// Spread of each connection's age.
 const AGE_JITTER: f64 = 0.1;

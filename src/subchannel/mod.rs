@@ -41,12 +41,7 @@
 mod active;
 mod call;
 mod config;
-mod connect;
-mod drain;
-pub(crate) mod frames;
 mod handle;
-mod health;
-mod liveness;
 mod max_age;
 mod outcome;
 mod pool;
@@ -56,18 +51,15 @@ mod shared;
 mod state;
 mod stats;
 mod task;
-#[cfg(feature = "tls")]
-mod tls;
-mod transport_errors;
 
-pub(crate) use self::call::{Sent, grpc_status};
+pub(crate) use self::call::Sent;
 pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
-pub(crate) use self::liveness::ProbeRate;
 pub(crate) use self::outcome::{CodeSet, Judge, now_ns};
 pub(crate) use self::pool::{NoSlot, Pool};
 pub(crate) use self::replay::{AttemptId, MAX_ATTEMPTS, Replay, RetryBuffer};
 pub(crate) use self::shared::Hooks;
-pub use self::state::{HealthStatus, NotServingReason, SubchannelState, SubchannelStatus};
+pub use self::state::{NotServingReason, SubchannelState, SubchannelStatus};
+pub use crate::connection::HealthStatus;
 #[cfg(feature = "tls")]
-pub use self::tls::TlsConfig;
+pub use crate::connection::TlsConfig;

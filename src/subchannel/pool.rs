@@ -28,8 +28,8 @@ use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
-use super::connect::{Conn, Slots};
 use super::stats::Stats;
+use crate::connection::{Conn, Slots};
 
 /// The open connections of one endpoint that may take calls.
 #[derive(Debug)]
@@ -222,10 +222,10 @@ impl Pool {
             return Err(NoSlot::RateLimited(opens));
         }
         let conns = self.conns.load();
-        let Some(first) = conns.iter().find(|c| c.is_ready()) else {
+        if !conns.iter().any(|c| c.is_ready()) {
             return Err(NoSlot::Closed);
-        };
-        let in_flight = &first.stats.calls_in_flight;
+        }
+        let in_flight = &self.stats.calls_in_flight;
         if self
             .concurrency_limit
             .is_some_and(|limit| in_flight.load(Ordering::SeqCst) >= limit)
@@ -237,6 +237,7 @@ impl Pool {
         };
         let mut slot = Slot {
             conn: conn.clone(),
+            endpoint: self.stats.clone(),
             counted: false,
             quiet: false,
         };
@@ -356,6 +357,8 @@ impl Drop for Waiting<'_> {
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) conn: Arc<Conn>,
+    /// The endpoint's counters, which the call reports to.
+    pub(crate) endpoint: Arc<Stats>,
     /// Counted on the endpoint too.
     counted: bool,
     /// Given back by a call that lost a race: nobody waits for it, and
@@ -379,10 +382,7 @@ fn count_in(in_flight: &std::sync::atomic::AtomicUsize, limit: Option<usize>) ->
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.counted {
-            self.conn
-                .stats
-                .calls_in_flight
-                .fetch_sub(1, Ordering::SeqCst);
+            self.endpoint.calls_in_flight.fetch_sub(1, Ordering::SeqCst);
         }
         self.conn.call_ended(!self.quiet);
     }

@@ -10,12 +10,13 @@ use http::uri::Authority;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
-use super::connect::Conn;
-use super::health::HealthEvent;
 use super::pool::Pool;
 use super::replay::RetryBuffer;
-use super::state::{HealthStatus, NotServingReason, SubchannelState, SubchannelStatus};
+use super::state::{NotServingReason, SubchannelState, SubchannelStatus};
 use super::stats::Stats;
+use crate::connection::Conn;
+use crate::connection::HealthEvent;
+use crate::connection::HealthStatus;
 use crate::{Endpoint, Error};
 
 /// Hooks a subchannel reports to, when a balancer runs it.
@@ -29,7 +30,7 @@ pub(crate) struct Hooks {
     /// How calls' outcomes are judged.
     pub(crate) judge: super::outcome::Judge,
     /// The channel's cap on liveness probes.
-    pub(crate) probe_rate: Option<Arc<super::liveness::ProbeRate>>,
+    pub(crate) probe_rate: Option<Arc<crate::connection::ProbeRate>>,
 }
 
 /// State shared by the subchannel's task, its handles and the request path.

@@ -1,11 +1,13 @@
 //! Where a subchannel stands, and what its health service said.
 
 use std::fmt;
+
+use crate::connection::HealthStatus;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::connect::Conn;
 use crate::Error;
+use crate::connection::Conn;
 
 /// Where a subchannel stands.
 #[derive(Clone, Debug)]
@@ -33,59 +35,6 @@ pub enum NotServingReason {
     Health(HealthStatus),
     /// The health stream ended or failed; it is retried with backoff.
     HealthStreamEnded(String),
-}
-
-/// What a `grpc.health.v1` health service answered: its `ServingStatus`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum HealthStatus {
-    /// `UNKNOWN` (0).
-    Unknown,
-    /// `SERVING` (1): the only answer that lets calls come.
-    Serving,
-    /// `NOT_SERVING` (2).
-    NotServing,
-    /// `SERVICE_UNKNOWN` (3): the server does not know the service name
-    /// asked about. tonic-health ends the stream with NOT_FOUND instead,
-    /// which healthlb reads as this.
-    ServiceUnknown,
-    /// A value this client does not know.
-    Unrecognized(i32),
-}
-
-// === impl HealthStatus ===
-
-impl HealthStatus {
-    /// The status a `ServingStatus` value on the wire stands for.
-    pub(crate) fn from_wire(value: i32) -> Self {
-        match value {
-            0 => HealthStatus::Unknown,
-            1 => HealthStatus::Serving,
-            2 => HealthStatus::NotServing,
-            3 => HealthStatus::ServiceUnknown,
-            other => HealthStatus::Unrecognized(other),
-        }
-    }
-
-    /// Its name, as `grpc.health.v1` spells it.
-    pub fn label(&self) -> &'static str {
-        match self {
-            HealthStatus::Unknown => "UNKNOWN",
-            HealthStatus::Serving => "SERVING",
-            HealthStatus::NotServing => "NOT_SERVING",
-            HealthStatus::ServiceUnknown => "SERVICE_UNKNOWN",
-            HealthStatus::Unrecognized(_) => "unrecognized health status",
-        }
-    }
-}
-
-impl fmt::Display for HealthStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HealthStatus::Unrecognized(value) => write!(f, "unrecognized health status {value}"),
-            other => f.write_str(other.label()),
-        }
-    }
 }
 
 // === impl NotServingReason ===

@@ -22,12 +22,12 @@ use tokio::time::{Sleep, sleep};
 use tracing::{debug, info, warn};
 
 use super::active::{Active, ConnEvent, Ctx, Lost, establish, establish_extra};
-use super::drain::drain;
-use super::health::HealthEvent;
 use super::max_age::Recycle;
-use super::state::{HealthStatus, SubchannelState};
+use super::state::SubchannelState;
 use crate::Error;
 use crate::backoff::{Backoff, jittered};
+use crate::connection::HealthEvent;
+use crate::connection::HealthStatus;
 
 /// Spread of each extra connection's max age, as for the first one.
 const AGE_JITTER: f64 = 0.1;
@@ -178,7 +178,7 @@ impl Task {
                             // Calls the server accepted finish, under the
                             // server's own grace.
                             if let Some(old) = self.reconnect(lost) {
-                                self.drains.spawn(drain(old, None));
+                                self.drains.spawn(old.drain(None));
                             }
                         }
                     }
@@ -204,7 +204,7 @@ impl Task {
                     "connection recycled: new calls go to the replacement"
                 );
                 let grace = self.ctx.config.max_connection_age_grace;
-                self.drains.spawn(drain(old, Some(grace)));
+                self.drains.spawn(old.drain(Some(grace)));
             }
         }
         true
@@ -367,7 +367,7 @@ impl Task {
                     let extra = self.extras.swap_remove(i);
                     self.ctx.shared.stats.metrics.recycle("goaway");
                     debug!(endpoint = %addr, %goaway, "the server is closing an extra connection");
-                    self.drains.spawn(drain(extra.active, None));
+                    self.drains.spawn(extra.active.drain(None));
                 }
             }
             self.publish_pool();
@@ -405,7 +405,7 @@ impl Task {
                 connections = self.extras.len() + 1,
                 "closing an extra connection"
             );
-            self.drains.spawn(drain(extra.active, Some(grace)));
+            self.drains.spawn(extra.active.drain(Some(grace)));
         }
         if self.extras.len() != before {
             self.publish_pool();
@@ -464,10 +464,10 @@ impl Task {
         let primary =
             std::mem::replace(&mut self.primary, Primary::Backoff(Box::pin(sleep(grace))));
         if let Primary::Connected(active, _) = primary {
-            self.drains.spawn(drain(*active, Some(grace)));
+            self.drains.spawn(active.drain(Some(grace)));
         }
         for extra in self.extras.drain(..) {
-            self.drains.spawn(drain(extra.active, Some(grace)));
+            self.drains.spawn(extra.active.drain(Some(grace)));
         }
         self.ctx.shared.stats.metrics.connections(0);
         self.ctx.shared.pool.publish(Vec::new());

@@ -32,8 +32,8 @@ use tonic::body::Body;
 use tonic_health::pb::HealthCheckRequest;
 use tracing::debug;
 
-use super::call::Internal;
-use super::connect::Conn;
+use super::conn::Conn;
+use super::conn::Internal;
 use crate::deadline::capped;
 
 /// The most of a probe's answer that is read: a `HealthCheckResponse` is a

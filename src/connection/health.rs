@@ -16,6 +16,7 @@
 //! stream limit; the pool keeps a slot for it on the endpoint's first
 //! connection, so it never waits behind calls.
 
+use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -30,9 +31,8 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use super::call::Internal;
-use super::connect::Conn;
-use super::state::HealthStatus;
+use super::conn::Conn;
+use super::conn::Internal;
 use crate::backoff::{Backoff, BackoffConfig};
 
 /// What the health stream said.
@@ -176,5 +176,58 @@ impl tower::Service<Request<Body>> for InternalService {
                 Internal::Failed(status) => Err(status),
             }
         })
+    }
+}
+
+/// What a `grpc.health.v1` health service answered: its `ServingStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HealthStatus {
+    /// `UNKNOWN` (0).
+    Unknown,
+    /// `SERVING` (1): the only answer that lets calls come.
+    Serving,
+    /// `NOT_SERVING` (2).
+    NotServing,
+    /// `SERVICE_UNKNOWN` (3): the server does not know the service name
+    /// asked about. tonic-health ends the stream with NOT_FOUND instead,
+    /// which healthlb reads as this.
+    ServiceUnknown,
+    /// A value this client does not know.
+    Unrecognized(i32),
+}
+
+// === impl HealthStatus ===
+
+impl HealthStatus {
+    /// The status a `ServingStatus` value on the wire stands for.
+    pub(crate) fn from_wire(value: i32) -> Self {
+        match value {
+            0 => HealthStatus::Unknown,
+            1 => HealthStatus::Serving,
+            2 => HealthStatus::NotServing,
+            3 => HealthStatus::ServiceUnknown,
+            other => HealthStatus::Unrecognized(other),
+        }
+    }
+
+    /// Its name, as `grpc.health.v1` spells it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HealthStatus::Unknown => "UNKNOWN",
+            HealthStatus::Serving => "SERVING",
+            HealthStatus::NotServing => "NOT_SERVING",
+            HealthStatus::ServiceUnknown => "SERVICE_UNKNOWN",
+            HealthStatus::Unrecognized(_) => "unrecognized health status",
+        }
+    }
+}
+
+impl fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthStatus::Unrecognized(value) => write!(f, "unrecognized health status {value}"),
+            other => f.write_str(other.label()),
+        }
     }
 }

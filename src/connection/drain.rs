@@ -4,23 +4,19 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::time::sleep;
 use tracing::{debug, warn};
 
-use super::active::Active;
+use super::conn::Conn;
+use super::dial::Driver;
 
 /// Lets a connection taken out of the pool finish its calls, for at most
 /// `grace` when given, then closes it. Without a grace, the server decides:
-/// it sent GOAWAY and closes the connection when it sees fit.
-pub(crate) async fn drain(old: Active, grace: Option<Duration>) {
-    let Active {
-        conn,
-        mut driver,
-        health,
-        ..
-    } = old;
-    // Its health no longer matters; free the server's stream.
-    drop(health);
+/// it sent GOAWAY and closes the connection when it sees fit. The caller
+/// has dropped its health stream already, freeing the server's stream.
+pub(crate) async fn drain(conn: Arc<Conn>, mut driver: Driver, grace: Option<Duration>) {
     let addr = conn.addr;
     tokio::select! {
         _ = conn.drained() => debug!(endpoint = %addr, "replaced connection drained"),

@@ -1,0 +1,287 @@
+//! One established HTTP/2 connection: the handle calls and the subchannel
+//! share, its stream slots, and the balancer's own requests on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use http::header::USER_AGENT;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::client::conn::http2;
+use tokio::sync::Notify;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::frames::GoAway;
+use super::io::Signals;
+use super::transport_errors::transport_status;
+
+/// Who calls are addressed to.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    pub(crate) user_agent: HeaderValue,
+}
+
+/// What a connection reserves of the server's stream limit for the
+/// balancer's own streams, and how it is used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    /// It carries the endpoint's health Watch.
+    pub(crate) watch: bool,
+    /// It runs a liveness probe.
+    pub(crate) probe: bool,
+    /// It is an extra connection, closed when idle.
+    pub(crate) extra: bool,
+}
+
+/// How one endpoint's calls wait for a free stream slot: its connections
+/// wake the waiters whenever a call ends.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    /// Calls waiting for a slot right now.
+    pub(crate) waiters: AtomicUsize,
+    pub(crate) freed: Notify,
+}
+
+impl Slots {
+    /// A slot was freed or added: wakes the waiters, if any. The request
+    /// path pays one load when nobody waits.
+    pub(crate) fn released(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// One established HTTP/2 connection, shared by the subchannel task and the
+/// request path.
+pub(crate) struct Conn {
+    pub(crate) addr: SocketAddr,
+    pub(crate) send: http2::SendRequest<Body>,
+    pub(crate) origin: Arc<Origin>,
+    pub(crate) established: Instant,
+    pub(crate) role: Role,
+    pub(super) signals: Arc<Signals>,
+    pub(super) slots: Arc<Slots>,
+    /// Calls whose response has not ended: stream slots in use by callers.
+    pub(super) in_flight: AtomicUsize,
+    pub(super) draining: AtomicBool,
+    pub(super) idle: Notify,
+    /// When the last call ended, in ns since `established`.
+    pub(super) idle_since: AtomicU64,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("addr", &self.addr)
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .field("max_streams", &self.max_streams())
+            .finish()
+    }
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// Whether the connection may take a new call: open, and no GOAWAY seen.
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.send.is_closed()
+            && !self.signals.going_away.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection at once, failing whatever is still on it with
+    /// `why`.
+    pub(crate) fn kill(&self, why: impl std::fmt::Display) {
+        self.signals.kill(why.to_string());
+    }
+
+    /// The server's first GOAWAY, once it arrived.
+    pub(crate) fn poll_goaway(&self, cx: &mut Context<'_>) -> Poll<GoAway> {
+        if let Some(goaway) = self.signals.goaway() {
+            return Poll::Ready(goaway);
+        }
+        self.signals.goaway_waker.register(cx.waker());
+        match self.signals.goaway() {
+            Some(goaway) => Poll::Ready(goaway),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Ready once the server's first SETTINGS frame arrived, so its stream
+    /// limit is known.
+    pub(crate) fn poll_settings(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signals.settings.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.signals.settings_waker.register(cx.waker());
+        match self.signals.settings.load(Ordering::Acquire) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS; unlimited until it
+    /// says otherwise, as HTTP/2 has it.
+    pub(crate) fn max_streams(&self) -> usize {
+        self.signals.max_streams.load(Ordering::Relaxed) as usize
+    }
+
+    /// When the server last sent anything at all.
+    pub(crate) fn last_read(&self) -> Instant {
+        self.established + Duration::from_nanos(self.signals.last_read.load(Ordering::Acquire))
+    }
+
+    /// Since when no call has been open, if none is.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight() == 0).then(|| {
+            self.established + Duration::from_nanos(self.idle_since.load(Ordering::Relaxed))
+        })
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// How many calls may be open at once: the server's limit less the
+    /// slots kept for the health Watch and the liveness probe, so those
+    /// never wait behind calls. Under a limit too small for both, only the
+    /// Watch's slot is kept.
+    pub(crate) fn capacity(&self) -> usize {
+        let max = self.max_streams();
+        let watch = usize::from(self.role.watch);
+        let kept = watch + usize::from(self.role.probe);
+        match max.saturating_sub(kept) {
+            0 => max.saturating_sub(watch),
+            n => n,
+        }
+    }
+
+    /// Whether a liveness probe would get a stream slot now, rather than
+    /// queue behind calls.
+    pub(crate) fn probe_has_slot(&self) -> bool {
+        self.in_flight() + usize::from(self.role.watch) < self.max_streams()
+    }
+
+    /// Counts a call in, if a slot is free. False, and not counted, when the
+    /// connection is full or draining: a call picked just before a drain
+    /// must go elsewhere, or the drain could close the connection under it.
+    pub(crate) fn try_start_call(&self) -> bool {
+        let capacity = self.capacity();
+        // SeqCst pairs with `drained` and with `Slots::released`: either the
+        // drain sees this call or this call sees the drain, and a waiter
+        // either sees a freed slot or is woken.
+        let mut n = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if n >= capacity {
+                return false;
+            }
+            match self
+                .in_flight
+                .compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => n = actual,
+            }
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            self.call_ended(false);
+            return false;
+        }
+        true
+    }
+
+    /// A call is over; `wake` wakes the calls waiting for a slot.
+    pub(crate) fn call_ended(&self, wake: bool) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if self.draining.load(Ordering::SeqCst) {
+                self.idle.notify_waiters();
+            }
+            if self.role.extra {
+                let ns = self.established.elapsed().as_nanos() as u64;
+                self.idle_since.store(ns, Ordering::Relaxed);
+            }
+        }
+        if wake {
+            self.slots.released();
+        }
+    }
+
+    /// Waits until no call is left on the connection. New calls must already
+    /// have stopped coming.
+    pub(crate) async fn drained(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// What became of the balancer's own request (health, liveness).
+#[derive(Debug)]
+pub(crate) enum Internal {
+    Response(Response<Body>),
+    /// The connection had closed before it could be sent.
+    Unsent,
+    Failed(Status),
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// Sends the balancer's own request (health, liveness): not counted, and
+    /// not waited for when draining.
+    pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Internal {
+        prepare(&mut req, &self.origin);
+        let mut send = self.send.clone();
+        match send.try_send_request(req).await {
+            Ok(response) => Internal::Response(response.map(Body::new)),
+            Err(mut e) => match e.take_message() {
+                Some(_) => Internal::Unsent,
+                None => Internal::Failed(transport_status(self.addr, &e.into_error())),
+            },
+        }
+    }
+}
+
+/// Addresses the request to the origin: tonic's generated clients send a
+/// path only.
+pub(crate) fn prepare(req: &mut Request<Body>, origin: &Origin) {
+    let uri = req.uri();
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        let mut parts = uri.clone().into_parts();
+        parts.scheme = Some(origin.scheme.clone());
+        parts.authority = Some(origin.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req.headers_mut()
+        .entry(USER_AGENT)
+        .or_insert_with(|| origin.user_agent.clone());
+}
+
+/// The `grpc-status` of a header or trailer map.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(value))
+}
