@@ -17,7 +17,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::channel::AppliedConfig;
+use crate::call::AppliedConfig;
 use crate::connection::ProbeRate;
 use crate::outlier::{Counts, Detector, Ejection, OutlierDetection};
 use crate::picker::{Pick, Picker, Snapshot};

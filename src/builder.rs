@@ -8,7 +8,8 @@ use http::HeaderValue;
 use http::uri::Authority;
 
 use crate::balancer::{Balancer, Spec};
-use crate::channel::{AppliedConfig, CallSettings, LbChannel};
+use crate::call::AppliedConfig;
+use crate::channel::{CallSettings, LbChannel};
 use crate::resolve::{ResolveConfig, Resolver};
 use crate::target::Target;
 use crate::{

@@ -7,6 +7,7 @@
 mod backoff;
 mod balancer;
 mod builder;
+mod call;
 mod channel;
 mod connection;
 mod deadline;
@@ -17,8 +18,6 @@ mod outlier;
 mod picker;
 mod policy;
 pub mod resolve;
-mod response;
-mod retry;
 mod service_config;
 mod status;
 pub mod subchannel;
@@ -61,6 +60,7 @@ pub mod internals {
 
 pub use crate::backoff::BackoffConfig;
 pub use crate::builder::Builder;
+pub use crate::call::ResponseFuture;
 pub use crate::channel::LbChannel;
 pub use crate::discover::Discover;
 pub use crate::error::{Error, ErrorKind};
@@ -69,7 +69,6 @@ pub use crate::outlier::{
 };
 pub use crate::policy::{Policy, SlowStart};
 pub use crate::resolve::{Endpoint, Endpoints};
-pub use crate::response::ResponseFuture;
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
 };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
-use super::replay::RetryBuffer;
+use crate::call::RetryBuffer;
 use crate::{BackoffConfig, Error};
 
 /// The HTTP/2 keepalive interval gRPC allows at the least (gRFC A8).

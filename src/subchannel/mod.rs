@@ -39,27 +39,23 @@
 //! balancers.
 
 mod active;
-mod call;
 mod config;
 mod handle;
 mod max_age;
 mod outcome;
 mod pool;
-mod replay;
-mod service;
 mod shared;
 mod state;
 mod stats;
 mod task;
 
-pub(crate) use self::call::Sent;
 pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
 pub(crate) use self::outcome::{CodeSet, Judge, now_ns};
-pub(crate) use self::pool::{NoSlot, Pool};
-pub(crate) use self::replay::{AttemptId, MAX_ATTEMPTS, Replay, RetryBuffer};
+pub(crate) use self::pool::{NoSlot, Pool, Slot};
 pub(crate) use self::shared::Hooks;
 pub use self::state::{NotServingReason, SubchannelState, SubchannelStatus};
+pub(crate) use self::stats::{Ended, Stats};
 pub use crate::connection::HealthStatus;
 #[cfg(feature = "tls")]
 pub use crate::connection::TlsConfig;

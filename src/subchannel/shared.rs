@@ -11,9 +11,9 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, warn};
 
 use super::pool::Pool;
-use super::replay::RetryBuffer;
 use super::state::{NotServingReason, SubchannelState, SubchannelStatus};
 use super::stats::Stats;
+use crate::call::RetryBuffer;
 use crate::connection::Conn;
 use crate::connection::HealthEvent;
 use crate::connection::HealthStatus;

@@ -13,12 +13,12 @@ use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::pool::Slot;
 use super::replay::{AttemptId, Counting, Replay};
-use super::stats::Ended;
 use crate::connection::{Conn, grpc_status, prepare};
 use crate::connection::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
+use crate::subchannel::Ended;
+use crate::subchannel::Slot;
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -225,7 +225,7 @@ where
 /// lost, a caller that gave up), since its request may have reached the
 /// server. A drop is recorded as CANCELLED.
 struct Started<'a> {
-    stats: &'a super::stats::Stats,
+    stats: &'a crate::subchannel::Stats,
     method: Option<&'a str>,
     waiting: bool,
 }

@@ -8,13 +8,13 @@ use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::call::Sent;
-use super::handle::Subchannel;
-use super::pool::{NoSlot, Pool, Slot};
 use super::replay::{MAX_ATTEMPTS, Replay};
-use super::state::{SubchannelState, SubchannelStatus};
+use super::response::{BoxError, Deadline, ResponseFuture};
+use super::send::Sent;
 use crate::deadline::{deadline_in, grpc_timeout, rounded};
-use crate::response::{BoxError, Deadline, ResponseFuture};
+use crate::subchannel::Subchannel;
+use crate::subchannel::{NoSlot, Pool, Slot};
+use crate::subchannel::{SubchannelState, SubchannelStatus};
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
 /// waiting until `until`, `waited` after the call began.

@@ -1,0 +1,99 @@
+//! What one channel's calls share, and the wait for an endpoint: a pick
+//! from the published snapshot, or a wait until one is published, bounded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::config::AppliedConfig;
+use super::replay::RetryBuffer;
+use crate::picker::Picker;
+use crate::subchannel::{Pool, Subchannel};
+
+/// The request path's part of a channel, shared by its clones.
+pub(crate) struct Calls {
+    pub(crate) target: Arc<str>,
+    pub(crate) picker: Arc<Picker>,
+    /// Every endpoint, for the message of a channel whose balancer died.
+    pub(crate) endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
+    /// How long a call may wait for an endpoint.
+    pub(crate) ready_timeout: Duration,
+    /// Whether a call fails at once when no endpoint is SERVING.
+    pub(crate) fail_fast: bool,
+    /// The deadline of a call that carries none.
+    pub(crate) timeout: Option<Duration>,
+    /// The service config in force, from the builder or DNS.
+    pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
+    pub(crate) retry_buffer: Arc<RetryBuffer>,
+}
+
+// === impl Calls ===
+
+impl Calls {
+    /// A serving endpoint, not one of `tried` if another can take the
+    /// call, waiting until `until` for one unless `fail_fast`.
+    pub(crate) async fn wait_pick(
+        &self,
+        until: Instant,
+        fail_fast: bool,
+        tried: &[Arc<Pool>],
+    ) -> Result<Arc<Pool>, Status> {
+        let mut published = self.picker.subscribe();
+        let started = Instant::now();
+        let limit = crate::deadline::rounded(until.saturating_duration_since(started));
+        let mut waited = false;
+        loop {
+            if let Some(conn) = self.picker.pick_avoiding(tried) {
+                if waited {
+                    crate::metrics::pick_wait(&self.target, started.elapsed());
+                }
+                return Ok(conn);
+            }
+            if let Some(why) = self.picker.stopped() {
+                return Err(self.stopped(why));
+            }
+            waited = true;
+            if fail_fast {
+                return Err(Status::unavailable(format!(
+                    "{}: no endpoint is SERVING (fail_fast); {}",
+                    self.target,
+                    self.picker.summary()
+                )));
+            }
+            match tokio::time::timeout_at(until, published.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(Status::unavailable(format!(
+                        "{}: the channel has shut down",
+                        self.target
+                    )));
+                }
+                Err(_) => {
+                    crate::metrics::pick_wait(&self.target, started.elapsed());
+                    return Err(Status::unavailable(format!(
+                        "{}: no endpoint is SERVING after waiting {limit:?}; {}",
+                        self.target,
+                        self.picker.summary()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The error of every call once the balancer stopped for good: it
+    /// says why, and that the endpoints are shut down, as `endpoints()`
+    /// then shows them.
+    fn stopped(&self, why: &str) -> Status {
+        let endpoints = match self.endpoints.load().len() {
+            1 => "its 1 endpoint is".to_owned(),
+            n => format!("its {n} endpoints are"),
+        };
+        Status::internal(format!(
+            "{}: the channel's balancer stopped ({why}); {endpoints} SHUTDOWN, and no call can be sent: build a new channel",
+            self.target,
+        ))
+    }
+}
