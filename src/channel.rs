@@ -15,6 +15,7 @@ use crate::call::{BoxError, Calls, Replay, ResponseFuture};
 use crate::deadline::deadline_in;
 use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
+use crate::outlier::Ejections;
 use crate::service_config::ServiceConfig;
 use crate::status::EndpointStatus;
 use crate::subchannel::Pool;
@@ -48,6 +49,8 @@ pub struct LbChannel {
     calls: Arc<Calls>,
     /// The SERVING set, for [`discover`](Self::discover).
     serving: watch::Receiver<ServingSet>,
+    /// The ejections in force, for [`endpoints`](Self::endpoints).
+    ejections: Arc<Ejections>,
     /// Ends the balancer when the last clone drops.
     _stop: Arc<oneshot::Sender<()>>,
     /// The endpoint `poll_ready` picked for the next `call`.
@@ -69,6 +72,7 @@ impl Clone for LbChannel {
         Self {
             calls: self.calls.clone(),
             serving: self.serving.clone(),
+            ejections: self.ejections.clone(),
             _stop: self._stop.clone(),
             picked: None,
         }
@@ -100,6 +104,7 @@ impl LbChannel {
             picker,
             endpoints,
             serving,
+            ejections,
             stop,
         } = running;
         Self {
@@ -114,6 +119,7 @@ impl LbChannel {
                 retry_buffer,
             }),
             serving,
+            ejections,
             _stop: Arc::new(stop),
             picked: None,
         }
@@ -144,7 +150,7 @@ impl LbChannel {
             .endpoints
             .load()
             .iter()
-            .map(EndpointStatus::of)
+            .map(|sub| EndpointStatus::of(sub, &self.ejections))
             .collect()
     }
 

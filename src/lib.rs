@@ -13,10 +13,10 @@ mod connection;
 mod deadline;
 mod discover;
 mod error;
+mod load;
 mod metrics;
 mod outlier;
 mod picker;
-mod policy;
 pub mod resolve;
 mod service_config;
 mod status;
@@ -67,7 +67,7 @@ pub use crate::error::{Error, ErrorKind};
 pub use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
-pub use crate::policy::{Policy, SlowStart};
+pub use crate::picker::{Policy, SlowStart};
 pub use crate::resolve::{Endpoint, Endpoints};
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,

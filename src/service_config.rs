@@ -36,7 +36,7 @@ use crate::Error;
 use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
-use crate::policy::{Policy, SlowStart};
+use crate::picker::{Policy, SlowStart};
 
 /// A parsed, validated service config.
 #[derive(Clone, Debug, PartialEq, Default)]

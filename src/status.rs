@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+use crate::outlier::Ejections;
 use crate::subchannel::{HealthStatus, Subchannel, SubchannelState};
 
 /// One endpoint as [`LbChannel::endpoints`](crate::LbChannel::endpoints)
@@ -82,17 +83,15 @@ pub struct EndpointStatus {
 }
 
 impl EndpointStatus {
-    pub(crate) fn of(sub: &Subchannel) -> Self {
+    /// `sub` as it is now, with its ejection as `ejections` last recorded.
+    pub(crate) fn of(sub: &Subchannel, ejections: &Ejections) -> Self {
         let status = sub.status();
-        let stats = &sub.shared.stats;
+        let stats = sub.counters();
         let now = Instant::now();
-        let ejection = *stats
-            .ejection
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ejected_for = ejection
-            .map(|(until, _)| until.saturating_duration_since(now))
-            .filter(|left| !left.is_zero());
+        let ejection = ejections
+            .get(&sub.endpoint().addr())
+            .and_then(|e| Some((e.left(now)?, e.reason)));
+        let ejected_for = ejection.map(|(left, _)| left);
         Self {
             addr: sub.endpoint().addr(),
             hostname: sub.endpoint().hostname().map(str::to_owned),
@@ -104,7 +103,7 @@ impl EndpointStatus {
                 .connected_at()
                 .map(|at| now.saturating_duration_since(at)),
             connections: sub.connections(),
-            max_concurrent_streams: sub.shared.pool.max_concurrent_streams(),
+            max_concurrent_streams: sub.pool().max_concurrent_streams(),
             connects: stats.connects.load(Ordering::Relaxed),
             recycles: stats.recycles.load(Ordering::Relaxed),
             calls_started: stats.calls_started.load(Ordering::Relaxed),
@@ -119,9 +118,9 @@ impl EndpointStatus {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
             ejected_for,
-            ejection_reason: ejected_for.and(ejection.map(|(_, reason)| reason)),
+            ejection_reason: ejection.map(|(_, reason)| reason),
             consecutive_failures: stats.outcomes.consecutive_failures(),
-            latency_ewma: stats.outcomes.latency(),
+            latency_ewma: stats.latency.latency(),
             last_error: sub.last_error(),
             http2_keep_alive_interval: sub.http2_keep_alive_interval(),
         }

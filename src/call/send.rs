@@ -85,7 +85,7 @@ impl Slot {
         match sent {
             Ok(response) => {
                 drop(started);
-                stats.outcomes.observe(sent_at);
+                stats.latency.observe(sent_at);
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
                     frames: GrpcFrames::default(),

@@ -71,23 +71,24 @@ impl tower::Service<Request<Body>> for Subchannel {
     }
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
-        let mut status = self.status.clone();
-        let ready_timeout = self.ready_timeout;
-        let shared = self.shared.clone();
+        let mut status = self.subscribe();
+        let ready_timeout = self.waits_for();
+        let pool = self.pool().clone();
+        let retry_buffer = self.retry_buffer().clone();
         let deadline = grpc_timeout(request.headers()).map(|limit| Deadline {
             limit,
             at: deadline_in(limit),
         });
         ResponseFuture::new(
             async move {
-                let addr = shared.endpoint.addr();
+                let addr = pool.addr();
                 let at = deadline.map(|d| d.at);
-                let replay = Replay::new(request, shared.retry_buffer.clone(), at);
+                let replay = Replay::new(request, retry_buffer, at);
                 for _ in 0..MAX_ATTEMPTS {
                     let waits = deadline_in(ready_timeout);
                     let until = at.map_or(waits, |at| at.min(waits));
                     let waited = rounded(until.saturating_duration_since(Instant::now()));
-                    let slot = serving_slot(&mut status, &shared.pool, until, waited)
+                    let slot = serving_slot(&mut status, &pool, until, waited)
                         .await
                         .map_err(|status| match at {
                             // The call's deadline ended the wait, as it ends the call.

@@ -12,13 +12,15 @@ use tracing::error;
 
 use super::active::Ctx;
 use super::config::SubchannelConfig;
-use super::outcome::Outcomes;
 use super::pool::Pool;
 use super::shared::{Hooks, Shared};
 use super::state::{SubchannelState, SubchannelStatus};
 use super::stats::Stats;
 use super::task;
+use crate::call::RetryBuffer;
 use crate::connection::{Dialer, Origin, Slots};
+use crate::load::{DEFAULT_DECAY, Ewma};
+use crate::outlier::Outcomes;
 use crate::{Endpoint, Error};
 
 /// A handle to one endpoint's subchannel. Cloning is cheap.
@@ -75,6 +77,7 @@ impl Subchannel {
                 config.metrics_method_label,
             ),
             outcomes: Outcomes::new(hooks.judge),
+            latency: Ewma::new(hooks.latency_decay.unwrap_or(DEFAULT_DECAY)),
             ..Stats::default()
         });
         let slots = Arc::new(Slots::default());
@@ -178,6 +181,41 @@ impl Subchannel {
     /// The last connection failure, if any.
     pub fn last_error(&self) -> Option<Error> {
         self.shared.last_error()
+    }
+
+    // The rest of the crate reads a subchannel through these.
+
+    /// Its pool of connections, which calls take slots on.
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.shared.pool
+    }
+
+    /// What its calls showed, for outlier ejection.
+    pub(crate) fn outcomes(&self) -> &Outcomes {
+        &self.shared.stats.outcomes
+    }
+
+    /// Its counters, for status.
+    pub(crate) fn counters(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Records whether the picker's snapshot holds it.
+    pub(crate) fn set_in_rotation(&self, in_rotation: bool) {
+        self.shared
+            .stats
+            .in_rotation
+            .store(in_rotation, Ordering::Release);
+    }
+
+    /// How long a call through it as a service waits for it to serve.
+    pub(crate) fn waits_for(&self) -> Duration {
+        self.ready_timeout
+    }
+
+    /// The bound on the request bytes kept for another attempt.
+    pub(crate) fn retry_buffer(&self) -> &Arc<RetryBuffer> {
+        &self.shared.retry_buffer
     }
 }
 

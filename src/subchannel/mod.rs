@@ -42,7 +42,6 @@ mod active;
 mod config;
 mod handle;
 mod max_age;
-mod outcome;
 mod pool;
 mod shared;
 mod state;
@@ -51,7 +50,6 @@ mod task;
 
 pub use self::config::SubchannelConfig;
 pub use self::handle::Subchannel;
-pub(crate) use self::outcome::{CodeSet, Judge, now_ns};
 pub(crate) use self::pool::{NoSlot, Pool, Slot};
 pub(crate) use self::shared::Hooks;
 pub use self::state::{NotServingReason, SubchannelState, SubchannelStatus};

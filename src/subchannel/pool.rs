@@ -141,6 +141,20 @@ impl RateLimit {
     }
 }
 
+impl crate::load::Candidate for Arc<Pool> {
+    fn can_take_call(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.stats.calls_in_flight.load(Ordering::Relaxed)
+    }
+
+    fn latency_ns(&self, now: u64) -> Option<f64> {
+        self.stats.latency.latency_ns(now)
+    }
+}
+
 // === impl Pool ===
 
 impl Pool {
@@ -168,11 +182,6 @@ impl Pool {
 
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// The endpoint's counters.
-    pub(crate) fn stats(&self) -> &Stats {
-        &self.stats
     }
 
     /// Whether some connection can take a call now, or after a wait for a

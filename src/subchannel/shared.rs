@@ -28,7 +28,9 @@ pub(crate) struct Hooks {
     /// The target, for metrics labels.
     pub(crate) target: Option<Arc<str>>,
     /// How calls' outcomes are judged.
-    pub(crate) judge: super::outcome::Judge,
+    pub(crate) judge: crate::outlier::Judge,
+    /// How fast the latency estimate forgets.
+    pub(crate) latency_decay: Option<std::time::Duration>,
     /// The channel's cap on liveness probes.
     pub(crate) probe_rate: Option<Arc<crate::connection::ProbeRate>>,
 }

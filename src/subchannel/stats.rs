@@ -21,13 +21,13 @@ pub(crate) struct Stats {
     pub(crate) last_call_error: Mutex<Option<Status>>,
     pub(crate) connects: AtomicU64,
     pub(crate) recycles: AtomicU64,
-    /// What calls show: status and latency.
-    pub(crate) outcomes: super::outcome::Outcomes,
+    /// What calls show: their status, for outlier ejection.
+    pub(crate) outcomes: crate::outlier::Outcomes,
+    /// Their time to response headers, for peak EWMA.
+    pub(crate) latency: crate::load::Ewma,
     /// Whether the picker's last snapshot holds it: set by the balancer
     /// after each publish.
     pub(crate) in_rotation: AtomicBool,
-    /// Until when the balancer keeps it out of rotation, and why.
-    pub(crate) ejection: std::sync::Mutex<Option<(std::time::Instant, &'static str)>>,
 }
 
 /// How a call on the endpoint ended.

@@ -1,12 +1,9 @@
 //! What calls show about an endpoint: success or failure by gRPC status,
-//! consecutive failures, and a peak-EWMA of latency. The request path
-//! records with a few atomic operations; the balancer reads them to eject
-//! outliers and the picker to weigh endpoints.
+//! and failures in a row. The request path records with a few atomic
+//! operations; the ejector reads them.
 
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tonic::Code;
@@ -47,12 +44,10 @@ impl CodeSet {
 pub(crate) struct Judge {
     /// Codes that count as failures.
     pub(crate) failures: CodeSet,
-    /// Consecutive failures that tell the balancer at once; 0 never.
+    /// Consecutive failures that tell the ejector at once; 0 never.
     pub(crate) consecutive: u32,
-    /// The balancer to tell.
+    /// The ejector to tell.
     pub(crate) notify: Option<Arc<Notify>>,
-    /// The EWMA's decay.
-    pub(crate) decay: Duration,
 }
 
 impl Default for Judge {
@@ -61,7 +56,6 @@ impl Default for Judge {
             failures: CodeSet::SERVER_ERRORS,
             consecutive: 0,
             notify: None,
-            decay: Duration::from_secs(10),
         }
     }
 }
@@ -74,21 +68,6 @@ pub(crate) struct Outcomes {
     successes: AtomicU64,
     failures: AtomicU64,
     consecutive: AtomicU32,
-    /// The latency estimate in ns, as f64 bits; 0 until the first answer.
-    ewma: AtomicU64,
-    /// When it was last updated, in ns since [`epoch`].
-    ewma_at: AtomicU64,
-}
-
-/// The process's reference instant for the atomics' timestamps.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Nanoseconds since [`epoch`].
-pub(crate) fn now_ns() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Outcomes {
@@ -119,53 +98,6 @@ impl Outcomes {
                 self.consecutive.store(0, Ordering::Relaxed);
             }
         }
-    }
-
-    /// Records how long a call took to its response headers, into a
-    /// peak-sensitive EWMA: a slower answer replaces the estimate at once, a
-    /// faster one pulls it down over the decay time (Linkerd's, Finagle's).
-    /// `sent_at` is when the call left; one clock read serves for both the
-    /// latency and the estimate's timestamp.
-    pub(crate) fn observe(&self, sent_at: Instant) {
-        let received = Instant::now();
-        let rtt = received.saturating_duration_since(sent_at).as_nanos() as f64;
-        let now = u64::try_from(received.saturating_duration_since(epoch()).as_nanos())
-            .unwrap_or(u64::MAX);
-        let prev = f64::from_bits(self.ewma.load(Ordering::Relaxed));
-        let at = self.ewma_at.load(Ordering::Relaxed);
-        let next = if rtt > prev || at == 0 {
-            rtt
-        } else {
-            let w = self.weight(now.saturating_sub(at));
-            prev * w + rtt * (1.0 - w)
-        };
-        // Racing writers lose an observation, never corrupt one.
-        self.ewma.store(next.to_bits(), Ordering::Relaxed);
-        self.ewma_at.store(now.max(1), Ordering::Relaxed);
-    }
-
-    /// How much of an estimate `elapsed_ns` old is left.
-    fn weight(&self, elapsed_ns: u64) -> f64 {
-        let decay = self.judge.decay.as_nanos().max(1) as f64;
-        (-(elapsed_ns as f64) / decay).exp()
-    }
-
-    /// The latency estimate at `now` (ns since the epoch), decayed towards
-    /// zero since its last update, so an endpoint not tried for a while is
-    /// tried again; `None` before the first answer.
-    pub(crate) fn latency_ns(&self, now: u64) -> Option<f64> {
-        let at = self.ewma_at.load(Ordering::Relaxed);
-        if at == 0 {
-            return None;
-        }
-        let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
-        Some(ewma * self.weight(now.saturating_sub(at)))
-    }
-
-    /// The latency estimate now, for status.
-    pub(crate) fn latency(&self) -> Option<Duration> {
-        self.latency_ns(now_ns())
-            .map(|ns| Duration::from_nanos(ns.clamp(0.0, u64::MAX as f64) as u64))
     }
 
     /// Failures in a row, up to the last success.
@@ -213,20 +145,5 @@ mod tests {
         // The third in a row stored a wakeup for the balancer.
         let woken = futures::FutureExt::now_or_never(notify.notified());
         assert!(woken.is_some());
-    }
-
-    #[test]
-    fn the_estimate_takes_peaks_at_once_and_decays() {
-        let outcomes = Outcomes::default();
-        assert_eq!(outcomes.latency(), None);
-        let now = Instant::now();
-        outcomes.observe(now - Duration::from_millis(1));
-        outcomes.observe(now - Duration::from_millis(50));
-        let now = now_ns();
-        let at_once = outcomes.latency_ns(now).unwrap();
-        assert!(at_once > 49e6, "{at_once}");
-        // One decay time later, about e^-1 of it is left.
-        let later = outcomes.latency_ns(now + 10_000_000_000).unwrap();
-        assert!((later / at_once - (-1f64).exp()).abs() < 0.01, "{later}");
     }
 }

@@ -1,5 +1,6 @@
-//! The balancer task: keeps one subchannel per resolved endpoint, ejects
-//! outliers, and publishes the picker's snapshot whenever anything changes.
+//! The balancer task: keeps one subchannel per resolved endpoint, runs
+//! outlier ejection, and publishes the picker's snapshot whenever anything
+//! changes. Building the snapshot is a pure step (`snapshot.rs`).
 //!
 //! It runs whether or not calls flow, so a new pod is connected and
 //! health-checked before the first call that could use it. It owns its state,
@@ -8,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+mod snapshot;
+
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
@@ -17,14 +19,14 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use self::snapshot::Seen;
 use crate::call::AppliedConfig;
 use crate::connection::ProbeRate;
-use crate::outlier::{Counts, Detector, Ejection, OutlierDetection};
-use crate::picker::{Pick, Picker, Snapshot};
-use crate::policy::{Policy, SlowStart};
+use crate::outlier::{Ejections, Ejector, OutlierDetection};
+use crate::picker::{Chooser, Picker, Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
 use crate::service_config::ServiceConfig;
-use crate::subchannel::{CodeSet, Hooks, Judge, Subchannel, SubchannelConfig};
+use crate::subchannel::{Hooks, Subchannel, SubchannelConfig};
 
 /// The SERVING subchannels, by address, for [`Discover`](crate::Discover).
 /// The handles don't keep the subchannels running: only the balancer does.
@@ -58,6 +60,8 @@ pub(crate) struct Running {
     pub(crate) picker: Arc<Picker>,
     pub(crate) endpoints: Arc<ArcSwap<Vec<Subchannel>>>,
     pub(crate) serving: watch::Receiver<ServingSet>,
+    /// The ejections in force, for status.
+    pub(crate) ejections: Arc<Ejections>,
     /// Dropping it stops the balancer.
     pub(crate) stop: oneshot::Sender<()>,
 }
@@ -68,8 +72,8 @@ pub(crate) struct Balancer {
     config: Arc<SubchannelConfig>,
     authority: Option<Authority>,
     ready_timeout: std::time::Duration,
-    /// How the subchannels judge their calls.
-    judge: Judge,
+    /// How fast the endpoints' latency estimates forget (peak EWMA).
+    latency_decay: Option<std::time::Duration>,
     /// The cap on liveness probes, over every subchannel.
     probe_rate: Arc<ProbeRate>,
     outputs: Outputs,
@@ -94,14 +98,6 @@ async fn next_config(
         return std::future::pending().await;
     }
     rx.borrow_and_update().clone()
-}
-
-/// The balancer's own state, beside its subchannels.
-struct Ejections {
-    detector: Option<Detector>,
-    /// Told when an endpoint reaches its consecutive-failure threshold.
-    failing: Arc<Notify>,
-    next_interval: Option<Instant>,
 }
 
 /// Runs the balancer's `work`, and tells the picker if it ends for any
@@ -142,32 +138,12 @@ impl Balancer {
         } = spec;
         let picker = Arc::new(Picker::new(
             format!("0 endpoints ({target} is being resolved)"),
-            Pick::from(&policy),
+            Chooser::from(&policy),
             slow_start,
         ));
         crate::metrics::policy(&target, policy.name(), outlier_detection.is_some());
-        let failing = Arc::new(Notify::new());
-        let judge = Judge {
-            failures: outlier_detection
-                .as_ref()
-                .map_or(CodeSet::SERVER_ERRORS, OutlierDetection::codes),
-            consecutive: outlier_detection
-                .as_ref()
-                .and_then(|o| o.consecutive_failures)
-                .map_or(0, |c| c.threshold),
-            notify: Some(failing.clone()),
-            decay: match policy {
-                Policy::PeakEwma { decay, .. } => decay,
-                _ => Judge::default().decay,
-            },
-        };
-        let ejections = Ejections {
-            next_interval: outlier_detection
-                .as_ref()
-                .map(|o| Instant::now() + crate::deadline::capped(o.interval)),
-            detector: outlier_detection.map(Detector::new),
-            failing,
-        };
+        let ejector = Ejector::new(target.clone(), outlier_detection);
+        let ejections = ejector.published();
         let endpoints = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (serving_tx, serving) = watch::channel(ServingSet::default());
         let (stop, stopped) = oneshot::channel();
@@ -178,7 +154,10 @@ impl Balancer {
             config,
             authority,
             ready_timeout,
-            judge,
+            latency_decay: match policy {
+                Policy::PeakEwma { decay, .. } => Some(decay),
+                _ => None,
+            },
             outputs: Outputs {
                 picker: picker.clone(),
                 endpoints: endpoints.clone(),
@@ -191,12 +170,13 @@ impl Balancer {
         };
         runtime.spawn(supervised(
             picker.clone(),
-            balancer.run(stopped, ejections, configs),
+            balancer.run(stopped, ejector, configs),
         ));
         Running {
             picker,
             endpoints,
             serving,
+            ejections,
             stop,
         }
     }
@@ -208,7 +188,7 @@ impl Balancer {
     async fn run(
         self,
         mut stopped: oneshot::Receiver<()>,
-        mut ejections: Ejections,
+        mut ejector: Ejector,
         configs: Configs,
     ) -> Option<String> {
         let mut from_dns = self.resolver.service_config_receiver();
@@ -217,18 +197,11 @@ impl Balancer {
         let mut resolved = self.resolver.subscribe();
         let mut status = self.resolver.status_receiver();
         let first = resolved.borrow_and_update().clone();
-        self.apply(&mut subchannels, &first, &changed, &mut ejections);
-        let mut ramp_end = self.publish(&subchannels, &ejections);
+        self.apply(&mut subchannels, &first, &changed, &mut ejector);
+        let mut ramp_end = self.publish(&subchannels, &ejector);
         loop {
             // The next timed event: an interval, a return, a ramp's end.
-            let wake = [
-                ejections.next_interval,
-                ejections.detector.as_ref().and_then(Detector::next_return),
-                ramp_end,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wake = [ejector.next_wake(), ramp_end].into_iter().flatten().min();
             let timer = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -242,7 +215,7 @@ impl Balancer {
                         return Some("its resolver task stopped".to_owned());
                     }
                     let set = resolved.borrow_and_update().clone();
-                    self.apply(&mut subchannels, &set, &changed, &mut ejections);
+                    self.apply(&mut subchannels, &set, &changed, &mut ejector);
                 }
                 _ = changed.notified() => {}
                 config = next_config(&mut from_dns) => {
@@ -253,8 +226,8 @@ impl Balancer {
                     configs.applied.store(config.map(AppliedConfig::new));
                     continue;
                 }
-                _ = ejections.failing.notified() => {
-                    if !self.eject_failing(&subchannels, &mut ejections) {
+                () = ejector.failing() => {
+                    if !ejector.on_failing(outcomes(&subchannels)) {
                         continue;
                     }
                 }
@@ -263,7 +236,7 @@ impl Balancer {
                     // nothing to publish, unless a slow-start ramp runs: an
                     // O(endpoints) publish every 10 s is most of a large
                     // idle channel's work.
-                    if !self.on_timer(&subchannels, &mut ejections) && ramp_end.is_none() {
+                    if !ejector.on_timer(outcomes(&subchannels)) && ramp_end.is_none() {
                         continue;
                     }
                 }
@@ -276,105 +249,10 @@ impl Balancer {
             }
             #[cfg(test)]
             tests::crash_if_asked(&self.target);
-            ramp_end = self.publish(&subchannels, &ejections);
+            ramp_end = self.publish(&subchannels, &ejector);
         }
         debug!(target = %self.target, "balancer stopped");
         None
-    }
-
-    /// Consecutive-failure ejection: at once, not at the next interval.
-    /// Whether any endpoint was ejected.
-    fn eject_failing(
-        &self,
-        subchannels: &BTreeMap<SocketAddr, Subchannel>,
-        ejections: &mut Ejections,
-    ) -> bool {
-        let Some(detector) = ejections.detector.as_mut() else {
-            return false;
-        };
-        let counts: Vec<(SocketAddr, u32)> = subchannels
-            .iter()
-            .map(|(a, s)| (*a, s.shared.stats.outcomes.consecutive_failures()))
-            .collect();
-        let ejected = detector.on_failures(Instant::now(), &counts);
-        self.ejected(subchannels, ejected)
-    }
-
-    /// Returns endpoints whose ejection is over, and runs A50's interval.
-    /// Whether any endpoint returned or was ejected.
-    fn on_timer(
-        &self,
-        subchannels: &BTreeMap<SocketAddr, Subchannel>,
-        ejections: &mut Ejections,
-    ) -> bool {
-        let now = Instant::now();
-        let Some(detector) = ejections.detector.as_mut() else {
-            return false;
-        };
-        let mut changed = false;
-        for addr in detector.returns(now) {
-            changed = true;
-            if let Some(sub) = subchannels.get(&addr) {
-                sub.shared.stats.outcomes.reset();
-                *sub.shared.stats.ejection.lock().expect("ejection") = None;
-            }
-            info!(target = %self.target, endpoint = %addr, "an ejected endpoint returns to rotation");
-        }
-        if ejections.next_interval.is_some_and(|at| at <= now) {
-            let interval = crate::deadline::capped(detector.config().interval);
-            ejections.next_interval = Some(now + interval);
-            let counts: Vec<(SocketAddr, Counts)> = subchannels
-                .iter()
-                .map(|(a, s)| {
-                    let outcomes = &s.shared.stats.outcomes;
-                    let (successes, failures) = outcomes.take_counts();
-                    let consecutive = outcomes.consecutive_failures();
-                    (
-                        *a,
-                        Counts {
-                            successes,
-                            failures,
-                            consecutive,
-                        },
-                    )
-                })
-                .collect();
-            let mut ejected = detector.on_interval(now, &counts);
-            // Failures in a row that could not eject before (the cap) may now.
-            let consecutive: Vec<_> = counts.iter().map(|(a, c)| (*a, c.consecutive)).collect();
-            ejected.extend(detector.on_failures(now, &consecutive));
-            changed |= self.ejected(subchannels, ejected);
-        }
-        changed
-    }
-
-    /// Applies ejections: status, logs and metrics.
-    /// Whether any endpoint was ejected.
-    fn ejected(
-        &self,
-        subchannels: &BTreeMap<SocketAddr, Subchannel>,
-        ejected: Vec<Ejection>,
-    ) -> bool {
-        let any = !ejected.is_empty();
-        for e in ejected {
-            let length = e.until.saturating_duration_since(Instant::now());
-            if let Some(sub) = subchannels.get(&e.addr) {
-                let until = std::time::Instant::now() + length;
-                *sub.shared.stats.ejection.lock().expect("ejection") =
-                    Some((until, e.reason.label()));
-            }
-            warn!(
-                target = %self.target,
-                endpoint = %e.addr,
-                reason = e.reason.label(),
-                figure = e.figure,
-                bar = e.bar,
-                ejected_for = ?length,
-                "an endpoint is ejected as an outlier"
-            );
-            crate::metrics::ejection(&self.target, e.addr, e.reason.label());
-        }
-        any
     }
 
     /// Starts subchannels for new endpoints and drops those that left.
@@ -383,7 +261,7 @@ impl Balancer {
         subchannels: &mut BTreeMap<SocketAddr, Subchannel>,
         set: &Endpoints,
         changed: &Arc<Notify>,
-        ejections: &mut Ejections,
+        ejector: &mut Ejector,
     ) {
         let before = subchannels.len();
         subchannels.retain(|addr, _| set.contains(*addr));
@@ -399,7 +277,8 @@ impl Balancer {
                 resolve_now: Some(self.resolver.resolve_now_handle()),
                 authority: self.authority.clone(),
                 target: Some(self.target.clone()),
-                judge: self.judge.clone(),
+                judge: ejector.judge(),
+                latency_decay: self.latency_decay,
                 probe_rate: Some(self.probe_rate.clone()),
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
@@ -416,121 +295,60 @@ impl Balancer {
             info!(target = %self.target, added, removed, endpoints = subchannels.len(), "endpoint set changed");
         }
         self.probe_rate.set_endpoints(subchannels.len());
-        if let Some(detector) = ejections.detector.as_mut() {
-            detector.retain(subchannels.keys().copied());
-        }
+        ejector.retain(subchannels.keys().copied());
     }
 
     /// Publishes the picker's snapshot, the endpoint list and the SERVING
-    /// set, without ejected endpoints unless no other is left (panic mode).
-    /// Returns when the last slow-start ramp ends, if one is running.
+    /// set (`snapshot.rs` builds them), and each endpoint's place in
+    /// rotation. Returns when the last slow-start ramp ends, if one runs.
     fn publish(
         &self,
         subchannels: &BTreeMap<SocketAddr, Subchannel>,
-        ejections: &Ejections,
+        ejector: &Ejector,
     ) -> Option<Instant> {
-        let mut ready = Vec::new();
-        let mut since = Vec::new();
-        let mut in_rotation = Vec::new();
-        let mut ejected_ready = Vec::new();
-        let mut ejected_since = Vec::new();
-        let mut ejected_in_rotation = Vec::new();
-        let mut ejected_serving = BTreeMap::new();
-        let mut labels = Vec::with_capacity(subchannels.len());
-        let mut serving = BTreeMap::new();
-        let ramp = self.outputs.picker.slow_start();
-        let window = ramp.map_or(std::time::Duration::ZERO, |r| r.window);
-        let mut ramp_end: Option<std::time::Instant> = None;
-        let mut states = [
-            ("serving", 0),
-            ("not_serving", 0),
-            ("connecting", 0),
-            ("transient_failure", 0),
-        ];
-        for (addr, sub) in subchannels {
+        let seen = subchannels.iter().map(|(addr, sub)| {
             let status = sub.status();
-            if let Some(slot) = states
-                .iter_mut()
-                .find(|(s, _)| *s == status.state().metric_label())
-            {
-                slot.1 += 1;
+            let state = status.state();
+            Seen {
+                addr: *addr,
+                serving: state.is_serving(),
+                label: state.label().to_owned(),
+                metric: state.metric_label(),
+                since: status.since(),
+                ready: state
+                    .is_serving()
+                    .then(|| sub.pool())
+                    .filter(|pool| pool.is_ready())
+                    .cloned(),
+                ejected: ejector.is_ejected(addr),
             }
-            if status.state().is_serving() {
-                let pool = &sub.shared.pool;
-                let ejected = ejections
-                    .detector
-                    .as_ref()
-                    .is_some_and(|d| d.is_ejected(addr));
-                let (ready, since, in_rotation, serving) = match ejected {
-                    false => (&mut ready, &mut since, &mut in_rotation, &mut serving),
-                    true => (
-                        &mut ejected_ready,
-                        &mut ejected_since,
-                        &mut ejected_in_rotation,
-                        &mut ejected_serving,
-                    ),
-                };
-                if pool.is_ready() {
-                    ready.push(pool.clone());
-                    in_rotation.push(*addr);
-                    since.push(status.since());
-                    if ramp.is_some() && status.since().elapsed() < window {
-                        // Saturating: a window of Duration::MAX ramps "forever".
-                        let end = status.since() + crate::deadline::capped(window);
-                        ramp_end = Some(ramp_end.map_or(end, |e| e.max(end)));
-                    }
-                }
-                serving.insert(*addr, sub.handle());
-            }
-            labels.push(
-                match ejections
-                    .detector
-                    .as_ref()
-                    .and_then(|d| d.ejected_for(addr))
-                {
-                    Some(_) if status.state().is_serving() => "SERVING but ejected".to_owned(),
-                    _ => status.state().label().to_owned(),
-                },
-            );
-        }
-        let ejected = ejected_serving.len();
-        let panic = ready.is_empty() && !ejected_ready.is_empty();
-        if panic {
-            // Panic mode: ejected endpoints that still say SERVING beat none.
-            ready = ejected_ready;
-            since = ejected_since;
-            in_rotation = ejected_in_rotation;
-            serving = ejected_serving;
-            debug!(target = %self.target, endpoints = ready.len(), "every serving endpoint is ejected: calls go to them anyway");
-        }
-        crate::metrics::ejected(&self.target, ejected, panic);
-        if ramp_end.is_none() {
-            since.clear();
-        }
+        });
         let note = match self.resolver.status() {
             ResolveStatus::Pending => Some("the first resolution has not finished".to_owned()),
             ResolveStatus::Failing { error, .. } => Some(format!("resolution is failing: {error}")),
             _ if subchannels.is_empty() => Some("the resolver found no address".to_owned()),
             _ => None,
         };
-        crate::metrics::endpoints(&self.target, states);
-        let summary = Snapshot::summarize(labels.iter().map(String::as_str), note.as_deref());
-        self.outputs.picker.publish(Snapshot {
-            ready,
-            since,
-            summary,
-        });
+        let slow_start = self.outputs.picker.slow_start();
+        let built = snapshot::build(seen, slow_start, note.as_deref(), std::time::Instant::now());
+        if built.panic {
+            debug!(target = %self.target, endpoints = built.in_rotation.len(), "every serving endpoint is ejected: calls go to them anyway");
+        }
+        crate::metrics::ejected(&self.target, built.ejected, built.panic);
+        crate::metrics::endpoints(&self.target, built.states);
+        self.outputs.picker.publish(built.snapshot);
         // After the snapshot: "not in rotation" means no new pick finds it.
         for (addr, sub) in subchannels {
-            let picked = in_rotation.binary_search(addr).is_ok();
-            sub.shared
-                .stats
-                .in_rotation
-                .store(picked, Ordering::Release);
+            sub.set_in_rotation(built.in_rotation.binary_search(addr).is_ok());
         }
         self.outputs.endpoints.store(Arc::new(
             subchannels.values().map(Subchannel::handle).collect(),
         ));
+        let serving: BTreeMap<SocketAddr, Subchannel> = built
+            .serving
+            .iter()
+            .filter_map(|addr| Some((*addr, subchannels.get(addr)?.handle())))
+            .collect();
         self.outputs.serving.send_if_modified(|current| {
             // The same addresses with the same subchannels: a subchannel
             // replaced at its address (a pod back on the same IP) is a change.
@@ -545,8 +363,15 @@ impl Balancer {
             *current = Arc::new(serving);
             true
         });
-        ramp_end.map(Instant::from_std)
+        built.ramp_end.map(Instant::from_std)
     }
+}
+
+/// Each endpoint's outcomes, for the ejector.
+fn outcomes(
+    subchannels: &BTreeMap<SocketAddr, Subchannel>,
+) -> impl Iterator<Item = (SocketAddr, &crate::outlier::Outcomes)> {
+    subchannels.iter().map(|(a, s)| (*a, s.outcomes()))
 }
 
 #[cfg(test)]

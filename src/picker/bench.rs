@@ -1,0 +1,72 @@
+//! The picker behind a generic service, so benchmarks can measure the
+//! request path's routing cost against no-op endpoints. Not part of the API.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use super::{Picker, Snapshot};
+use crate::load::Candidate;
+
+#[derive(Clone)]
+struct Ready<S>(S);
+
+impl<S: Clone> Candidate for Ready<S> {
+    fn can_take_call(&self) -> bool {
+        true
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    fn latency_ns(&self, _: u64) -> Option<f64> {
+        None
+    }
+}
+
+/// `policy` over `services` through healthlb's picker, with
+/// `poll_ready` picking and `call` using the pick, as `LbChannel` does.
+#[allow(missing_debug_implementations)]
+pub struct Picked<S> {
+    picker: Arc<Picker<Ready<S>>>,
+    picked: Option<Ready<S>>,
+    first: Ready<S>,
+}
+
+impl<S: Clone> Picked<S> {
+    /// A picker over `services`, all SERVING; `None` if there are none.
+    pub fn new(services: Vec<S>, policy: &crate::Policy) -> Option<Self> {
+        let first = Ready(services.first()?.clone());
+        let picker = Picker::new(String::new(), super::Chooser::from(policy), None);
+        picker.publish(Snapshot {
+            ready: services.into_iter().map(Ready).collect(),
+            since: Vec::new(),
+            summary: String::new(),
+        });
+        Some(Self {
+            picker: Arc::new(picker),
+            picked: None,
+            first,
+        })
+    }
+}
+
+impl<S, R> tower::Service<R> for Picked<S>
+where
+    S: tower::Service<R> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.picked = self.picker.pick();
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: R) -> S::Future {
+        // Without a poll_ready first, the first service takes it.
+        let mut service = self.picked.take().unwrap_or_else(|| self.first.clone());
+        service.0.call(request)
+    }
+}

@@ -1,0 +1,196 @@
+//! The picker: the policy's choice among the endpoints of a snapshot.
+//!
+//! The balancer publishes a [`Snapshot`] whenever an endpoint's state, its
+//! ejection or the endpoint set changes. The request path loads it through
+//! [`ArcSwap`], which takes no lock the background tasks hold, and picks in
+//! O(1) whatever the number of endpoints:
+//!
+//! - round robin (`round_robin.rs`): one atomic add and one index;
+//! - least request (`least_request.rs`) and peak EWMA (`peak_ewma.rs`): a
+//!   few random indexes (`sample.rs`: a thread-local xorshift, no shared
+//!   state) and a few atomic loads per sample.
+//!
+//! A policy knows endpoints only as [`Candidate`]s, and the picker knows a
+//! policy only through [`Choose`]. The public [`Policy`] says which runs;
+//! slow start (`policy.rs`) weighs an endpoint that just joined.
+//!
+//! Only when the chosen endpoint's connections have just closed (a GOAWAY
+//! not yet published) does it look further. The picker chooses endpoints,
+//! not connections: an endpoint with extra connections gets no more calls.
+
+#[cfg(feature = "internals")]
+pub(crate) mod bench;
+mod least_request;
+mod peak_ewma;
+mod policy;
+mod round_robin;
+mod sample;
+mod snapshot;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use self::least_request::LeastRequest;
+use self::peak_ewma::PeakEwma;
+pub use self::policy::{Policy, SlowStart};
+use self::round_robin::RoundRobin;
+use self::sample::random_below;
+pub(crate) use self::snapshot::Snapshot;
+use crate::load::Candidate;
+use crate::subchannel::Pool;
+
+/// A policy's choice among the endpoints of a snapshot: the index of the
+/// one a call goes to, or `None` to leave it to round robin.
+pub(crate) trait Choose {
+    fn choose<T: Candidate>(&self, ready: &[T], weight: &impl Fn(usize) -> f64) -> Option<usize>;
+}
+
+/// The policy as the picker runs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Chooser {
+    RoundRobin,
+    LeastRequest(LeastRequest),
+    PeakEwma(PeakEwma),
+}
+
+impl From<&Policy> for Chooser {
+    fn from(policy: &Policy) -> Self {
+        match policy {
+            Policy::RoundRobin => Chooser::RoundRobin,
+            Policy::LeastRequest { choice_count } => Chooser::LeastRequest(LeastRequest {
+                choices: (*choice_count).clamp(2, 10),
+            }),
+            Policy::PeakEwma { default_rtt, .. } => Chooser::PeakEwma(PeakEwma {
+                default_rtt_ns: default_rtt.as_nanos() as f64,
+            }),
+        }
+    }
+}
+
+impl Choose for Chooser {
+    fn choose<T: Candidate>(&self, ready: &[T], weight: &impl Fn(usize) -> f64) -> Option<usize> {
+        match self {
+            Chooser::RoundRobin => None,
+            Chooser::LeastRequest(policy) => policy.choose(ready, weight),
+            Chooser::PeakEwma(policy) => policy.choose(ready, weight),
+        }
+    }
+}
+
+/// The picker state one `LbChannel` and its clones share.
+#[derive(Debug)]
+pub(crate) struct Picker<T = Arc<Pool>> {
+    snapshot: ArcSwap<Snapshot<T>>,
+    /// Bumped after every publish, to wake calls waiting for an endpoint.
+    published: watch::Sender<u64>,
+    chooser: Chooser,
+    /// The order of round robin, and every policy's fallback.
+    round_robin: RoundRobin,
+    slow_start: Option<SlowStart>,
+    /// Why the balancer stopped for good, if it did (a panic, its resolver
+    /// gone): no snapshot will come again.
+    stopped: OnceLock<String>,
+}
+
+// === impl Picker ===
+
+impl<T: Candidate> Picker<T> {
+    pub(crate) fn new(summary: String, chooser: Chooser, slow_start: Option<SlowStart>) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                ready: Vec::new(),
+                since: Vec::new(),
+                summary,
+            }),
+            published: watch::channel(0).0,
+            chooser,
+            round_robin: RoundRobin::default(),
+            slow_start,
+            stopped: OnceLock::new(),
+        }
+    }
+
+    /// The balancer stopped for good, for `why`: an empty snapshot, and
+    /// every call waiting for an endpoint is woken to fail.
+    pub(crate) fn stop(&self, why: String) {
+        let summary = format!("the balancer stopped: {why}");
+        let _ = self.stopped.set(why);
+        self.publish(Snapshot {
+            ready: Vec::new(),
+            since: Vec::new(),
+            summary,
+        });
+    }
+
+    /// Why the balancer stopped for good, if it did.
+    pub(crate) fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
+    }
+
+    /// Whether the picker wants to know when each endpoint became SERVING.
+    pub(crate) fn slow_start(&self) -> Option<SlowStart> {
+        self.slow_start
+    }
+
+    pub(crate) fn publish(&self, snapshot: Snapshot<T>) {
+        self.snapshot.store(Arc::new(snapshot));
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The policy's choice among the endpoints that can take a call, if
+    /// any can.
+    pub(crate) fn pick(&self) -> Option<T> {
+        let snapshot = self.snapshot.load();
+        if snapshot.ready.is_empty() {
+            return None;
+        }
+        // Slow start only costs a clock read while an endpoint ramps up.
+        let ramp = self.slow_start.filter(|_| !snapshot.since.is_empty());
+        let now = ramp.map(|_| Instant::now());
+        let weight = |i: usize| match (ramp, now) {
+            (Some(ramp), Some(now)) => {
+                ramp.weight(now.saturating_duration_since(snapshot.since[i]))
+            }
+            _ => 1.0,
+        };
+        let index = self.chooser.choose(&snapshot.ready, &weight).or_else(|| {
+            self.round_robin
+                .next(&snapshot.ready, ramp.is_some(), &weight)
+        })?;
+        Some(snapshot.ready[index].clone())
+    }
+
+    /// The summary of the current snapshot.
+    pub(crate) fn summary(&self) -> String {
+        self.snapshot.load().summary.clone()
+    }
+
+    /// Wakes on every publish from now on.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+}
+
+impl Picker<Arc<Pool>> {
+    /// The policy's choice, unless it is one of `tried`: then any other
+    /// endpoint that can take a call, from a random start. Only a retry or
+    /// a hedge has a `tried`, so the O(n) look is off the common path.
+    pub(crate) fn pick_avoiding(&self, tried: &[Arc<Pool>]) -> Option<Arc<Pool>> {
+        let first = self.pick()?;
+        let was_tried = |c: &Arc<Pool>| tried.iter().any(|t| Arc::ptr_eq(t, c));
+        if !was_tried(&first) {
+            return Some(first);
+        }
+        let snapshot = self.snapshot.load();
+        let n = snapshot.ready.len();
+        let start = random_below(n);
+        (0..n)
+            .map(|k| &snapshot.ready[(start + k) % n])
+            .find(|c| c.can_take_call() && !was_tried(c))
+            .cloned()
+            .or(Some(first))
+    }
+}

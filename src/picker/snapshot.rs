@@ -1,0 +1,72 @@
+//! What the picker picks from: the endpoints calls may go to, as the
+//! balancer last published them, and a summary of every endpoint for
+//! error messages.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::subchannel::Pool;
+
+/// What the request path sees: the endpoints calls may go to, and a
+/// summary of every endpoint for error messages.
+#[derive(Debug)]
+pub(crate) struct Snapshot<T = Arc<Pool>> {
+    /// The endpoints calls may go to, in address order.
+    pub(crate) ready: Vec<T>,
+    /// When each became SERVING, for slow start; empty without it.
+    pub(crate) since: Vec<Instant>,
+    /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
+    pub(crate) summary: String,
+}
+
+impl Snapshot {
+    /// Summarises endpoint state labels: counts per label, most frequent
+    /// first.
+    pub(crate) fn summarize<'a>(
+        labels: impl Iterator<Item = &'a str>,
+        note: Option<&str>,
+    ) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        let mut total = 0;
+        for label in labels {
+            total += 1;
+            match counts.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((label, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let mut out = format!("{total} endpoint{}", if total == 1 { "" } else { "s" });
+        for (i, (label, n)) in counts.iter().enumerate() {
+            out.push_str(if i == 0 { ": " } else { ", " });
+            let _ = write!(out, "{n} {label}");
+        }
+        if let Some(note) = note {
+            let _ = write!(out, " ({note})");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_count_labels() {
+        let labels = ["NOT_SERVING", "connect refused", "NOT_SERVING"];
+        assert_eq!(
+            Snapshot::summarize(labels.into_iter(), None),
+            "3 endpoints: 2 NOT_SERVING, 1 connect refused"
+        );
+        assert_eq!(
+            Snapshot::summarize(std::iter::empty(), Some("DNS returned no address")),
+            "0 endpoints (DNS returned no address)"
+        );
+        assert_eq!(
+            Snapshot::summarize(["SERVING"].into_iter(), None),
+            "1 endpoint: 1 SERVING"
+        );
+    }
+}
