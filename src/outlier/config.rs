@@ -7,6 +7,7 @@ use tonic::Code;
 
 use super::counters::CodeSet;
 use crate::Error;
+use crate::service_config::json::{Field, positive};
 
 /// Outlier ejection's settings. [`OutlierDetection::default`] is what a
 /// channel uses unless told otherwise: consecutive failures only.
@@ -287,5 +288,112 @@ impl OutlierDetection {
             )));
         }
         Ok(())
+    }
+}
+
+// === The service config's `outlier_detection_experimental` (gRFC A50) ===
+
+impl OutlierDetection {
+    /// The entry's settings; its `childPolicy` is read by the service config.
+    pub(crate) fn from_json(field: &Field<'_>) -> Result<OutlierDetection, Error> {
+        let o = field.object()?;
+        field.known(
+            o,
+            &[
+                "interval",
+                "baseEjectionTime",
+                "maxEjectionTime",
+                "maxEjectionPercent",
+                "successRateEjection",
+                "failurePercentageEjection",
+                "consecutiveFailures",
+                "failureCodes",
+                "childPolicy",
+                "child_policy",
+            ],
+        );
+        let mut od = OutlierDetection::a50();
+        if let Some(d) = field.get(o, "interval") {
+            od.interval = positive(&d)?;
+        }
+        if let Some(d) = field.get(o, "baseEjectionTime") {
+            od.base_ejection_time = positive(&d)?;
+        }
+        match field.get(o, "maxEjectionTime") {
+            Some(d) => od.max_ejection_time = d.duration()?,
+            // A50: 300 s, or the base ejection time if that is longer.
+            None => od.max_ejection_time = od.max_ejection_time.max(od.base_ejection_time),
+        }
+        if let Some(p) = field.get(o, "maxEjectionPercent") {
+            od.max_ejection_percent = p.percent()?;
+        }
+        if let Some(s) = field.get(o, "successRateEjection") {
+            let so = s.object()?;
+            s.known(
+                so,
+                &[
+                    "stdevFactor",
+                    "enforcementPercentage",
+                    "minimumHosts",
+                    "requestVolume",
+                ],
+            );
+            let mut rule = SuccessRateEjection::default();
+            if let Some(v) = s.get(so, "stdevFactor") {
+                rule.stdev_factor = v.count(0)?;
+            }
+            if let Some(v) = s.get(so, "enforcementPercentage") {
+                rule.enforcement_percentage = v.percent()?;
+            }
+            if let Some(v) = s.get(so, "minimumHosts") {
+                rule.minimum_hosts = v.count(0)?;
+            }
+            if let Some(v) = s.get(so, "requestVolume") {
+                rule.request_volume = v.count(0)?;
+            }
+            od.success_rate = Some(rule);
+        }
+        if let Some(f) = field.get(o, "failurePercentageEjection") {
+            let fo = f.object()?;
+            f.known(
+                fo,
+                &[
+                    "threshold",
+                    "enforcementPercentage",
+                    "minimumHosts",
+                    "requestVolume",
+                ],
+            );
+            let mut rule = FailurePercentageEjection::default();
+            if let Some(v) = f.get(fo, "threshold") {
+                rule.threshold = v.percent()?;
+            }
+            if let Some(v) = f.get(fo, "enforcementPercentage") {
+                rule.enforcement_percentage = v.percent()?;
+            }
+            if let Some(v) = f.get(fo, "minimumHosts") {
+                rule.minimum_hosts = v.count(0)?;
+            }
+            if let Some(v) = f.get(fo, "requestVolume") {
+                rule.request_volume = v.count(0)?;
+            }
+            od.failure_percentage = Some(rule);
+        }
+        if let Some(c) = field.get(o, "consecutiveFailures") {
+            let co = c.object()?;
+            c.known(co, &["threshold", "enforcementPercentage"]);
+            let mut rule = ConsecutiveFailures::default();
+            if let Some(v) = c.get(co, "threshold") {
+                rule.threshold = v.count(1)?;
+            }
+            if let Some(v) = c.get(co, "enforcementPercentage") {
+                rule.enforcement_percentage = v.percent()?;
+            }
+            od.consecutive_failures = Some(rule);
+        }
+        if let Some(codes) = field.get(o, "failureCodes") {
+            od.failure_codes = codes.codes()?;
+        }
+        Ok(od)
     }
 }

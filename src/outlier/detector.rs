@@ -291,7 +291,7 @@ mod tests {
             let mut d = detector(config, 2);
             d.on_failures(now, &[(addr(1), 5)])[0].until
         };
-        let json = crate::service_config::parse_duration("315576000000s").unwrap();
+        let json = crate::service_config::json::parse_duration("315576000000s").unwrap();
         assert_eq!(eject_for(Duration::MAX), eject_for(json));
         assert!(eject_for(Duration::MAX) > now + Duration::from_secs(20 * 365 * 86_400));
     }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::Error;
+use crate::service_config::json::{Field, invalid, single};
 
 /// How calls are spread over the SERVING endpoints. Default: round robin.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -153,6 +154,87 @@ impl SlowStart {
         }
         Ok(())
     }
+}
+
+// === The service config's entries (gRFC A2) ===
+
+impl Policy {
+    /// A `loadBalancingConfig` entry naming a policy other than outlier
+    /// detection or subsetting: the policy and its slow start, or `None`
+    /// for one healthlb doesn't run.
+    pub(crate) fn from_json(
+        entry: &Field<'_>,
+    ) -> Result<Option<(Policy, Option<SlowStart>)>, Error> {
+        let (name, config) = single(entry)?;
+        let o = config.object()?;
+        let policy = match name.as_str() {
+            "round_robin" => {
+                config.known(o, &["slowStart"]);
+                Policy::RoundRobin
+            }
+            "least_request_experimental" => {
+                config.known(o, &["choiceCount", "slowStart"]);
+                let choice_count = match config.get(o, "choiceCount") {
+                    Some(c) => {
+                        let n = c.whole(0, u64::from(u32::MAX))?;
+                        if n < 2 {
+                            return Err(invalid(
+                                &c.path,
+                                format!("must be at least 2 (above 10 is taken as 10), got {n}"),
+                            ));
+                        }
+                        if n > 10 {
+                            c.note(format!("{} {n} is taken as 10 (gRFC A48)", c.path));
+                        }
+                        n.min(10) as usize
+                    }
+                    None => 2,
+                };
+                Policy::LeastRequest { choice_count }
+            }
+            "peak_ewma" => {
+                config.known(o, &["decay", "defaultRtt", "slowStart"]);
+                let Policy::PeakEwma {
+                    mut decay,
+                    mut default_rtt,
+                } = Policy::peak_ewma()
+                else {
+                    unreachable!("peak_ewma() is PeakEwma")
+                };
+                if let Some(d) = config.get(o, "decay") {
+                    decay = d.duration()?;
+                    if decay.is_zero() {
+                        return Err(invalid(&d.path, "must be above zero"));
+                    }
+                }
+                if let Some(d) = config.get(o, "defaultRtt") {
+                    default_rtt = d.duration()?;
+                }
+                Policy::PeakEwma { decay, default_rtt }
+            }
+            _ => return Ok(None),
+        };
+        let slow_start = match config.get(o, "slowStart") {
+            Some(s) => Some(slow_start(&s)?),
+            None => None,
+        };
+        Ok(Some((policy, slow_start)))
+    }
+}
+
+fn slow_start(field: &Field<'_>) -> Result<SlowStart, Error> {
+    let o = field.object()?;
+    field.known(o, &["window", "aggression", "minWeightPercent"]);
+    let mut s = SlowStart::new(field.require(o, "window")?.duration()?);
+    if let Some(a) = field.get(o, "aggression") {
+        s.aggression = a.number()?;
+    }
+    if let Some(m) = field.get(o, "minWeightPercent") {
+        s.min_weight_percent = m.number()?;
+    }
+    s.validate()
+        .map_err(|e| invalid(&field.path, format!("is not valid: {e}")))?;
+    Ok(s)
 }
 
 #[cfg(test)]

@@ -1,0 +1,66 @@
+//! Counting gRPC messages in a body as it passes, from their 5-byte length
+//! prefixes.
+
+/// Counts gRPC messages in a body from their 5-byte length prefixes, across
+/// chunk boundaries. A message counts as soon as its prefix has passed.
+#[derive(Debug, Default)]
+pub(crate) struct GrpcFrames {
+    /// Prefix bytes seen of the next message (0–4).
+    prefix: u8,
+    len: [u8; 4],
+    /// Bytes left of the current message.
+    remaining: u64,
+}
+
+impl GrpcFrames {
+    /// Feeds one chunk; returns how many messages began in it.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> u64 {
+        let mut messages = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= take as u64;
+                data = &data[take..];
+                continue;
+            }
+            let byte = data[0];
+            data = &data[1..];
+            if self.prefix > 0 {
+                self.len[usize::from(self.prefix) - 1] = byte;
+            }
+            self.prefix += 1;
+            if self.prefix == 5 {
+                messages += 1;
+                self.prefix = 0;
+                self.remaining = u64::from(u32::from_be_bytes(self.len));
+            }
+        }
+        messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GrpcFrames;
+
+    fn message(body: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((body.len() as u32).to_be_bytes());
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn counts_messages_across_chunk_boundaries() {
+        let mut stream = Vec::new();
+        for body in [&b"hello"[..], b"", b"a longer message body", b"x"] {
+            stream.extend(message(body));
+        }
+        // Whole, and cut into every chunk size.
+        for chunk in 1..=stream.len() {
+            let mut frames = GrpcFrames::default();
+            let n: u64 = stream.chunks(chunk).map(|c| frames.feed(c)).sum();
+            assert_eq!(n, 4, "chunk size {chunk}");
+        }
+    }
+}
