@@ -113,7 +113,7 @@ async fn main() {
     );
 
     let channel = LbChannel::builder(target)
-        .min_refresh(Duration::from_millis(500))
+        .resolution(|r| r.min_refresh(Duration::from_millis(500)))
         .build()
         .expect("the demo's target is valid");
     let load = Load::start(&channel);

@@ -9,7 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use healthlb::{LbChannel, SubchannelState};
+use healthlb::LbChannel;
+use healthlb::subchannel::SubchannelState;
 
 fn usage() -> ! {
     eprintln!("usage: probe TARGET [--service NAME] [--wait SECS]");
@@ -39,7 +40,7 @@ async fn main() {
     let Some(target) = target else { usage() };
 
     let channel = match LbChannel::builder(target.clone())
-        .health_service(service)
+        .subchannels(|s| s.health_service(service))
         .build()
     {
         Ok(channel) => channel,

@@ -70,7 +70,7 @@ fn args() -> Args {
 async fn main() {
     let args = args();
     let channel = match LbChannel::builder(args.target.clone())
-        .max_connections_per_endpoint(args.max_connections)
+        .subchannels(|s| s.max_connections_per_endpoint(args.max_connections))
         .ready_timeout(Duration::from_secs(600))
         .connect()
         .await

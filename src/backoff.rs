@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use crate::deadline::{capped, scaled};
 
-/// Backoff settings. The defaults are gRPC's: 1 s, × 1.6, ± 20 %, at most 120 s.
+/// Backoff settings. The defaults are gRPC's: `defaults::BACKOFF`,
+/// 1 s, × 1.6, ± 20 %, at most 120 s.
 /// Set them with the chained setters; read them from the fields. They are
 /// checked when the channel or subchannel is built.
 ///
@@ -37,17 +38,6 @@ pub struct BackoffConfig {
     pub jitter: f64,
     /// The longest delay. Default: 120 s.
     pub max: Duration,
-}
-
-impl Default for BackoffConfig {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_secs(1),
-            multiplier: 1.6,
-            jitter: 0.2,
-            max: Duration::from_secs(120),
-        }
-    }
 }
 
 // === impl BackoffConfig ===

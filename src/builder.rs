@@ -1,6 +1,7 @@
 //! [`Builder`]: every knob of every stage, in one place.
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -10,19 +11,19 @@ use http::uri::Authority;
 use crate::balancer::{Balancer, Spec};
 use crate::call::AppliedConfig;
 use crate::channel::{CallSettings, LbChannel};
-use crate::resolve::{ResolveConfig, Resolver};
+use crate::defaults;
+use crate::resolve::{DynSource, EndpointSource, ResolveConfig, Resolver};
+use crate::subchannel::SubchannelConfig;
 use crate::target::Target;
-use crate::{
-    BackoffConfig, Error, OutlierDetection, Policy, ServiceConfig, SlowStart, SubchannelConfig,
-};
+use crate::{Error, OutlierDetection, Policy, ServiceConfig, SlowStart};
 
 /// Builds an [`LbChannel`]. Setters take `self` by value; each states its
 /// default. Where tonic's `Endpoint` has the same setting, it has tonic's
 /// name, type and meaning; setters that can fail return
-/// `Result<Self, Error>`, as tonic's do. The resolver's and the
-/// subchannels' settings can also be given whole, with
-/// [`resolve_config`](Self::resolve_config) and
-/// [`subchannel_config`](Self::subchannel_config).
+/// `Result<Self, Error>`, as tonic's do. The balancer's own settings are
+/// here too; the rest are grouped by stage, in
+/// [`resolution`](Self::resolution) and [`subchannels`](Self::subchannels).
+/// Every default is a constant in [`defaults`](crate::defaults).
 ///
 /// ```no_run
 /// # fn run() -> Result<(), healthlb::Error> {
@@ -52,7 +53,7 @@ use crate::{
 #[derive(Clone, Debug)]
 #[must_use = "a builder does nothing until built"]
 pub struct Builder {
-    target: String,
+    target: Origin,
     resolve: ResolveConfig,
     subchannel: SubchannelConfig,
     ready_timeout: Duration,
@@ -63,6 +64,37 @@ pub struct Builder {
     slow_start: Option<SlowStart>,
     outlier_detection: Option<OutlierDetection>,
     service_config: Option<Arc<ServiceConfig>>,
+}
+
+/// Where the endpoints come from.
+#[derive(Clone)]
+enum Origin {
+    /// A target string, parsed at `build()`.
+    Target(String),
+    /// A user's [`EndpointSource`], under a name. The slot is shared by the
+    /// builder's clones: the first `build()` takes the source.
+    Source {
+        name: Arc<str>,
+        source: Arc<Mutex<Option<Box<dyn DynSource>>>>,
+    },
+}
+
+impl Origin {
+    fn name(&self) -> &str {
+        match self {
+            Self::Target(target) => target,
+            Self::Source { name, .. } => name,
+        }
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Target(target) => f.debug_tuple("Target").field(target).finish(),
+            Self::Source { name, .. } => f.debug_struct("Source").field("name", name).finish(),
+        }
+    }
 }
 
 /// Setters that hand their value to one stage's configuration.
@@ -87,21 +119,39 @@ impl LbChannel {
     /// tonic users write it (`http://host:port`; `https://host`, which
     /// turns TLS on and defaults to port 443).
     pub fn builder(target: impl Into<String>) -> Builder {
-        Builder::new(target.into())
+        Builder::new(Origin::Target(target.into()))
+    }
+
+    /// A builder for a channel over the endpoints `source` gives: a service
+    /// registry, a control plane, a file; see [`EndpointSource`]. `name`
+    /// names the channel in logs, metrics and errors, and is the calls'
+    /// `:authority` when it is a valid one (`host` or `host:port`; set
+    /// [`SubchannelConfig::authority`] otherwise). Every other stage
+    /// (connections, health checks, balancing, ejection, retries) is as
+    /// for a DNS target; the resolver settings that apply to any source
+    /// (`max_endpoints`, subsetting) apply here too.
+    ///
+    /// The source runs once: a clone of this builder that is built after
+    /// the first fails with [`Error`] naming the source.
+    pub fn from_source(name: impl Into<Arc<str>>, source: impl EndpointSource) -> Builder {
+        Builder::new(Origin::Source {
+            name: name.into(),
+            source: Arc::new(Mutex::new(Some(Box::new(source)))),
+        })
     }
 }
 
 // === impl Builder ===
 
 impl Builder {
-    fn new(target: String) -> Self {
+    fn new(target: Origin) -> Self {
         Self {
             target,
             resolve: ResolveConfig::default(),
             subchannel: SubchannelConfig::default(),
-            ready_timeout: Duration::from_secs(5),
+            ready_timeout: defaults::READY_TIMEOUT,
             fail_fast: false,
-            connect_deadline: Duration::from_secs(20),
+            connect_deadline: defaults::CONNECT_DEADLINE,
             timeout: None,
             policy: Policy::RoundRobin,
             slow_start: None,
@@ -147,7 +197,7 @@ impl Builder {
     /// ([`ServiceConfig::warnings`]). Default: none.
     pub fn default_service_config(mut self, json: &str) -> Result<Self, Error> {
         let config = ServiceConfig::parse(json)?;
-        config.log_warnings(&self.target);
+        config.log_warnings(self.target.name());
         if let Some(policy) = &config.policy {
             self.policy = policy.clone();
             self.slow_start = config.slow_start;
@@ -163,7 +213,8 @@ impl Builder {
     }
 
     /// How long a call waits for an endpoint to become SERVING, or for a
-    /// free stream slot, before it fails with UNAVAILABLE. Default: 5 s,
+    /// free stream slot, before it fails with UNAVAILABLE. Default:
+    /// [`defaults::READY_TIMEOUT`],
     /// long enough to ride out a rolling deploy's gap, short next to typical
     /// call deadlines. A call's own deadline still applies.
     pub fn ready_timeout(mut self, d: Duration) -> Self {
@@ -180,7 +231,7 @@ impl Builder {
     }
 
     /// How long [`connect`](Self::connect) waits for a SERVING endpoint.
-    /// Default: 20 s, gRPC's minimum connect timeout.
+    /// Default: [`defaults::CONNECT_DEADLINE`].
     pub fn connect_deadline(mut self, d: Duration) -> Self {
         self.connect_deadline = d;
         self
@@ -195,133 +246,67 @@ impl Builder {
         self
     }
 
-    /// All resolver settings at once. Default: [`ResolveConfig::default`].
-    pub fn resolve_config(mut self, config: ResolveConfig) -> Self {
-        self.resolve = config;
+    /// The resolver's settings (refresh times, `max_endpoints`, DNS
+    /// timeout and backoff, subsetting, service config from DNS), given to
+    /// `f` and taken back. Default: [`ResolveConfig::default`].
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), healthlb::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let channel = healthlb::LbChannel::builder("dns:///echo.default.svc:50051")
+    ///     .resolution(|r| r.max_refresh(Duration::from_secs(10)).subset_size(20))
+    ///     .subchannels(|s| s.health_service("echo.Echo").max_connection_age(Duration::from_secs(300)))
+    ///     .build()?;
+    /// # drop(channel);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn resolution(mut self, f: impl FnOnce(ResolveConfig) -> ResolveConfig) -> Self {
+        self.resolve = f(self.resolve);
         self
     }
 
-    /// All subchannel settings at once. Default:
-    /// [`SubchannelConfig::default`].
-    pub fn subchannel_config(mut self, config: SubchannelConfig) -> Self {
-        self.subchannel = config;
-        self
-    }
-
-    delegate! { resolve:
-        /// The shortest time between two DNS lookups. Default: 1 s.
-        fn min_refresh(d: Duration);
-        /// The longest time between two DNS lookups, whatever the TTL.
-        /// Default: 30 s.
-        fn max_refresh(d: Duration);
-        /// The most endpoints kept; past it a stable subset is used.
-        /// Default: 1024.
-        fn max_endpoints(n: usize);
-        /// How long one DNS query may take. Default: 5 s.
-        fn dns_timeout(d: Duration);
-        /// The seed that picks which endpoints stay when an answer exceeds
-        /// `max_endpoints` or the subset size. Default: random per channel,
-        /// so different clients keep different subsets.
-        fn subset_seed(seed: u64);
-        /// Random subsetting (gRFC A68): connects to at most `size` of the
-        /// resolved endpoints, chosen by rendezvous hashing over the
-        /// channel's `subset_seed`, and balances over those. While the
-        /// endpoint set changes, the subset changes only where it must: an
-        /// endpoint that leaves is replaced by one other, and one that
-        /// arrives displaces at most one. For services with more pods than
-        /// a client should keep connections to. A service config's
-        /// `random_subsetting` entry sets it too. Default: off, every
-        /// endpoint (up to `max_endpoints`).
-        fn subset_size(size: usize);
-        /// Looks up the service config in the TXT record
-        /// `_grpc_config.<host>` of a `dns:` target, at every refresh
-        /// (gRPC's format, with choices by `clientLanguage` "rust",
-        /// `percentage` and `clientHostname`). Its `methodConfig` and
-        /// `retryThrottling` replace the default service config's; the
-        /// policy chosen at build stays. A bad record keeps the last good
-        /// config, with one warning. Default: off, as in C-core and
-        /// grpc-java.
-        fn service_config_from_dns(on: bool);
-    }
-
-    /// Backoff between failed DNS lookups. Default: 1 s × 1.6 ± 20 %,
-    /// capped at the last healthy refresh interval.
-    pub fn resolve_backoff(mut self, backoff: BackoffConfig) -> Self {
-        self.resolve = self.resolve.backoff(backoff);
+    /// The subchannels' settings beyond tonic's (health checks, liveness,
+    /// connection age, connections per endpoint, backoff, the retry
+    /// buffer, `:authority`, metric labels), given to `f` and taken back.
+    /// Default: [`SubchannelConfig::default`].
+    pub fn subchannels(mut self, f: impl FnOnce(SubchannelConfig) -> SubchannelConfig) -> Self {
+        self.subchannel = f(self.subchannel);
         self
     }
 
     delegate! { subchannel:
         /// How long one connect attempt may take, up to the first health
-        /// answer. Default: 20 s.
+        /// answer. Default: [`defaults::CONNECT_TIMEOUT`].
         fn connect_timeout(d: Duration);
-        /// Backoff between failed connects and ended health streams.
-        /// Default: 1 s × 1.6 ± 20 %, at most 120 s.
-        fn backoff(backoff: BackoffConfig);
         /// HTTP/2 keepalive PINGs; at least 10 s. Default: off, because
         /// default grpc-go and C-core servers punish PINGs with GOAWAY
         /// `too_many_pings`; the liveness probe covers dead peers.
         fn http2_keep_alive_interval(interval: Duration);
-        /// How long a PING may go unanswered. Default: 20 s.
+        /// How long a PING may go unanswered. Default:
+        /// [`defaults::KEEP_ALIVE_TIMEOUT`].
         fn keep_alive_timeout(d: Duration);
         /// Whether to PING without calls open. Default: false.
         fn keep_alive_while_idle(enabled: bool);
-        /// TCP keepalive idle time; `None` is off. Default: 60 s.
+        /// TCP keepalive idle time; `None` is off. Default:
+        /// [`defaults::TCP_KEEPALIVE`].
         fn tcp_keepalive(d: Option<Duration>);
         /// Whether to set `TCP_NODELAY`. Default: true.
         fn tcp_nodelay(enabled: bool);
         /// HTTP/2 stream-level flow-control window, at most 2^31 − 1.
-        /// Default: 2 MiB.
+        /// Default: hyper's, 2 MiB.
         fn initial_stream_window_size(size: impl Into<Option<u32>>);
         /// HTTP/2 connection-level flow-control window, at most 2^31 − 1.
-        /// Default: 5 MiB.
+        /// Default: hyper's, 5 MiB.
         fn initial_connection_window_size(size: impl Into<Option<u32>>);
         /// Windows sized from measured bandwidth-delay. Default: false.
         fn http2_adaptive_window(enabled: bool);
-        /// Whether to watch `grpc.health.v1.Health`. Default: on.
-        fn health_check(enabled: bool);
-        /// The health service name. Default: `""`, the whole server.
-        fn health_service(name: impl Into<String>);
-        /// How long a connection may be silent before the liveness probe
-        /// asks; `None` is off. Default: 15 s.
-        fn liveness_interval(d: Option<Duration>);
-        /// How long the liveness probe waits. Default: 15 s.
-        fn liveness_timeout(d: Duration);
-        /// The most liveness probes a second over all endpoints; past
-        /// `liveness_interval` × this endpoints, each endpoint's interval
-        /// stretches to endpoints ÷ this. Default: 200, so the 15 s
-        /// interval holds up to 3,000 endpoints (50 s at 10,000).
-        fn liveness_probes_per_second(rate: f64);
-        /// Replaces each connection after this age, ±10 % per connection,
-        /// make-before-break. Default: off.
-        fn max_connection_age(age: Duration);
-        /// How long a replaced connection's calls may run. Default: 30 s.
-        fn max_connection_age_grace(d: Duration);
-        /// The most connections to one endpoint, opened as the server's
-        /// stream limit is reached. Default: 8.
-        fn max_connections_per_endpoint(n: usize);
-        /// How long an extra connection stays open without calls.
-        /// Default: 60 s.
-        fn extra_connection_idle_timeout(d: Duration);
         /// The most calls in flight on each endpoint. Default: none.
         fn concurrency_limit(limit: usize);
-        /// The request bytes kept so a call can be sent again until it
-        /// commits (transparent retries, and the service config's retries
-        /// and hedges): at most `per_call` for one call and `total` for the
-        /// whole channel. A call past either commits to its attempt rather
-        /// than failing. Default: 256 KiB and 16 MiB, grpc-go's.
-        fn retry_buffer_size(per_call: usize, total: usize);
         /// The most calls each endpoint starts per `duration`. Default:
         /// none.
         fn rate_limit(limit: u64, duration: Duration);
-        /// The `:authority` of every call, and the TLS server name unless
-        /// one is set. Default: the target's host and port as written
-        /// (`echo.default.svc.cluster.local:50051`; for SRV targets the SRV
-        /// name, for fixed lists the first address).
-        fn authority(authority: impl Into<String>);
-        /// A `method` label on request and message metrics (feature
-        /// `metrics`). Default: off, to keep cardinality bounded.
-        fn metrics_method_label(enabled: bool);
     }
 
     /// A `user-agent` prefix; `healthlb/VERSION` follows it. Fails if it is
@@ -350,10 +335,16 @@ impl Builder {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::no_runtime("LbChannel::build"))?;
         crate::metrics::describe();
-        let target = Target::parse(&self.target, self.subchannel.is_tls().then_some(443))?;
-        if target.wants_tls() && !self.subchannel.is_tls() {
-            self.subchannel = default_tls(self.subchannel, &target)?;
-        }
+        let origin = match std::mem::replace(&mut self.target, Origin::Target(String::new())) {
+            Origin::Target(target) => {
+                let target = Target::parse(&target, self.subchannel.is_tls().then_some(443))?;
+                if target.wants_tls() && !self.subchannel.is_tls() {
+                    self.subchannel = default_tls(self.subchannel, &target)?;
+                }
+                Ok(target)
+            }
+            Origin::Source { name, source } => Err((name, source)),
+        };
         if self.ready_timeout.is_zero() {
             return Err(Error::invalid_config(
                 "ready_timeout must be above zero; use fail_fast to fail at once",
@@ -370,15 +361,33 @@ impl Builder {
         if let Some(outlier) = &self.outlier_detection {
             outlier.validate()?;
         }
-        let authority = Authority::try_from(target.authority().as_str()).ok();
+        let (name, authority, resolver) = match origin {
+            Ok(target) => {
+                let authority = Authority::try_from(target.authority().as_str()).ok();
+                let resolver = Resolver::spawn(&target, self.resolve)?;
+                (target.shared_str(), authority, resolver)
+            }
+            Err((name, source)) => {
+                let taken = source.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let source = taken.ok_or_else(|| {
+                    Error::invalid_target(
+                        &name,
+                        "this endpoint source was already started by another build() \
+                         of the same builder; make one builder per channel",
+                    )
+                })?;
+                let authority = Authority::try_from(&*name).ok();
+                let resolver = Resolver::from_dyn_source(name.clone(), source, self.resolve)?;
+                (name, authority, resolver)
+            }
+        };
         let retry_buffer = self.subchannel.retry_buffer.clone();
         let service_config = Arc::new(ArcSwapOption::new(
             self.service_config.clone().map(AppliedConfig::new),
         ));
-        let resolver = Resolver::spawn(&target, self.resolve)?;
         let running = Balancer::spawn(
             Spec {
-                target: target.shared_str(),
+                target: name.clone(),
                 resolver,
                 config: Arc::new(self.subchannel),
                 authority,
@@ -392,7 +401,7 @@ impl Builder {
             &runtime,
         );
         Ok(LbChannel::new(
-            target.shared_str(),
+            name,
             running,
             CallSettings {
                 ready_timeout: self.ready_timeout,

@@ -131,7 +131,7 @@ impl LbChannel {
     }
 
     /// The service config in force, parsed: the last good one from DNS
-    /// (with [`Builder::service_config_from_dns`](crate::Builder::service_config_from_dns)),
+    /// (with [`ResolveConfig::service_config_from_dns`](crate::resolve::ResolveConfig::service_config_from_dns)),
     /// else the one given to
     /// [`Builder::default_service_config`](crate::Builder::default_service_config);
     /// `None` without either.

@@ -11,6 +11,7 @@ mod call;
 mod channel;
 mod connection;
 mod deadline;
+pub mod defaults;
 mod discover;
 mod error;
 mod load;
@@ -21,7 +22,7 @@ pub mod resolve;
 mod service_config;
 mod status;
 pub mod subchannel;
-pub mod target;
+mod target;
 mod timer;
 
 /// Hooks for healthlb's own benchmarks and fuzzers, with the feature
@@ -46,8 +47,11 @@ pub mod internals {
         size: usize,
         seed: u64,
     ) -> Vec<std::net::SocketAddr> {
-        let list = addrs.iter().map(|a| crate::Endpoint::new(*a)).collect();
-        let (set, _) = crate::Endpoints::normalize(list, size, seed);
+        let list = addrs
+            .iter()
+            .map(|a| crate::resolve::Endpoint::new(*a))
+            .collect();
+        let (set, _) = crate::resolve::Endpoints::normalize(list, size, seed);
         set.iter().map(|e| e.addr()).collect()
     }
 
@@ -68,10 +72,8 @@ pub use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
 pub use crate::picker::{Policy, SlowStart};
-pub use crate::resolve::{Endpoint, Endpoints};
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
 };
 pub use crate::status::EndpointStatus;
-pub use crate::subchannel::{Subchannel, SubchannelConfig, SubchannelState};
-pub use crate::target::Target;
+pub use crate::target::{Target, TargetKind};

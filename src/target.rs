@@ -43,7 +43,7 @@ const UNSUPPORTED_SCHEMES: &[&str] = &[
 /// A parsed target.
 ///
 /// ```
-/// use healthlb::target::{Target, TargetKind};
+/// use healthlb::{Target, TargetKind};
 ///
 /// let t: Target = "dns://127.0.0.1:5353/echo.test.local:50051".parse()?;
 /// assert!(matches!(t.kind(), TargetKind::Dns { port: 50051, .. }));

@@ -262,7 +262,10 @@ fn paths(code: &str) -> Vec<String> {
             let whole = tail[..len].trim_end_matches(':');
             if !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && whole.contains("::") {
                 let offset = code.len() - tail.len();
-                found.push(from_file(offset, tail[..len].trim_end_matches(':').to_owned()));
+                found.push(from_file(
+                    offset,
+                    tail[..len].trim_end_matches(':').to_owned(),
+                ));
             }
             rest = &tail[start.len()..];
         }
@@ -438,12 +441,20 @@ fn no_import_cycle_and_no_file_over_600_lines() {
             .find_map(|l| l.strip_prefix("//!"))
             .map(str::trim)
             .unwrap_or("");
-        println!("| {} | {} | {role} |", name(&root, file), file.text.lines().count());
+        println!(
+            "| {} | {} | {role} |",
+            name(&root, file),
+            file.text.lines().count()
+        );
     }
     println!("\nimports:");
     for (module, deps) in &graph {
         let names: Vec<String> = deps.iter().map(|d| name(&root, &krate.files[d])).collect();
-        println!("{} -> {}", name(&root, &krate.files[module]), names.join(", "));
+        println!(
+            "{} -> {}",
+            name(&root, &krate.files[module]),
+            names.join(", ")
+        );
     }
 
     let long: Vec<String> = krate
@@ -464,10 +475,18 @@ fn no_import_cycle_and_no_file_over_600_lines() {
 fn the_reader_sees_through_braces_comments_and_reexports() {
     assert_eq!(
         expand("crate::a::{b::C, d::{E, F}, self}"),
-        ["crate::a::b::C", "crate::a::d::E", "crate::a::d::F", "crate::a"]
+        [
+            "crate::a::b::C",
+            "crate::a::d::E",
+            "crate::a::d::F",
+            "crate::a"
+        ]
     );
     let text = "// use crate::x::Y;\nlet s = \"crate::z::W\";\nuse super::p::Q;";
     assert_eq!(paths(&code(text)), ["super::p::Q"]);
     let text = "use crate::a::B;\nmod bench { use super::C; }\n#[cfg(test)]\nmod tests { use crate::d::E; }";
-    assert_eq!(paths(&without_tests(&code(text))), ["crate::a::B", "self::C"]);
+    assert_eq!(
+        paths(&without_tests(&code(text))),
+        ["crate::a::B", "self::C"]
+    );
 }

@@ -134,26 +134,26 @@ fn apply(mut b: Builder, s: &Settings) -> Builder {
     }
     set!(0, v => b.ready_timeout(v));
     set!(1, v => b.connect_deadline(v));
-    set!(2, v => b.min_refresh(v));
-    set!(3, v => b.max_refresh(v));
-    set!(4, v => b.dns_timeout(v));
+    set!(2, v => b.resolution(|r| r.min_refresh(v)));
+    set!(3, v => b.resolution(|r| r.max_refresh(v)));
+    set!(4, v => b.resolution(|r| r.dns_timeout(v)));
     set!(5, v => b.connect_timeout(v));
     set!(6, v => b.http2_keep_alive_interval(v));
     set!(7, v => b.keep_alive_timeout(v));
     set!(8, v => b.tcp_keepalive(Some(v)));
-    set!(9, v => b.liveness_interval(Some(v)));
-    set!(10, v => b.liveness_timeout(v));
-    set!(11, v => b.max_connection_age(v));
-    set!(12, v => b.max_connection_age_grace(v));
-    set!(13, v => b.extra_connection_idle_timeout(v));
+    set!(9, v => b.subchannels(|s| s.liveness_interval(Some(v))));
+    set!(10, v => b.subchannels(|s| s.liveness_timeout(v)));
+    set!(11, v => b.subchannels(|s| s.max_connection_age(v)));
+    set!(12, v => b.subchannels(|s| s.max_connection_age_grace(v)));
+    set!(13, v => b.subchannels(|s| s.extra_connection_idle_timeout(v)));
     set!(14, v => b.connect_deadline(v));
     set!(15, v => b.timeout(v));
     set!(16, v => b.rate_limit(s.counts[4].unwrap_or(10) as u64, v));
     if let Some(n) = s.counts[0] {
-        b = b.max_endpoints(n);
+        b = b.resolution(|r| r.max_endpoints(n));
     }
     if let Some(n) = s.counts[1] {
-        b = b.max_connections_per_endpoint(n);
+        b = b.subchannels(|s| s.max_connections_per_endpoint(n));
     }
     if let Some(n) = s.counts[2] {
         b = b.concurrency_limit(n);
@@ -168,10 +168,10 @@ fn apply(mut b: Builder, s: &Settings) -> Builder {
             .tcp_nodelay(n % 3 == 0);
     }
     if let Some(backoff) = s.backoffs[0] {
-        b = b.backoff(backoff);
+        b = b.subchannels(|s| s.backoff(backoff));
     }
     if let Some(backoff) = s.backoffs[1] {
-        b = b.resolve_backoff(backoff);
+        b = b.resolution(|r| r.backoff(backoff));
     }
     b
 }

@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use healthlb::{LbChannel, SubchannelState};
+use healthlb::LbChannel;
+use healthlb::subchannel::SubchannelState;
 use support::dns::TestDns;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::pb::{EchoRequest, StreamRequest};
@@ -237,7 +238,7 @@ async fn with_nothing_serving_calls_wait_then_fail_with_a_summary() {
 
     let err = LbChannel::builder(target)
         .connect_deadline(Duration::from_millis(300))
-        .health_service("no.such.Service")
+        .subchannels(|s| s.health_service("no.such.Service"))
         .connect()
         .await
         .unwrap_err();
@@ -595,17 +596,25 @@ async fn idle_probing_keeps_to_the_channel_wide_rate() {
     let dns = dns_for(&all).await;
     let builder = || {
         LbChannel::builder(dns.target(HOST, port))
-            .liveness_interval(Some(Duration::from_millis(100)))
+            .subchannels(|s| s.liveness_interval(Some(Duration::from_millis(100))))
     };
     let window = Duration::from_secs(3);
 
     // 8 endpoints at 10 probes a second: each waits 0.8 s, not 0.1 s.
-    let capped = connect_serving(builder().liveness_probes_per_second(10.0), 8).await;
+    let capped = connect_serving(
+        builder().subchannels(|s| s.liveness_probes_per_second(10.0)),
+        8,
+    )
+    .await;
     let probes = probes_over(&all, capped, window).await;
     assert!((12..=50).contains(&probes), "about 30 in 3 s, got {probes}");
 
     // A rate above 80 a second leaves the 0.1 s interval as it is.
-    let free = connect_serving(builder().liveness_probes_per_second(1000.0), 8).await;
+    let free = connect_serving(
+        builder().subchannels(|s| s.liveness_probes_per_second(1000.0)),
+        8,
+    )
+    .await;
     let probes = probes_over(&all, free, window).await;
     assert!(probes >= 120, "about 240 in 3 s, got {probes}");
 

@@ -6,8 +6,9 @@ use healthlb_testkit as support;
 
 use std::time::Duration;
 
+use healthlb::LbChannel;
 use healthlb::subchannel::HealthStatus;
-use healthlb::{LbChannel, SubchannelState};
+use healthlb::subchannel::SubchannelState;
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, free_port, loopback};

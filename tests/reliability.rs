@@ -239,7 +239,7 @@ async fn cluster(first: u8, options: Options) -> (Vec<Backend>, TestDns, u16) {
 async fn rolling_deploy_fails_no_call() {
     let (mut backends, dns, port) = cluster(60, Options::default()).await;
     let channel = connect_serving(
-        LbChannel::builder(dns.target(HOST, port)).backoff(fast_backoff()),
+        LbChannel::builder(dns.target(HOST, port)).subchannels(|s| s.backoff(fast_backoff())),
         4,
     )
     .await;
@@ -277,7 +277,7 @@ async fn rolling_deploy_fails_no_call() {
 async fn a_crash_fails_at_most_the_calls_in_flight() {
     let (mut backends, dns, port) = cluster(80, Options::default()).await;
     let channel = connect_serving(
-        LbChannel::builder(dns.target(HOST, port)).backoff(fast_backoff()),
+        LbChannel::builder(dns.target(HOST, port)).subchannels(|s| s.backoff(fast_backoff())),
         4,
     )
     .await;
@@ -347,15 +347,16 @@ async fn silent_peer(first: u8, liveness: Option<(Duration, Duration)>) -> (Dura
     let dns = TestDns::start().await;
     publish(&dns.zone(), &addrs);
     let mut builder = LbChannel::builder(dns.target(HOST, port))
-        .backoff(fast_backoff())
+        .subchannels(|s| s.backoff(fast_backoff()))
         .connect_timeout(Duration::from_secs(2));
     // The defaults, 15 s and 15 s, are the documented bound.
     let (interval, timeout) =
         liveness.unwrap_or((Duration::from_secs(15), Duration::from_secs(15)));
     if let Some((interval, timeout)) = liveness {
-        builder = builder
-            .liveness_interval(Some(interval))
-            .liveness_timeout(timeout);
+        builder = builder.subchannels(|s| {
+            s.liveness_interval(Some(interval))
+                .liveness_timeout(timeout)
+        });
     }
     let channel = connect_serving(builder, 4).await;
     // Callers carry a deadline, as production callers do.
@@ -412,9 +413,10 @@ async fn server_and_client_max_age_under_load_fail_only_calls_a_closing_server_d
     };
     let (backends, dns, port) = cluster(130, options).await;
     let channel = connect_serving(
-        LbChannel::builder(dns.target(HOST, port))
-            .max_connection_age(Duration::from_millis(1500))
-            .backoff(fast_backoff()),
+        LbChannel::builder(dns.target(HOST, port)).subchannels(|s| {
+            s.max_connection_age(Duration::from_millis(1500))
+                .backoff(fast_backoff())
+        }),
         4,
     )
     .await;
@@ -612,7 +614,7 @@ async fn too_many_pings_doubles_the_interval_and_it_keeps_serving() {
     let channel = connect_serving(
         LbChannel::builder(dns.target(HOST, port))
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .backoff(fast_backoff()),
+            .subchannels(|s| s.backoff(fast_backoff())),
         3,
     )
     .await;
@@ -700,7 +702,7 @@ async fn dns_answers_too_large_for_dns_or_over_the_cap_neither_hang_nor_break() 
     dns.zone().set_a("many.test.local", &many, 1);
     let capped = |seed| {
         LbChannel::builder(dns.target("many.test.local", 50051))
-            .subset_seed(seed)
+            .resolution(|r| r.subset_seed(seed))
             .connect_timeout(Duration::from_millis(200))
             .build()
             .unwrap()

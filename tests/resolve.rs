@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use healthlb::ErrorKind;
+use healthlb::Target;
 use healthlb::resolve::{ResolveConfig, ResolveStatus, Resolver};
-use healthlb::target::Target;
 use support::dns::{Mode, TestDns, garbage_server, many_ips};
 use support::hickory_server::proto::rr::RecordType;
 use support::{wait_for, within};

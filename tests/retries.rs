@@ -256,7 +256,7 @@ async fn a_call_past_its_buffer_commits_instead_of_retrying() {
     let list: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
     let builder = LbChannel::builder(format!("ipv4:{}", list.join(",")))
         .outlier_detection(None)
-        .retry_buffer_size(1024, 1 << 20)
+        .subchannels(|s| s.retry_buffer_size(1024, 1 << 20))
         .default_service_config(&retry_config(3, r#""UNAVAILABLE""#, ""))
         .unwrap();
     let channel = support::connect_serving(builder, 2).await;
@@ -367,7 +367,7 @@ async fn the_service_config_from_a_dns_txt_record() {
 
     let builder = LbChannel::builder(dns.target("echo.txt.local", backends[0].addr.port()))
         .outlier_detection(None)
-        .service_config_from_dns(true);
+        .resolution(|r| r.service_config_from_dns(true));
     let channel = support::connect_serving(builder, 2).await;
     let has_retries = || {
         channel
@@ -483,7 +483,7 @@ async fn hedges_that_lose_are_not_cancelled_before_a_busy_server_takes_them() {
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
         "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0s"}}]}"#;
     let builder = LbChannel::builder(format!("ipv4:{},{lagging_addr}", fast.addr))
-        .health_check(false)
+        .subchannels(|s| s.health_check(false))
         .outlier_detection(None)
         .default_service_config(config)
         .expect("a valid service config");
@@ -596,7 +596,7 @@ async fn once_the_request_outgrows_its_buffer_only_that_attempt_may_answer() {
     *stuck.counters.bidi_mode.lock().unwrap() = BidiMode::AnswerAfter(150);
     let builder = LbChannel::builder(format!("ipv4:{},{}", counting.addr, stuck.addr))
         .outlier_detection(None)
-        .retry_buffer_size(1000, 1 << 20)
+        .subchannels(|s| s.retry_buffer_size(1000, 1 << 20))
         .default_service_config(HEDGE_BIDI)
         .unwrap();
     let channel = support::connect_serving(builder, 2).await;

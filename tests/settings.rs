@@ -231,9 +231,9 @@ async fn the_builder_and_the_service_config_judge_settings_alike() {
     assert_eq!(od.max_ejection_time, Duration::from_secs(600));
 
     // A retry buffer that keeps nothing.
-    let err = refused(builder().retry_buffer_size(0, 0));
+    let err = refused(builder().subchannels(|s| s.retry_buffer_size(0, 0)));
     assert!(err.contains("retry_buffer_size"), "{err}");
-    let err = refused(builder().retry_buffer_size(1024, 512));
+    let err = refused(builder().subchannels(|s| s.retry_buffer_size(1024, 512)));
     assert!(err.contains("1024 per call of 512"), "{err}");
 
     // maxAttempts: the error says what applies.

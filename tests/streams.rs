@@ -52,9 +52,10 @@ async fn streams_on_a_full_connection_outlive_the_liveness_bound() {
     let backend = limited(60, 4).await;
     let interval = Duration::from_millis(300);
     let timeout = Duration::from_millis(300);
-    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr))
-        .liveness_interval(Some(interval))
-        .liveness_timeout(timeout);
+    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr)).subchannels(|s| {
+        s.liveness_interval(Some(interval))
+            .liveness_timeout(timeout)
+    });
     let channel = connect_serving(builder, 1).await;
 
     // Each stream is silent for 700 ms at a time, longer than interval +
@@ -75,9 +76,10 @@ async fn streams_on_a_full_connection_outlive_the_liveness_bound() {
 async fn calls_past_the_stream_limit_open_more_connections_which_close_when_idle() {
     support::init_tracing();
     let backend = limited(61, 2).await;
-    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr))
-        .max_connections_per_endpoint(12)
-        .extra_connection_idle_timeout(Duration::from_millis(500));
+    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr)).subchannels(|s| {
+        s.max_connections_per_endpoint(12)
+            .extra_connection_idle_timeout(Duration::from_millis(500))
+    });
     let channel = connect_serving(builder, 1).await;
     assert_eq!(channel.endpoints()[0].connections, 1);
     assert_eq!(channel.endpoints()[0].max_concurrent_streams, Some(2));
@@ -189,10 +191,11 @@ async fn a_probe_without_a_stream_slot_is_not_evidence_of_death() {
     let backend = limited(64, 2).await;
     let interval = Duration::from_millis(200);
     let timeout = Duration::from_millis(200);
-    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr))
-        .max_connections_per_endpoint(1)
-        .liveness_interval(Some(interval))
-        .liveness_timeout(timeout);
+    let builder = LbChannel::builder(format!("ipv4:{}", backend.addr)).subchannels(|s| {
+        s.max_connections_per_endpoint(1)
+            .liveness_interval(Some(interval))
+            .liveness_timeout(timeout)
+    });
     let channel = connect_serving(builder, 1).await;
     // Silent for 1 s at a time: over twice interval + timeout.
     let seqs = within(
@@ -211,7 +214,7 @@ async fn a_probe_without_a_stream_slot_is_not_evidence_of_death() {
 async fn a_second_call_waits_for_a_slot_when_no_more_connections_may_open() {
     let backend = limited(65, 3).await;
     let builder = LbChannel::builder(format!("ipv4:{}", backend.addr))
-        .max_connections_per_endpoint(1)
+        .subchannels(|s| s.max_connections_per_endpoint(1))
         .ready_timeout(Duration::from_secs(5));
     let channel = connect_serving(builder, 1).await;
     // One slot for calls (3, less the Watch's and the probe's): the calls
@@ -231,7 +234,7 @@ async fn a_second_call_waits_for_a_slot_when_no_more_connections_may_open() {
     // A call that cannot get a slot within the ready timeout fails
     // UNAVAILABLE, saying why.
     let quick = LbChannel::builder(format!("ipv4:{}", backend.addr))
-        .max_connections_per_endpoint(1)
+        .subchannels(|s| s.max_connections_per_endpoint(1))
         .ready_timeout(Duration::from_millis(300));
     let quick = connect_serving(quick, 1).await;
     let holder = tokio::spawn({
@@ -278,9 +281,10 @@ async fn a_connection_lost_under_a_stream_fails_it_unavailable_naming_the_endpoi
     // connection, and the stream says so.
     let backend = Backend::start("silent", loopback(67, free_port())).await;
     let proxy = Proxy::start(loopback(67, 0), backend.addr).await;
-    let builder = LbChannel::builder(format!("ipv4:{}", proxy.addr))
-        .liveness_interval(Some(Duration::from_millis(300)))
-        .liveness_timeout(Duration::from_millis(300));
+    let builder = LbChannel::builder(format!("ipv4:{}", proxy.addr)).subchannels(|s| {
+        s.liveness_interval(Some(Duration::from_millis(300)))
+            .liveness_timeout(Duration::from_millis(300))
+    });
     let channel = connect_serving(builder, 1).await;
     let call = tokio::spawn({
         let channel = channel.clone();
@@ -353,7 +357,7 @@ async fn the_probe_reads_a_bounded_answer() {
     // Without health checking, one probe proves the peer speaks gRPC. Its
     // answer never ends; read whole, the probe would time out.
     let builder = LbChannel::builder(format!("ipv4:{addr}"))
-        .health_check(false)
+        .subchannels(|s| s.health_check(false))
         .connect_timeout(Duration::from_secs(2))
         .connect_deadline(Duration::from_secs(5));
     let channel = within(Duration::from_secs(10), "connect", builder.connect())

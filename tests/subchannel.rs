@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use healthlb::resolve::Endpoint;
+use healthlb::subchannel::Subchannel;
 use healthlb::subchannel::{HealthStatus, NotServingReason, SubchannelConfig, SubchannelState};
-use healthlb::{BackoffConfig, Endpoint, ErrorKind, Subchannel};
+use healthlb::{BackoffConfig, ErrorKind};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, Options, loopback};

@@ -61,8 +61,7 @@ async fn each_client_balances_over_its_own_stable_subset() {
 
     // One set in code, one in a service config, with different seeds.
     let by_builder = LbChannel::builder(dns.target(HOST, port))
-        .subset_size(3)
-        .subset_seed(1)
+        .resolution(|r| r.subset_size(3).subset_seed(1))
         .connect()
         .await
         .expect("connects");
@@ -72,7 +71,7 @@ async fn each_client_balances_over_its_own_stable_subset() {
                 "childPolicy": [{"round_robin": {}}]}}]}"#,
         )
         .expect("a valid config")
-        .subset_seed(2)
+        .resolution(|r| r.subset_seed(2))
         .connect()
         .await
         .expect("connects");
@@ -139,7 +138,7 @@ async fn each_client_balances_over_its_own_stable_subset() {
 #[tokio::test]
 async fn a_subset_size_of_zero_is_refused_with_a_reason() {
     let err = LbChannel::builder("ipv4:127.0.0.1:1")
-        .subset_size(0)
+        .resolution(|r| r.subset_size(0))
         .build()
         .expect_err("zero is not a subset");
     assert!(

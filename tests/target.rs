@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use healthlb::ErrorKind;
-use healthlb::target::{Target, TargetKind};
+use healthlb::{Target, TargetKind};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()

@@ -6,8 +6,10 @@ use healthlb_testkit as support;
 
 use std::time::Duration;
 
+use healthlb::resolve::Endpoint;
+use healthlb::subchannel::Subchannel;
 use healthlb::subchannel::{SubchannelConfig, SubchannelState, TlsConfig};
-use healthlb::{BackoffConfig, Endpoint, ErrorKind, Subchannel};
+use healthlb::{BackoffConfig, ErrorKind};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
@@ -167,7 +169,7 @@ async fn an_https_target_turns_tls_on() {
     // the system's roots, which don't know this test's private CA: the
     // handshake fails on the certificate, not for want of TLS.
     let channel = healthlb::LbChannel::builder(format!("https://{}", backend.addr))
-        .backoff(fast())
+        .subchannels(|s| s.backoff(fast()))
         .build()
         .unwrap();
     let failed = support::wait_for(Duration::from_secs(10), || {

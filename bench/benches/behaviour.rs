@@ -121,7 +121,7 @@ async fn main() {
         .initial(Duration::from_millis(50))
         .max(Duration::from_millis(500));
     let channel = LbChannel::builder(dns.target(HOST, port))
-        .backoff(fast)
+        .subchannels(|s| s.backoff(fast))
         .connect()
         .await
         .expect("the bench's channel connects");

@@ -93,7 +93,7 @@ fn main() {
         for &n in sizes {
             let mut channel = runtime.block_on(async {
                 let channel = LbChannel::builder(servers.target(n))
-                    .max_endpoints(n)
+                    .resolution(|r| r.max_endpoints(n))
                     .policy(policy.clone())
                     .build()
                     .expect("builds");

@@ -93,7 +93,7 @@ fn main() {
             let rss_before = rss();
             let start = Instant::now();
             let channel = LbChannel::builder(target)
-                .max_endpoints(n)
+                .resolution(|r| r.max_endpoints(n))
                 .build()
                 .expect("builds");
             let limit = Duration::from_secs(60);

@@ -458,14 +458,17 @@ mod tests {
             && !channel
                 .endpoints()
                 .iter()
-                .all(|e| matches!(e.state, crate::SubchannelState::Shutdown))
+                .all(|e| matches!(e.state, crate::subchannel::SubchannelState::Shutdown))
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let endpoints = channel.endpoints();
         assert_eq!(endpoints.len(), 1);
         assert!(
-            matches!(endpoints[0].state, crate::SubchannelState::Shutdown),
+            matches!(
+                endpoints[0].state,
+                crate::subchannel::SubchannelState::Shutdown
+            ),
             "{endpoints:?}"
         );
         server.abort();

@@ -26,7 +26,7 @@ pub(crate) struct Deadline {
     pub(crate) at: Instant,
 }
 
-/// The response future of [`Subchannel`](crate::Subchannel) and
+/// The response future of [`Subchannel`](crate::subchannel::Subchannel) and
 /// [`LbChannel`](crate::LbChannel).
 pub struct ResponseFuture {
     inner: BoxFuture<'static, Result<Response<Body>, Status>>,

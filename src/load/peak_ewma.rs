@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How fast an estimate forgets: 10 s, Linkerd's and Finagle's.
-pub(crate) const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+/// How fast an estimate forgets by default.
+pub(crate) const DEFAULT_DECAY: Duration = crate::defaults::PEAK_EWMA_DECAY;
 
 /// One endpoint's estimate.
 #[derive(Debug)]

@@ -7,6 +7,7 @@ use tonic::Code;
 
 use super::counters::CodeSet;
 use crate::Error;
+use crate::defaults;
 use crate::service_config::json::{Field, positive};
 
 /// Outlier ejection's settings. [`OutlierDetection::default`] is what a
@@ -15,17 +16,18 @@ use crate::service_config::json::{Field, positive};
 #[non_exhaustive]
 pub struct OutlierDetection {
     /// How often the success-rate and failure-percentage algorithms run,
-    /// and ejection counts decay. Default: 10 s (A50).
+    /// and ejection counts decay. Default: [`defaults::EJECTION_INTERVAL`].
     pub interval: Duration,
-    /// An ejection's length, times the ejections in a row. Default: 30 s
-    /// (A50).
+    /// An ejection's length, times the ejections in a row. Default:
+    /// [`defaults::BASE_EJECTION_TIME`].
     pub base_ejection_time: Duration,
-    /// The longest ejection. Default: 300 s (A50).
+    /// The longest ejection. Default: [`defaults::MAX_EJECTION_TIME`].
     pub max_ejection_time: Duration,
     /// The most endpoints ejected at once, in percent; one may always be.
-    /// Default: 10 (A50).
+    /// Default: [`defaults::MAX_EJECTION_PERCENT`].
     pub max_ejection_percent: u32,
-    /// Consecutive-failure ejection. Default: on, 5 in a row.
+    /// Consecutive-failure ejection. Default: on,
+    /// [`defaults::CONSECUTIVE_FAILURES`] in a row.
     pub consecutive_failures: Option<ConsecutiveFailures>,
     /// A50's success-rate ejection. Default: off.
     pub success_rate: Option<SuccessRateEjection>,
@@ -42,7 +44,8 @@ pub struct OutlierDetection {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConsecutiveFailures {
-    /// Failures in a row that eject. Default: 5, as Envoy's.
+    /// Failures in a row that eject. Default:
+    /// [`defaults::CONSECUTIVE_FAILURES`], as Envoy's.
     pub threshold: u32,
     /// The chance, in percent, that an endpoint found over the threshold
     /// is ejected. Default: 100.
@@ -80,7 +83,7 @@ pub struct FailurePercentageEjection {
 impl Default for ConsecutiveFailures {
     fn default() -> Self {
         Self {
-            threshold: 5,
+            threshold: defaults::CONSECUTIVE_FAILURES,
             enforcement_percentage: 100,
         }
     }
@@ -160,10 +163,10 @@ impl Default for OutlierDetection {
     /// algorithms need 5.
     fn default() -> Self {
         Self {
-            interval: Duration::from_secs(10),
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_time: Duration::from_secs(300),
-            max_ejection_percent: 10,
+            interval: defaults::EJECTION_INTERVAL,
+            base_ejection_time: defaults::BASE_EJECTION_TIME,
+            max_ejection_time: defaults::MAX_EJECTION_TIME,
+            max_ejection_percent: defaults::MAX_EJECTION_PERCENT,
             consecutive_failures: Some(ConsecutiveFailures::default()),
             success_rate: None,
             failure_percentage: None,
@@ -183,13 +186,14 @@ impl OutlierDetection {
         }
     }
 
-    /// Sets the interval. Default: 10 s.
+    /// Sets the interval. Default: [`defaults::EJECTION_INTERVAL`].
     pub fn interval(mut self, d: Duration) -> Self {
         self.interval = d;
         self
     }
 
-    /// Sets the base ejection time. Default: 30 s.
+    /// Sets the base ejection time. Default:
+    /// [`defaults::BASE_EJECTION_TIME`].
     pub fn base_ejection_time(mut self, d: Duration) -> Self {
         self.base_ejection_time = d;
         self

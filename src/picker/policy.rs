@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::Error;
+use crate::defaults;
 use crate::service_config::json::{Field, invalid, single};
 
 /// How calls are spread over the SERVING endpoints. Default: round robin.
@@ -19,7 +20,8 @@ pub enum Policy {
     /// endpoints at random and pick the one with the fewest calls in
     /// flight. It keeps calls off an endpoint that slows down under load.
     LeastRequest {
-        /// Endpoints sampled per pick, 2 to 10. Default: 2.
+        /// Endpoints sampled per pick, 2 to 10. Default:
+        /// [`defaults::LEAST_REQUEST_CHOICES`].
         choice_count: usize,
     },
     /// `peak_ewma`, Linkerd's policy: sample two endpoints and pick the one
@@ -27,7 +29,8 @@ pub enum Policy {
     /// estimate is a peak-sensitive moving average of the time to response
     /// headers, so a slow endpoint is avoided even at a concurrency of 1.
     PeakEwma {
-        /// How fast the estimate forgets. Default: 10 s.
+        /// How fast the estimate forgets. Default:
+        /// [`defaults::PEAK_EWMA_DECAY`].
         decay: Duration,
         /// The estimate of an endpoint before its first answer. Default:
         /// 30 ms.
@@ -46,8 +49,8 @@ impl Policy {
     /// `peak_ewma` with a decay of 10 s and a default latency of 30 ms.
     pub fn peak_ewma() -> Self {
         Policy::PeakEwma {
-            decay: Duration::from_secs(10),
-            default_rtt: Duration::from_millis(30),
+            decay: defaults::PEAK_EWMA_DECAY,
+            default_rtt: defaults::PEAK_EWMA_DEFAULT_RTT,
         }
     }
 
@@ -84,7 +87,7 @@ impl Policy {
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct SlowStart {
-    /// How long the ramp lasts. Default: 30 s.
+    /// How long the ramp lasts. Default: [`defaults::SLOW_START_WINDOW`].
     pub window: Duration,
     /// The ramp's shape: the share at time `t` is `(t / window)^(1 /
     /// aggression)`; 1.0 is linear, larger ramps faster at first. Default:
@@ -97,9 +100,9 @@ pub struct SlowStart {
 impl Default for SlowStart {
     fn default() -> Self {
         Self {
-            window: Duration::from_secs(30),
+            window: defaults::SLOW_START_WINDOW,
             aggression: 1.0,
-            min_weight_percent: 10.0,
+            min_weight_percent: defaults::SLOW_START_MIN_WEIGHT_PERCENT,
         }
     }
 }
@@ -188,7 +191,7 @@ impl Policy {
                         }
                         n.min(10) as usize
                     }
-                    None => 2,
+                    None => defaults::LEAST_REQUEST_CHOICES,
                 };
                 Policy::LeastRequest { choice_count }
             }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::defaults;
 use crate::{BackoffConfig, Error};
 
 /// How a [`Resolver`](super::Resolver) asks DNS. Setters take `self` by value;
@@ -30,10 +31,10 @@ pub struct ResolveConfig {
 impl Default for ResolveConfig {
     fn default() -> Self {
         Self {
-            min_refresh: Duration::from_secs(1),
-            max_refresh: Duration::from_secs(30),
-            max_endpoints: 1024,
-            dns_timeout: Duration::from_secs(5),
+            min_refresh: defaults::MIN_REFRESH,
+            max_refresh: defaults::MAX_REFRESH,
+            max_endpoints: defaults::MAX_ENDPOINTS,
+            dns_timeout: defaults::DNS_TIMEOUT,
             backoff: BackoffConfig::default(),
             subset_seed: None,
             subset_size: None,
@@ -47,14 +48,15 @@ impl Default for ResolveConfig {
 impl ResolveConfig {
     /// The shortest time between two lookups: a record's TTL below it is
     /// raised to it, and [`resolve_now`](super::Resolver::resolve_now) is
-    /// honoured at most once per this interval. Default: 1 s.
+    /// honoured at most once per this interval. Default:
+    /// [`defaults::MIN_REFRESH`].
     pub fn min_refresh(mut self, d: Duration) -> Self {
         self.min_refresh = d;
         self
     }
 
     /// The longest time between two lookups: a TTL above it is lowered to it,
-    /// and retries after failures back off no further. Default: 30 s, the TTL
+    /// and retries after failures back off no further. Default: [`defaults::MAX_REFRESH`], the TTL
     /// kubeadm's default Corefile sets (`ttl 30`); CoreDNS's `kubernetes`
     /// plugin serves 5 s without it.
     pub fn max_refresh(mut self, d: Duration) -> Self {
@@ -63,21 +65,22 @@ impl ResolveConfig {
     }
 
     /// The most endpoints a resolution publishes. Past it, a stable subset is
-    /// kept and a warning is logged. Default: 1024.
+    /// kept and a warning is logged. Default:
+    /// [`defaults::MAX_ENDPOINTS`].
     pub fn max_endpoints(mut self, n: usize) -> Self {
         self.max_endpoints = n;
         self
     }
 
     /// How long one resolution round may take, all queries included, before
-    /// it counts as failed. Default: 5 s.
+    /// it counts as failed. Default: [`defaults::DNS_TIMEOUT`].
     pub fn dns_timeout(mut self, d: Duration) -> Self {
         self.dns_timeout = d;
         self
     }
 
     /// Retry delays after failed lookups; they never exceed `max_refresh`.
-    /// Default: [`BackoffConfig::default`] (1 s, × 1.6, ± 20 %).
+    /// Default: [`defaults::BACKOFF`].
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
         self.backoff = backoff;
         self

@@ -5,11 +5,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::sync::Arc;
 
-/// One address the balancer may connect to, with what DNS said about it.
+/// One address the balancer may connect to, with what its source said
+/// about it: the name it was found under, its zone and its weight. DNS
+/// gives none of these but the name; SRV records give a weight; an
+/// [`EndpointSource`](super::EndpointSource) may give any.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
     addr: SocketAddr,
     hostname: Option<Arc<str>>,
+    zone: Option<Arc<str>>,
     priority: Option<u16>,
     weight: Option<u16>,
 }
@@ -22,13 +26,29 @@ impl Endpoint {
         Self {
             addr,
             hostname: None,
+            zone: None,
             priority: None,
             weight: None,
         }
     }
 
-    pub(crate) fn with_hostname(mut self, hostname: Arc<str>) -> Self {
-        self.hostname = Some(hostname);
+    /// The name it was found under.
+    pub fn with_hostname(mut self, hostname: impl Into<Arc<str>>) -> Self {
+        self.hostname = Some(hostname.into());
+        self
+    }
+
+    /// The zone it runs in, such as a Kubernetes node's
+    /// `topology.kubernetes.io/zone`.
+    pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
+        self.zone = Some(zone.into());
+        self
+    }
+
+    /// Its weight relative to the others, as SRV records and service
+    /// registries give it.
+    pub fn with_weight(mut self, weight: u16) -> Self {
+        self.weight = Some(weight);
         self
     }
 
@@ -49,12 +69,17 @@ impl Endpoint {
         self.hostname.as_deref()
     }
 
+    /// The zone it runs in, where its source knows it; `None` for DNS.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
     /// The SRV priority, for endpoints found through SRV.
     pub fn priority(&self) -> Option<u16> {
         self.priority
     }
 
-    /// The SRV weight, for endpoints found through SRV.
+    /// Its weight: the SRV weight, or what its source gave.
     pub fn weight(&self) -> Option<u16> {
         self.weight
     }

@@ -1,9 +1,11 @@
 //! Resolution: the first stage of the pipeline, from a [`Target`](crate::Target) to a live,
 //! changing set of [`Endpoints`].
 //!
-//! A [`Resolver`] runs one background task per target. It publishes the full
-//! endpoint set each time it changes — sorted, one entry per address — and
-//! nothing when a refresh finds the same set.
+//! Every source of endpoints plugs into one seam, [`EndpointSource`]: DNS
+//! and SRV (`dns_source.rs`), fixed lists, and a user's own registry. A
+//! [`Resolver`] runs one background task per source (`driver.rs`). It
+//! publishes the full endpoint set each time it changes — sorted, one entry
+//! per address — and nothing when a refresh finds the same set.
 //!
 //! # When it asks
 //!
@@ -27,7 +29,7 @@
 //!   additional section, or from lookups where it has none. Ports, priority
 //!   and weight come from the records.
 //! - Fixed lists (`ipv4:`, `ipv6:`, IP literals) are published once and
-//!   never change; no task runs for them.
+//!   never change.
 //!
 //! # When it fails
 //!
@@ -59,12 +61,16 @@
 
 mod config;
 pub(crate) mod dns;
+mod dns_source;
+mod driver;
 mod endpoint;
 mod resolver;
+mod source;
 mod status;
-mod task;
 
 pub use self::config::ResolveConfig;
 pub use self::endpoint::{Endpoint, Endpoints};
 pub use self::resolver::Resolver;
+pub(crate) use self::source::DynSource;
+pub use self::source::{EndpointSource, SourceError, from_stream};
 pub use self::status::ResolveStatus;

@@ -1,14 +1,15 @@
 //! [`Resolver`]: the handle on one target's resolution, and how it starts.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
 use super::config::ResolveConfig;
+use super::dns_source::{DnsSource, Query};
+use super::driver;
 use super::endpoint::{Endpoint, Endpoints};
+use super::source::{DynSource, EndpointSource, Fixed, Paced};
 use super::status::ResolveStatus;
-use super::task;
 use crate::Error;
 use crate::service_config::ServiceConfig;
 use crate::target::{Target, TargetKind};
@@ -25,8 +26,6 @@ pub struct Resolver {
     now: Arc<Notify>,
     /// The service config from DNS, when asked for.
     service_config: Option<watch::Receiver<Option<Arc<ServiceConfig>>>>,
-    /// For fixed lists no task holds the senders, so the handle does.
-    _fixed: Option<Arc<(watch::Sender<Endpoints>, watch::Sender<ResolveStatus>)>>,
 }
 
 // === impl Resolver ===
@@ -38,64 +37,84 @@ impl Resolver {
         config.validate()?;
         let name = target.shared_str();
         let seed = config.subset_seed.unwrap_or_else(rand::random);
+        let now = Arc::new(Notify::new());
         let query = match target.kind() {
             TargetKind::Static { addrs } => {
                 let list = addrs.iter().map(|a| Endpoint::new(*a)).collect();
-                let (set, _) = Endpoints::normalize(list, config.keep(), seed);
-                let (etx, endpoints) = watch::channel(set);
-                let (stx, status) = watch::channel(ResolveStatus::Resolved { at: Instant::now() });
-                let mut endpoints = endpoints;
-                endpoints.mark_changed();
-                return Ok(Self {
-                    target: name,
-                    endpoints,
-                    status,
-                    now: Arc::new(Notify::new()),
-                    service_config: None,
-                    _fixed: Some(Arc::new((etx, stx))),
-                });
+                return Self::start(name, Box::new(Fixed(Some(list))), config, seed, now, None);
             }
-            TargetKind::Dns { server, host, port } => task::Query::Addresses {
+            TargetKind::Dns { server, host, port } => Query::Addresses {
                 server: *server,
                 host: host.clone(),
                 port: *port,
             },
-            TargetKind::Srv { server, name } => task::Query::Srv {
+            TargetKind::Srv { server, name } => Query::Srv {
                 server: *server,
                 name: name.clone(),
             },
         };
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::no_runtime("Resolver::spawn"))?;
-        let (etx, endpoints) = watch::channel(Endpoints::default());
-        let (stx, status) = watch::channel(ResolveStatus::Pending);
-        let now = Arc::new(Notify::new());
         let (service_config, config_rx) = if config.service_config_from_dns {
             let (tx, rx) = watch::channel(None);
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let publisher = task::Publisher {
-            endpoints: etx,
-            status: stx,
-            service_config,
-        };
-        runtime.spawn(task::run(
+        let source = DnsSource::new(
             name.clone(),
             query,
-            config,
+            config.clone(),
             seed,
-            publisher,
+            service_config,
             now.clone(),
-        ));
+        );
+        Self::start(name, Box::new(source), config, seed, now, config_rx)
+    }
+
+    /// Runs `source` in the background, under the name `name` (for logs,
+    /// metrics and errors). Needs a Tokio runtime; returns at once.
+    pub fn from_source(
+        name: impl Into<Arc<str>>,
+        source: impl EndpointSource,
+        config: ResolveConfig,
+    ) -> Result<Self, Error> {
+        Self::from_dyn_source(name.into(), Box::new(source), config)
+    }
+
+    pub(crate) fn from_dyn_source(
+        name: Arc<str>,
+        source: Box<dyn DynSource>,
+        config: ResolveConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let seed = config.subset_seed.unwrap_or_else(rand::random);
+        let now = Arc::new(Notify::new());
+        let paced = Box::new(Paced::new(source, config.retry_backoff()));
+        Self::start(name, paced, config, seed, now, None)
+    }
+
+    fn start(
+        name: Arc<str>,
+        source: Box<dyn DynSource>,
+        config: ResolveConfig,
+        seed: u64,
+        now: Arc<Notify>,
+        service_config: Option<watch::Receiver<Option<Arc<ServiceConfig>>>>,
+    ) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::no_runtime("Resolver::spawn"))?;
+        let (etx, endpoints) = watch::channel(Endpoints::default());
+        let (stx, status) = watch::channel(ResolveStatus::Pending);
+        let publisher = driver::Publisher {
+            endpoints: etx,
+            status: stx,
+        };
+        runtime.spawn(driver::run(name.clone(), source, config, seed, publisher));
         Ok(Self {
             target: name,
             endpoints,
             status,
             now,
-            service_config: config_rx,
-            _fixed: None,
+            service_config,
         })
     }
 

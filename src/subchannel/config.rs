@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::call::RetryBuffer;
+use crate::defaults;
 use crate::{BackoffConfig, Error};
 
 /// The HTTP/2 keepalive interval gRPC allows at the least (gRFC A8).
@@ -95,31 +96,34 @@ pub struct SubchannelConfig {
 impl Default for SubchannelConfig {
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(20),
+            connect_timeout: defaults::CONNECT_TIMEOUT,
             backoff: BackoffConfig::default(),
             http2_keep_alive_interval: None,
-            keep_alive_timeout: Duration::from_secs(20),
+            keep_alive_timeout: defaults::KEEP_ALIVE_TIMEOUT,
             keep_alive_while_idle: false,
-            tcp_keepalive: Some(Duration::from_secs(60)),
+            tcp_keepalive: Some(defaults::TCP_KEEPALIVE),
             tcp_nodelay: true,
             initial_stream_window_size: None,
             initial_connection_window_size: None,
             http2_adaptive_window: false,
             health_check: true,
             health_service: String::new(),
-            liveness_interval: Some(Duration::from_secs(15)),
-            liveness_timeout: Duration::from_secs(15),
-            liveness_probes_per_second: 200.0,
+            liveness_interval: Some(defaults::LIVENESS_INTERVAL),
+            liveness_timeout: defaults::LIVENESS_TIMEOUT,
+            liveness_probes_per_second: defaults::LIVENESS_PROBES_PER_SECOND,
             max_connection_age: None,
-            max_connection_age_grace: Duration::from_secs(30),
-            max_connections_per_endpoint: 8,
-            extra_connection_idle_timeout: Duration::from_secs(60),
+            max_connection_age_grace: defaults::MAX_CONNECTION_AGE_GRACE,
+            max_connections_per_endpoint: defaults::MAX_CONNECTIONS_PER_ENDPOINT,
+            extra_connection_idle_timeout: defaults::EXTRA_CONNECTION_IDLE_TIMEOUT,
             concurrency_limit: None,
             rate_limit: None,
             authority: None,
             user_agent: None,
             metrics_method_label: false,
-            retry_buffer: RetryBuffer::new(256 * 1024, 16 * 1024 * 1024),
+            retry_buffer: RetryBuffer::new(
+                defaults::RETRY_BUFFER_PER_CALL,
+                defaults::RETRY_BUFFER_TOTAL,
+            ),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -132,7 +136,7 @@ impl SubchannelConfig {
     /// How long one attempt may take: TCP, TLS, the HTTP/2 handshake and the
     /// first health answer. An attempt gets at least this, or the current
     /// backoff delay if that is longer, as gRPC's connection-backoff spec
-    /// says. Default: 20 s, the spec's MIN_CONNECT_TIMEOUT (tonic: none).
+    /// says. Default: [`defaults::CONNECT_TIMEOUT`] (tonic: none).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
         self
@@ -143,15 +147,15 @@ impl SubchannelConfig {
     /// of the channel together. A call past either commits to the attempt
     /// it is on; it is not failed. Each kept frame counts its data and
     /// about 100 bytes of bookkeeping. `per_call` must be at least 1 and
-    /// `total` at least `per_call`. Default: 256 KiB and 16 MiB, grpc-go's.
+    /// `total` at least `per_call`. Default: [`defaults::RETRY_BUFFER_PER_CALL`] and
+    /// [`defaults::RETRY_BUFFER_TOTAL`], grpc-go's.
     pub fn retry_buffer_size(mut self, per_call: usize, total: usize) -> Self {
         self.retry_buffer = RetryBuffer::new(per_call, total);
         self
     }
 
     /// Delays between failed connects, and between health streams that end
-    /// before delivering anything. Default: gRPC's, 1 s × 1.6 ± 20 %, at
-    /// most 120 s.
+    /// before delivering anything. Default: gRPC's, [`defaults::BACKOFF`].
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
         self.backoff = backoff;
         self
@@ -168,7 +172,8 @@ impl SubchannelConfig {
         self
     }
 
-    /// How long to wait for a PING's answer. Default: 20 s (gRFC A8).
+    /// How long to wait for a PING's answer. Default:
+    /// [`defaults::KEEP_ALIVE_TIMEOUT`] (gRFC A8).
     pub fn keep_alive_timeout(mut self, d: Duration) -> Self {
         self.keep_alive_timeout = d;
         self
@@ -182,7 +187,7 @@ impl SubchannelConfig {
     }
 
     /// TCP keepalive idle time, a kernel-level backstop that no server
-    /// counts. `None` turns it off. Default: 60 s (tonic: off).
+    /// counts. `None` turns it off. Default: [`defaults::TCP_KEEPALIVE`] (tonic: off).
     pub fn tcp_keepalive(mut self, d: Option<Duration>) -> Self {
         self.tcp_keepalive = d;
         self
@@ -232,13 +237,14 @@ impl SubchannelConfig {
     }
 
     /// How long a connection may be silent before the liveness probe asks;
-    /// `None` turns it off. Default: 15 s.
+    /// `None` turns it off. Default: [`defaults::LIVENESS_INTERVAL`].
     pub fn liveness_interval(mut self, d: Option<Duration>) -> Self {
         self.liveness_interval = d;
         self
     }
 
-    /// How long the liveness probe waits for an answer. Default: 15 s.
+    /// How long the liveness probe waits for an answer. Default:
+    /// [`defaults::LIVENESS_TIMEOUT`].
     pub fn liveness_timeout(mut self, d: Duration) -> Self {
         self.liveness_timeout = d;
         self
@@ -248,7 +254,7 @@ impl SubchannelConfig {
     /// endpoints. With more endpoints than `liveness_interval` × this, each
     /// endpoint's interval stretches to endpoints ÷ this, so an idle
     /// channel's probing stops growing with its size. A lone
-    /// [`Subchannel`](crate::Subchannel) keeps `liveness_interval`.
+    /// [`Subchannel`](crate::subchannel::Subchannel) keeps `liveness_interval`.
     /// Default: 200, which keeps the 15 s interval up to 3,000 endpoints.
     pub fn liveness_probes_per_second(mut self, rate: f64) -> Self {
         self.liveness_probes_per_second = rate;
@@ -264,7 +270,7 @@ impl SubchannelConfig {
     }
 
     /// How long calls on a replaced connection may run before it is closed
-    /// under them. Default: 30 s.
+    /// under them. Default: [`defaults::MAX_CONNECTION_AGE_GRACE`].
     pub fn max_connection_age_grace(mut self, d: Duration) -> Self {
         self.max_connection_age_grace = d;
         self
@@ -273,7 +279,8 @@ impl SubchannelConfig {
     /// The most connections to one endpoint. When every one is at the
     /// server's SETTINGS_MAX_CONCURRENT_STREAMS, the next call opens another
     /// up to this many; past it, calls wait for a free slot. 1 makes calls
-    /// queue on one connection, as grpc-go does. Default: 8.
+    /// queue on one connection, as grpc-go does. Default:
+    /// [`defaults::MAX_CONNECTIONS_PER_ENDPOINT`].
     pub fn max_connections_per_endpoint(mut self, n: usize) -> Self {
         self.max_connections_per_endpoint = n;
         self
@@ -281,7 +288,7 @@ impl SubchannelConfig {
 
     /// How long an extra connection, opened past the server's stream limit,
     /// stays open without calls. The endpoint's first connection stays
-    /// regardless. Default: 60 s.
+    /// regardless. Default: [`defaults::EXTRA_CONNECTION_IDLE_TIMEOUT`].
     pub fn extra_connection_idle_timeout(mut self, d: Duration) -> Self {
         self.extra_connection_idle_timeout = d;
         self

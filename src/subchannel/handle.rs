@@ -17,11 +17,12 @@ use super::shared::{Hooks, Shared};
 use super::state::{SubchannelState, SubchannelStatus};
 use super::stats::Stats;
 use super::task;
+use crate::Error;
 use crate::call::RetryBuffer;
 use crate::connection::{Dialer, Origin, Slots};
 use crate::load::{DEFAULT_DECAY, Ewma};
 use crate::outlier::Outcomes;
-use crate::{Endpoint, Error};
+use crate::resolve::Endpoint;
 
 /// A handle to one endpoint's subchannel. Cloning is cheap.
 ///

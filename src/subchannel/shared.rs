@@ -13,11 +13,12 @@ use tracing::{debug, error, info, warn};
 use super::pool::Pool;
 use super::state::{NotServingReason, SubchannelState, SubchannelStatus};
 use super::stats::Stats;
+use crate::Error;
 use crate::call::RetryBuffer;
 use crate::connection::Conn;
 use crate::connection::HealthEvent;
 use crate::connection::HealthStatus;
-use crate::{Endpoint, Error};
+use crate::resolve::Endpoint;
 
 /// Hooks a subchannel reports to, when a balancer runs it.
 #[derive(Default)]

@@ -1,7 +1,12 @@
-//! The background task that keeps one target's endpoint set current.
+//! DNS and SRV as an endpoint source: one round of questions, then the
+//! next when the answer's TTL runs out, clamped to `[min_refresh,
+//! max_refresh]` and spread by ±10 %; after a failed round, a backoff, never
+//! slower than a healthy refresh. `resolve_now` brings the next round
+//! forward, at most once per `min_refresh`. With `service_config_from_dns`,
+//! each round also reads the `_grpc_config` TXT record.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -9,12 +14,11 @@ use tracing::{debug, info, warn};
 
 use super::config::ResolveConfig;
 use super::dns::{Answer, Dns, Failure};
-use super::endpoint::{Endpoint, Endpoints};
-use super::status::ResolveStatus;
+use super::endpoint::Endpoint;
+use super::source::{EndpointSource, SourceError};
 use crate::backoff::{Backoff, jittered};
 use crate::deadline::{capped, deadline_in};
 use crate::service_config::{Chooser, ServiceConfig};
-use crate::{Error, ErrorKind};
 
 /// Jitter on refresh intervals: ±10 %.
 const REFRESH_JITTER: f64 = 0.1;
@@ -60,13 +64,6 @@ impl Query {
     }
 }
 
-pub(crate) struct Publisher {
-    pub(crate) endpoints: watch::Sender<Endpoints>,
-    pub(crate) status: watch::Sender<ResolveStatus>,
-    /// The service config from DNS, when asked for.
-    pub(crate) service_config: Option<watch::Sender<Option<Arc<ServiceConfig>>>>,
-}
-
 /// The DNS service config's state.
 struct TxtState {
     chooser: Chooser,
@@ -76,96 +73,113 @@ struct TxtState {
     warned: bool,
 }
 
-/// An ongoing run of failed rounds.
-struct Outage {
-    since: StdInstant,
-    attempts: u32,
-}
-
-pub(crate) async fn run(
+/// A `dns:` or `srv:` target's source.
+pub(crate) struct DnsSource {
     target: Arc<str>,
     query: Query,
     config: ResolveConfig,
     seed: u64,
-    publisher: Publisher,
-    now: Arc<Notify>,
-) {
-    let closed = publisher.endpoints.clone();
-    tokio::select! {
-        _ = closed.closed() => debug!(target = %target, "resolver stopped: nobody listens"),
-        _ = Resolution::new(target.clone(), query, config, seed, publisher).run(now) => {}
-    }
-}
-
-struct Resolution {
-    target: Arc<str>,
-    query: Query,
-    config: ResolveConfig,
-    seed: u64,
-    publisher: Publisher,
     dns: Option<Dns>,
     backoff: Backoff,
     /// The last good answer of each part; `None` until one succeeded.
     parts: Vec<Option<Vec<Endpoint>>>,
-    published: bool,
-    outage: Option<Outage>,
-    capped_from: usize,
     txt: Option<TxtState>,
+    /// Where the service config from DNS goes, when asked for.
+    service_config: Option<watch::Sender<Option<Arc<ServiceConfig>>>>,
     /// The refresh interval of the last good answer; retries during an
     /// outage never wait longer than a healthy refresh would.
     refresh: Duration,
+    /// When the last round began, and the delay before the next.
+    last_round: Option<(Instant, Duration)>,
+    /// A failure to report after a round that also had a set to publish.
+    pending: Option<SourceError>,
+    /// The last set said, so a round that half failed says its set only
+    /// when it changed, and the outage isn't ended and begun each round.
+    said: Option<Vec<Endpoint>>,
+    /// `resolve_now`'s requests.
+    now: Arc<Notify>,
 }
 
-impl Resolution {
-    fn new(
+impl EndpointSource for DnsSource {
+    async fn next(&mut self) -> Option<Result<Vec<Endpoint>, SourceError>> {
+        if let Some(error) = self.pending.take() {
+            return Some(Err(error));
+        }
+        if let Some((started, delay)) = self.last_round {
+            self.wait(started, delay).await;
+        }
+        let started = Instant::now();
+        let (set, failure, delay) = self.round().await;
+        self.service_config().await;
+        self.last_round = Some((started, delay));
+        Some(match (set, failure) {
+            (Some(set), None) => {
+                self.said = Some(set.clone());
+                Ok(set)
+            }
+            // Some parts answered and others failed: their union now if it
+            // is news, and the failure (next, at once).
+            (Some(set), Some(failure)) if self.said.as_ref() != Some(&set) => {
+                self.pending = Some(failure);
+                self.said = Some(set.clone());
+                Ok(set)
+            }
+            (Some(_), Some(failure)) => Err(failure),
+            (None, Some(failure)) => Err(failure),
+            (None, None) => Ok(Vec::new()),
+        })
+    }
+}
+
+impl DnsSource {
+    pub(crate) fn new(
         target: Arc<str>,
         query: Query,
         config: ResolveConfig,
         seed: u64,
-        publisher: Publisher,
+        service_config: Option<watch::Sender<Option<Arc<ServiceConfig>>>>,
+        now: Arc<Notify>,
     ) -> Self {
         Self {
             backoff: Backoff::new(config.retry_backoff()),
             parts: vec![None; query.parts()],
+            refresh: config.max_refresh,
             target,
             query,
             seed,
-            publisher,
             dns: None,
-            published: false,
-            outage: None,
-            capped_from: 0,
             txt: None,
-            refresh: config.max_refresh,
+            service_config,
+            last_round: None,
+            pending: None,
+            said: None,
+            now,
             config,
         }
     }
 
-    async fn run(mut self, now: Arc<Notify>) {
+    /// Sleeps until the next round; `resolve_now` brings it forward, but
+    /// never to less than `min_refresh` after the last round began.
+    async fn wait(&self, started: Instant, delay: Duration) {
+        let mut next = deadline_in(delay);
         loop {
-            let started = Instant::now();
-            let delay = self.round().await;
-            self.service_config().await;
-            // Sleep until the next round; resolve_now brings it forward, but
-            // never to less than min_refresh after this round began.
-            let mut next = deadline_in(delay);
-            loop {
-                tokio::select! {
-                    _ = sleep_until(next) => break,
-                    _ = now.notified() => {
-                        let earliest = (started + capped(self.config.min_refresh)).max(Instant::now());
-                        if earliest < next {
-                            debug!(target = %self.target, "re-resolving early on request");
-                            next = earliest;
-                        }
+            tokio::select! {
+                _ = sleep_until(next) => return,
+                _ = self.now.notified() => {
+                    let earliest = (started + capped(self.config.min_refresh)).max(Instant::now());
+                    if earliest < next {
+                        debug!(target = %self.target, "re-resolving early on request");
+                        next = earliest;
                     }
                 }
             }
         }
     }
 
-    /// Runs one round; returns the delay before the next.
-    async fn round(&mut self) -> Duration {
+    /// Runs one round: the union of the parts' last good answers, if any
+    /// part has answered yet; why the round failed, if it did; and the
+    /// delay before the next.
+    async fn round(&mut self) -> (Option<Vec<Endpoint>>, Option<SourceError>, Duration) {
         let results = match timeout(self.config.dns_timeout, self.ask()).await {
             Ok(Ok(results)) => results,
             Ok(Err(failure)) => (0..self.parts.len())
@@ -181,19 +195,20 @@ impl Resolution {
                     .collect()
             }
         };
-
         let mut failures: Vec<String> = Vec::new();
         let mut ttl: Option<Duration> = None;
         let mut nxdomain = false;
+        let mut answered = false;
         for (slot, result) in self.parts.iter_mut().zip(results) {
+            answered |= result.is_ok();
             match result {
                 Ok(Answer::Found { endpoints, ttl: t }) => {
                     *slot = Some(endpoints);
                     ttl = Some(ttl.map_or(t, |old| old.min(t)));
                 }
                 Ok(Answer::Empty {
-                    nxdomain: nx,
                     ttl: t,
+                    nxdomain: nx,
                 }) => {
                     *slot = Some(Vec::new());
                     nxdomain |= nx;
@@ -208,64 +223,36 @@ impl Resolution {
                 }
             }
         }
-        if self.parts.iter().any(Option::is_some) {
-            self.publish(nxdomain);
+        // A round where nothing answered has no new set: the last one
+        // stands, and the failure alone is news.
+        let set = answered.then(|| {
+            self.parts
+                .iter()
+                .flatten()
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        if nxdomain && set.as_ref().is_some_and(Vec::is_empty) {
+            debug!(target = %self.target, "NXDOMAIN: Kubernetes says so when no pod is ready");
         }
-        let result = if !failures.is_empty() {
-            "error"
-        } else if self.publisher.endpoints.borrow().is_empty() {
-            "empty"
-        } else {
-            "ok"
+        let result = match (&set, failures.is_empty()) {
+            (_, false) => "error",
+            (Some(set), true) if set.is_empty() => "empty",
+            _ => "ok",
         };
         crate::metrics::resolution(&self.target, result);
-
         if failures.is_empty() {
-            if let Some(outage) = self.outage.take() {
-                info!(
-                    target = %self.target,
-                    failed_rounds = outage.attempts,
-                    outage_ms = outage.since.elapsed().as_millis() as u64,
-                    endpoints = self.publisher.endpoints.borrow().len(),
-                    "DNS resolution recovered"
-                );
-            }
             self.backoff.reset();
-            self.publisher.status.send_replace(ResolveStatus::Resolved {
-                at: StdInstant::now(),
-            });
             // No TTL (an empty answer without SOA): ask again soon, since an
             // empty set leaves the client with nothing.
             let ttl = ttl.unwrap_or(self.config.min_refresh);
             self.refresh = ttl.clamp(self.config.min_refresh, self.config.max_refresh);
-            jittered(self.refresh, REFRESH_JITTER)
+            (set, None, jittered(self.refresh, REFRESH_JITTER))
         } else {
             let why = failures.join("; ");
-            let error = Error::new(
-                ErrorKind::Resolve,
-                Some(self.target.clone()),
-                format!("resolving {:?} failed: {why}", &*self.target),
-            );
-            let outage = self.outage.get_or_insert_with(|| {
-                warn!(
-                    target = %self.target,
-                    error = %why,
-                    kept_endpoints = self.publisher.endpoints.borrow().len(),
-                    "DNS resolution failing; keeping the last good endpoints and retrying with backoff"
-                );
-                Outage {
-                    since: StdInstant::now(),
-                    attempts: 0,
-                }
-            });
-            outage.attempts += 1;
-            let status = ResolveStatus::Failing {
-                since: outage.since,
-                attempts: outage.attempts,
-                error,
-            };
-            self.publisher.status.send_replace(status);
-            self.backoff.next_delay().min(self.refresh)
+            let delay = self.backoff.next_delay().min(self.refresh);
+            (set, Some(why.into()), delay)
         }
     }
 
@@ -281,8 +268,7 @@ impl Resolution {
     /// if it changed. A failed lookup or a bad record keeps the last good
     /// one, with one warning until a lookup works again.
     async fn service_config(&mut self) {
-        let (Some(sender), Query::Addresses { host, .. }) =
-            (&self.publisher.service_config, &self.query)
+        let (Some(sender), Query::Addresses { host, .. }) = (&self.service_config, &self.query)
         else {
             return;
         };
@@ -330,47 +316,6 @@ impl Resolution {
                 }
             }
         }
-    }
-
-    /// Publishes the union of the parts' last good answers, if it changed.
-    fn publish(&mut self, nxdomain: bool) {
-        let all: Vec<Endpoint> = self.parts.iter().flatten().flatten().cloned().collect();
-        let answered = all.len();
-        let (set, dropped) = Endpoints::normalize(all, self.config.keep(), self.seed);
-        // Subsetting keeps fewer on purpose; only the cap is worth a warning.
-        let capped = dropped > 0 && answered > self.config.max_endpoints;
-        if capped && answered != self.capped_from {
-            warn!(
-                target = %self.target,
-                answered,
-                kept = set.len(),
-                max_endpoints = self.config.max_endpoints,
-                "the answer exceeds max_endpoints; keeping a stable subset"
-            );
-        }
-        self.capped_from = if capped { answered } else { 0 };
-
-        let first = !self.published;
-        self.published = true;
-        let target = &self.target;
-        self.publisher.endpoints.send_if_modified(|current| {
-            if !first && *current == set {
-                return false;
-            }
-            if set.is_empty() && (first || !current.is_empty()) {
-                warn!(
-                    target = %target,
-                    answer = if nxdomain { "NXDOMAIN" } else { "no records" },
-                    "DNS has no endpoints for the target; publishing the empty set"
-                );
-            } else {
-                let added = set.iter().filter(|e| !current.contains(e.addr())).count();
-                let removed = current.iter().filter(|e| !set.contains(e.addr())).count();
-                debug!(target = %target, endpoints = set.len(), added, removed, "endpoint set changed");
-            }
-            *current = set;
-            true
-        });
     }
 }
 
