@@ -64,6 +64,7 @@ pub struct Builder {
     slow_start: Option<SlowStart>,
     outlier_detection: Option<OutlierDetection>,
     service_config: Option<Arc<ServiceConfig>>,
+    zone: Option<Arc<str>>,
 }
 
 /// Where the endpoints come from.
@@ -157,7 +158,31 @@ impl Builder {
             slow_start: None,
             outlier_detection: Some(OutlierDetection::default()),
             service_config: None,
+            zone: None,
         }
+    }
+
+    /// The zone this client runs in, which turns on zone-aware routing for
+    /// endpoints whose source gives their zone (`kubernetes:///` targets,
+    /// or an [`EndpointSource`] that sets [`Endpoint::with_zone`](crate::resolve::Endpoint::with_zone)):
+    ///
+    /// - when every endpoint carries EndpointSlice `hints.forZones`, calls
+    ///   go to the endpoints hinted for this zone, as kube-proxy routes
+    ///   (all of them if none is);
+    /// - otherwise calls stay in this zone while it has at least its share
+    ///   of the ready endpoints (one zone's share is 1 ÷ the zones the
+    ///   service spans), and spill over as Envoy's zone-aware routing does
+    ///   when it has fewer: the zone keeps `its endpoints' share ÷ its
+    ///   share` of calls, and the rest go to the zones with more than their
+    ///   share, in proportion to their surplus. With no ready endpoint in
+    ///   the zone, every call spills.
+    ///
+    /// Endpoints without a zone (DNS) make it a no-op. A pod learns its
+    /// zone from its Node's `topology.kubernetes.io/zone` label: see the
+    /// README, "Zone-aware routing". Default: none, off.
+    pub fn zone(mut self, zone: impl Into<Arc<str>>) -> Self {
+        self.zone = Some(zone.into()).filter(|z: &Arc<str>| !z.is_empty());
+        self
     }
 
     /// How calls are spread over the SERVING endpoints. Default:
@@ -397,6 +422,7 @@ impl Builder {
                 outlier_detection: self.outlier_detection,
                 service_config: service_config.clone(),
                 default_service_config: self.service_config,
+                zone: self.zone,
             },
             &runtime,
         );

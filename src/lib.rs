@@ -76,4 +76,4 @@ pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
 };
 pub use crate::status::EndpointStatus;
-pub use crate::target::{Target, TargetKind};
+pub use crate::target::{ServicePort, Target, TargetKind};

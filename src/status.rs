@@ -19,6 +19,11 @@ pub struct EndpointStatus {
     pub addr: SocketAddr,
     /// The DNS name it was found under, where known (SRV targets).
     pub hostname: Option<String>,
+    /// The zone it runs in, where its source says (`kubernetes:///`
+    /// targets, or a source's [`Endpoint::with_zone`](crate::resolve::Endpoint::with_zone)).
+    /// With [`Builder::zone`](crate::Builder::zone) set, `in_rotation` says
+    /// whether zone-aware routing sends this client's calls to it.
+    pub zone: Option<String>,
     /// Its state. Only [`SubchannelState::Serving`] gets calls.
     pub state: SubchannelState,
     /// Whether new calls may go to it now: the picker's last snapshot holds
@@ -95,6 +100,7 @@ impl EndpointStatus {
         Self {
             addr: sub.endpoint().addr(),
             hostname: sub.endpoint().hostname().map(str::to_owned),
+            zone: sub.endpoint().zone().map(str::to_owned),
             state: status.state().clone(),
             in_rotation: stats.in_rotation.load(Ordering::Acquire),
             state_for: now.saturating_duration_since(status.since()),
@@ -134,7 +140,11 @@ impl fmt::Display for EndpointStatus {
     /// 10.0.0.7:50051 SERVING, ejected for 29.4s (consecutive_failures), out of rotation; calls: 81 started, 2 ok, 79 failed, 0 transport failed, 0 cancelled, 0 in flight; last call error: Unavailable "pod 7 fails"
     /// ```
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.addr, self.state)?;
+        write!(f, "{}", self.addr)?;
+        if let Some(zone) = &self.zone {
+            write!(f, " (zone {zone})")?;
+        }
+        write!(f, " {}", self.state)?;
         if let Some(left) = self.ejected_for {
             write!(f, ", ejected for {left:.1?}")?;
             if let Some(reason) = self.ejection_reason {

@@ -83,6 +83,36 @@ pub enum TargetKind {
         /// The addresses.
         addrs: Vec<SocketAddr>,
     },
+    /// A Service's EndpointSlices, from the Kubernetes API (`kubernetes:`,
+    /// as kuberesolver writes it). Resolving it needs the feature
+    /// `kubernetes`.
+    Kubernetes {
+        /// The namespace; `None` means the client's own (its service
+        /// account's, or the kubeconfig context's).
+        namespace: Option<String>,
+        /// The Service's name.
+        service: String,
+        /// The port calls go to.
+        port: ServicePort,
+    },
+}
+
+/// The port of a `kubernetes:` target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServicePort {
+    /// The port number every endpoint is called on.
+    Number(u16),
+    /// A named port: each EndpointSlice says its number.
+    Name(String),
+}
+
+impl fmt::Display for ServicePort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServicePort::Number(n) => write!(f, "{n}"),
+            ServicePort::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 // === impl Target ===
@@ -141,6 +171,12 @@ impl Target {
                 Some(rest)
             }
             TargetKind::Static { .. } => None,
+            // The path as written, without its port: `svc.ns` or `svc`, as
+            // grpc-go's :authority for kuberesolver's targets.
+            TargetKind::Kubernetes { .. } => {
+                let path = self.input.rsplit('/').next().unwrap_or_default();
+                Some(path.rsplit_once(':').map_or(path, |(host, _)| host))
+            }
         }
     }
 
@@ -153,6 +189,10 @@ impl Target {
             TargetKind::Static { addrs } => {
                 addrs.first().map(ToString::to_string).unwrap_or_default()
             }
+            TargetKind::Kubernetes { port, .. } => match port {
+                ServicePort::Number(n) => format!("{}:{n}", self.host().unwrap_or_default()),
+                ServicePort::Name(_) => self.host().unwrap_or_default().to_owned(),
+            },
         }
     }
 }
@@ -238,6 +278,7 @@ fn parse_kind(input: &str, default_port: Option<u16>) -> Result<TargetKind, Stri
                 name: name.to_owned(),
             })
         }
+        "kubernetes" => parse_kubernetes(rest),
         "ipv4" => parse_list(rest, default_port, parse_ipv4_item),
         "ipv6" => parse_list(rest, default_port, parse_ipv6_item),
         // A service called `grpc` on port 50051 is a host, not a scheme.
@@ -251,6 +292,73 @@ fn parse_kind(input: &str, default_port: Option<u16>) -> Result<TargetKind, Stri
         // unknown scheme means the whole string is a host and port.
         _ => parse_host_port(input, default_port),
     }
+}
+
+/// `kubernetes:///svc[.ns[.svc…]]:port` or `kubernetes://ns/svc:port`, the
+/// port a number or a name.
+fn parse_kubernetes(rest: &str) -> Result<TargetKind, String> {
+    const FORM: &str = "write kubernetes:///service.namespace:port or kubernetes://namespace/service:port (the port a number or a name)";
+    let Some(after) = rest.strip_prefix("//") else {
+        return Err(format!("a kubernetes: target starts with \"//\"; {FORM}"));
+    };
+    let Some((authority, path)) = after.split_once('/') else {
+        return Err(format!("expected \"/\" after the namespace; {FORM}"));
+    };
+    let Some((name, port)) = path.rsplit_once(':') else {
+        return Err(format!("the port is missing; {FORM}"));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(0) => return Err("the port 0 is not a port".into()),
+        Ok(n) => ServicePort::Number(n),
+        Err(_) if is_port_name(port) => ServicePort::Name(port.to_owned()),
+        Err(_) => {
+            return Err(format!(
+                "the port {port:?} is neither a number from 1 to 65535 nor a port name (lowercase letters, digits and '-', at most 15)"
+            ));
+        }
+    };
+    let mut labels = name.split('.');
+    let service = labels.next().unwrap_or_default().to_owned();
+    let from_path = labels.next().map(str::to_owned);
+    let namespace = match (authority, from_path) {
+        ("", ns) => ns,
+        (ns, None) => Some(ns.to_owned()),
+        (ns, Some(other)) if ns == other => Some(other),
+        (ns, Some(other)) => {
+            return Err(format!(
+                "the namespace is given twice, as {ns:?} and {other:?}; {FORM}"
+            ));
+        }
+    };
+    for label in std::iter::once(&service).chain(&namespace) {
+        if !is_dns_label(label) {
+            return Err(format!(
+                "{label:?} is not a Kubernetes name (lowercase letters, digits and '-', at most 63)"
+            ));
+        }
+    }
+    Ok(TargetKind::Kubernetes {
+        namespace,
+        service,
+        port,
+    })
+}
+
+/// An RFC 1123 label, as Kubernetes names Services and namespaces.
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An IANA service name, as Kubernetes names ports.
+fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
 }
 
 /// RFC 3986 scheme characters, and long enough not to be a drive letter.

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 mod snapshot;
+mod zones;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use self::snapshot::Seen;
+use self::zones::{Decision, Placed};
 use crate::call::AppliedConfig;
 use crate::connection::ProbeRate;
 use crate::outlier::{Ejections, Ejector, OutlierDetection};
@@ -53,6 +55,8 @@ pub(crate) struct Spec {
     /// config from DNS replaces.
     pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
     pub(crate) default_service_config: Option<Arc<ServiceConfig>>,
+    /// The client's zone, for zone-aware routing; `None` turns it off.
+    pub(crate) zone: Option<Arc<str>>,
 }
 
 /// What a started balancer hands to its channel.
@@ -77,6 +81,11 @@ pub(crate) struct Balancer {
     /// The cap on liveness probes, over every subchannel.
     probe_rate: Arc<ProbeRate>,
     outputs: Outputs,
+    /// The client's zone, for zone-aware routing.
+    zone: Option<Arc<str>>,
+    /// Each endpoint's zone and hints as its source last said, and zone
+    /// routing's last choice. Only this task touches it.
+    zones: std::sync::Mutex<(BTreeMap<SocketAddr, Placed>, Decision)>,
 }
 
 /// The service config calls read, and the default one.
@@ -135,6 +144,7 @@ impl Balancer {
             outlier_detection,
             service_config,
             default_service_config,
+            zone,
         } = spec;
         let picker = Arc::new(Picker::new(
             format!("0 endpoints ({target} is being resolved)"),
@@ -163,6 +173,8 @@ impl Balancer {
                 endpoints: endpoints.clone(),
                 serving: serving_tx,
             },
+            zone,
+            zones: std::sync::Mutex::new((BTreeMap::new(), Decision::Off)),
         };
         let configs = Configs {
             applied: service_config,
@@ -263,6 +275,14 @@ impl Balancer {
         changed: &Arc<Notify>,
         ejector: &mut Ejector,
     ) {
+        let placed = set.iter().map(|e| {
+            let placed = Placed {
+                zone: e.zone_arc(),
+                hints: e.hints_arc(),
+            };
+            (e.addr(), placed)
+        });
+        self.zones.lock().unwrap_or_else(|e| e.into_inner()).0 = placed.collect();
         let before = subchannels.len();
         subchannels.retain(|addr, _| set.contains(*addr));
         let removed = before - subchannels.len();
@@ -306,6 +326,8 @@ impl Balancer {
         subchannels: &BTreeMap<SocketAddr, Subchannel>,
         ejector: &Ejector,
     ) -> Option<Instant> {
+        let mut zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        let (placed, last) = &mut *zones;
         let seen = subchannels.iter().map(|(addr, sub)| {
             let status = sub.status();
             let state = status.state();
@@ -321,6 +343,7 @@ impl Balancer {
                     .filter(|pool| pool.is_ready())
                     .cloned(),
                 ejected: ejector.is_ejected(addr),
+                placed: placed.get(addr).cloned().unwrap_or_default(),
             }
         });
         let note = match self.resolver.status() {
@@ -330,7 +353,21 @@ impl Balancer {
             _ => None,
         };
         let slow_start = self.outputs.picker.slow_start();
-        let built = snapshot::build(seen, slow_start, note.as_deref(), std::time::Instant::now());
+        let zone = self.zone.as_deref();
+        let now = std::time::Instant::now();
+        let built = snapshot::build(seen, slow_start, zone, note.as_deref(), now);
+        if built.zones != *last {
+            info!(
+                target = %self.target,
+                zone = zone.unwrap_or_default(),
+                routing = %built.zones,
+                local_share = built.zones.local_share().unwrap_or(1.0),
+                "zone-aware routing changed"
+            );
+            *last = built.zones.clone();
+        }
+        crate::metrics::zone_local_share(&self.target, built.zones.local_share());
+        drop(zones);
         if built.panic {
             debug!(target = %self.target, endpoints = built.in_rotation.len(), "every serving endpoint is ejected: calls go to them anyway");
         }

@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use super::zones::{self, Decision, Group, Placed};
 use crate::picker::{SlowStart, Snapshot};
 
 /// One endpoint, as the snapshot sees it.
@@ -24,6 +27,8 @@ pub(crate) struct Seen<T> {
     pub(crate) ready: Option<T>,
     /// Ejected as an outlier.
     pub(crate) ejected: bool,
+    /// Its zone and zone hints, from its source.
+    pub(crate) placed: Placed,
 }
 
 /// What the balancer publishes.
@@ -43,12 +48,15 @@ pub(crate) struct Built<T> {
     pub(crate) panic: bool,
     /// When the last slow-start ramp ends, if one runs.
     pub(crate) ramp_end: Option<Instant>,
+    /// What zone-aware routing chose.
+    pub(crate) zones: Decision,
 }
 
 /// The endpoints calls may go to, kept apart for the ejected ones.
 struct Rotation<T> {
     ready: Vec<T>,
     since: Vec<Instant>,
+    placed: Vec<Placed>,
     in_rotation: Vec<SocketAddr>,
     serving: Vec<SocketAddr>,
 }
@@ -58,6 +66,7 @@ impl<T> Default for Rotation<T> {
         Self {
             ready: Vec::new(),
             since: Vec::new(),
+            placed: Vec::new(),
             in_rotation: Vec::new(),
             serving: Vec::new(),
         }
@@ -67,10 +76,12 @@ impl<T> Default for Rotation<T> {
 /// The snapshot of `endpoints` (in address order) at `now`: the SERVING
 /// ones that can take a call, without the ejected ones unless no other is
 /// left (panic mode, Envoy's threshold at 0 %). With slow start, each
-/// endpoint's start is kept while any ramps. `note` ends the summary.
+/// endpoint's start is kept while any ramps. With a client `zone`, zone
+/// routing (`zones.rs`) orders and groups them. `note` ends the summary.
 pub(crate) fn build<T>(
     endpoints: impl IntoIterator<Item = Seen<T>>,
     slow_start: Option<SlowStart>,
+    zone: Option<&str>,
     note: Option<&str>,
     now: Instant,
 ) -> Built<T> {
@@ -84,7 +95,13 @@ pub(crate) fn build<T>(
     let (mut kept, mut ejected) = (Rotation::default(), Rotation::default());
     let mut labels = Vec::new();
     let mut ramp_end: Option<Instant> = None;
+    let mut spanned: Vec<Arc<str>> = Vec::new();
     for seen in endpoints {
+        if let Some(z) = &seen.placed.zone
+            && !spanned.contains(z)
+        {
+            spanned.push(z.clone());
+        }
         if let Some(slot) = states.iter_mut().find(|(s, _)| *s == seen.metric) {
             slot.1 += 1;
         }
@@ -98,6 +115,7 @@ pub(crate) fn build<T>(
                 rotation.ready.push(ready);
                 rotation.in_rotation.push(seen.addr);
                 rotation.since.push(seen.since);
+                rotation.placed.push(seen.placed.clone());
                 if slow_start.is_some() && now.saturating_duration_since(seen.since) < window {
                     // Saturating: a window of Duration::MAX ramps "forever".
                     let end = seen.since + crate::deadline::capped(window);
@@ -114,6 +132,13 @@ pub(crate) fn build<T>(
     let ejected_count = ejected.serving.len();
     let panic = kept.ready.is_empty() && !ejected.ready.is_empty();
     let mut rotation = if panic { ejected } else { kept };
+    let route = zones::route(zone, &rotation.placed, spanned.iter().map(|z| &**z));
+    let groups = if route.groups.is_empty() {
+        Vec::new()
+    } else {
+        rotation = reorder(rotation, &route.order, &route.groups);
+        route.groups
+    };
     if ramp_end.is_none() {
         rotation.since.clear();
     }
@@ -121,6 +146,7 @@ pub(crate) fn build<T>(
         snapshot: Snapshot {
             ready: rotation.ready,
             since: rotation.since,
+            groups,
             summary: Snapshot::summarize(labels.iter().map(String::as_str), note),
         },
         in_rotation: rotation.in_rotation,
@@ -129,6 +155,30 @@ pub(crate) fn build<T>(
         ejected: ejected_count,
         panic,
         ramp_end,
+        zones: route.decision,
+    }
+}
+
+/// `rotation` in zone routing's `order`; in rotation are only the
+/// endpoints of a group with a share.
+fn reorder<T>(mut rotation: Rotation<T>, order: &[usize], groups: &[Group]) -> Rotation<T> {
+    let mut ready: Vec<Option<T>> = rotation.ready.into_iter().map(Some).collect();
+    let since = &rotation.since;
+    let in_groups = groups.last().map_or(0, |g| g.end);
+    let mut in_rotation: Vec<SocketAddr> = order[..in_groups]
+        .iter()
+        .map(|&i| rotation.in_rotation[i])
+        .collect();
+    in_rotation.sort_unstable();
+    Rotation {
+        ready: order.iter().filter_map(|&i| ready[i].take()).collect(),
+        since: order
+            .iter()
+            .filter_map(|&i| since.get(i).copied())
+            .collect(),
+        placed: Vec::new(),
+        in_rotation,
+        serving: std::mem::take(&mut rotation.serving),
     }
 }
 
@@ -150,6 +200,7 @@ mod tests {
             since: now - age,
             ready: Some(n),
             ejected: false,
+            placed: Placed::default(),
         }
     }
 
@@ -172,6 +223,7 @@ mod tests {
         };
         let built = build(
             [serving(1, now, old), ejected, down, connecting],
+            None,
             None,
             None,
             now,
@@ -200,7 +252,7 @@ mod tests {
             ejected: true,
             ..serving(n, now, old)
         });
-        let built = build(endpoints, None, None, now);
+        let built = build(endpoints, None, None, None, now);
         assert!(built.panic);
         assert_eq!(built.snapshot.ready, [1, 2, 3]);
         assert_eq!(built.in_rotation.len(), 3);
@@ -215,17 +267,23 @@ mod tests {
             serving(1, now, Duration::from_secs(60)),
             serving(2, now, Duration::from_secs(10)),
         ];
-        let built = build(endpoints.clone(), Some(ramp), None, now);
+        let built = build(endpoints.clone(), Some(ramp), None, None, now);
         assert_eq!(built.snapshot.since.len(), 2);
         assert_eq!(built.ramp_end, Some(now + Duration::from_secs(20)));
         // Past every window: nothing ramps, and no start is kept.
         let later = now + Duration::from_secs(25);
-        let built = build(endpoints, Some(ramp), None, later);
+        let built = build(endpoints, Some(ramp), None, None, later);
         assert!(built.snapshot.since.is_empty());
         assert_eq!(built.ramp_end, None);
         // A window of Duration::MAX saturates rather than overflow.
         let forever = SlowStart::new(Duration::MAX);
-        let built = build([serving(1, now, Duration::ZERO)], Some(forever), None, now);
+        let built = build(
+            [serving(1, now, Duration::ZERO)],
+            Some(forever),
+            None,
+            None,
+            now,
+        );
         assert!(built.ramp_end.is_some_and(|end| end > now));
     }
 
@@ -233,6 +291,7 @@ mod tests {
     fn the_summary_notes_why_there_is_nothing() {
         let built = build(
             Vec::<Seen<u8>>::new(),
+            None,
             None,
             Some("the resolver found no address"),
             Instant::now(),

@@ -127,6 +127,13 @@ pub(crate) const METRICS: &[Described] = &[
         "1 while every SERVING endpoint is ejected and calls go to them anyway.",
     ),
     described(
+        "healthlb_zone_local_share",
+        "gauge",
+        "",
+        "target",
+        "With a client zone set: the share of calls zone-aware routing keeps in the zone (1 all, 0 none: all spill).",
+    ),
+    described(
         "healthlb_call_attempts",
         "histogram",
         "",

@@ -60,6 +60,17 @@ pub(crate) fn ejected(target: &str, ejected: usize, panic: bool) {
     let _ = (target, ejected, panic);
 }
 
+/// The share of calls zone-aware routing keeps in the client's zone;
+/// `None` when it is off.
+pub(crate) fn zone_local_share(target: &str, share: Option<f64>) {
+    #[cfg(feature = "metrics")]
+    if let Some(share) = share {
+        metrics::gauge!("healthlb_zone_local_share", "target" => target.to_owned()).set(share);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, share);
+}
+
 /// A call under a retry or hedging policy ended after `attempts`.
 pub(crate) fn call_attempts(target: &str, kind: &'static str, attempts: u32) {
     #[cfg(feature = "metrics")]

@@ -41,6 +41,7 @@ impl<S: Clone> Picked<S> {
         picker.publish(Snapshot {
             ready: services.into_iter().map(Ready).collect(),
             since: Vec::new(),
+            groups: Vec::new(),
             summary: String::new(),
         });
         Some(Self {

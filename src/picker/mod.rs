@@ -37,8 +37,8 @@ use self::least_request::LeastRequest;
 use self::peak_ewma::PeakEwma;
 pub use self::policy::{Policy, SlowStart};
 use self::round_robin::RoundRobin;
-use self::sample::random_below;
-pub(crate) use self::snapshot::Snapshot;
+use self::sample::{random_below, random_fraction};
+pub(crate) use self::snapshot::{Group, Snapshot};
 use crate::load::Candidate;
 use crate::subchannel::Pool;
 
@@ -103,6 +103,7 @@ impl<T: Candidate> Picker<T> {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 ready: Vec::new(),
                 since: Vec::new(),
+                groups: Vec::new(),
                 summary,
             }),
             published: watch::channel(0).0,
@@ -121,6 +122,7 @@ impl<T: Candidate> Picker<T> {
         self.publish(Snapshot {
             ready: Vec::new(),
             since: Vec::new(),
+            groups: Vec::new(),
             summary,
         });
     }
@@ -156,9 +158,30 @@ impl<T: Candidate> Picker<T> {
             }
             _ => 1.0,
         };
-        let index = self.chooser.choose(&snapshot.ready, &weight).or_else(|| {
-            self.round_robin
-                .next(&snapshot.ready, ramp.is_some(), &weight)
+        // Zone-aware routing: a group by its share, then the policy in it;
+        // the whole set only if none of the group can take a call.
+        let (start, end) = match snapshot.groups.len() {
+            0 => (0, snapshot.ready.len()),
+            1 => (snapshot.groups[0].start, snapshot.groups[0].end),
+            _ => {
+                let draw = random_fraction();
+                let g = snapshot.groups.iter().find(|g| draw < g.upto);
+                let g = g.unwrap_or(&snapshot.groups[snapshot.groups.len() - 1]);
+                (g.start, g.end)
+            }
+        };
+        let choose = |start: usize, end: usize| {
+            let ready = &snapshot.ready[start..end];
+            let weight = |i: usize| weight(start + i);
+            let index = self
+                .chooser
+                .choose(ready, &weight)
+                .or_else(|| self.round_robin.next(ready, ramp.is_some(), &weight))?;
+            Some(start + index)
+        };
+        let index = choose(start, end).or_else(|| match (start, end) {
+            (0, n) if n == snapshot.ready.len() => None,
+            _ => choose(0, snapshot.ready.len()),
         })?;
         Some(snapshot.ready[index].clone())
     }

@@ -16,8 +16,21 @@ pub(crate) struct Snapshot<T = Arc<Pool>> {
     pub(crate) ready: Vec<T>,
     /// When each became SERVING, for slow start; empty without it.
     pub(crate) since: Vec<Instant>,
+    /// Zone-aware routing's runs of `ready`, each with its share of
+    /// calls; empty when calls go to any of `ready` alike.
+    pub(crate) groups: Vec<Group>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
+}
+
+/// A run of a snapshot's `ready`, and the share of calls up to its end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Group {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// The cumulative share: a call whose random draw is below it, and
+    /// above the previous group's, goes here.
+    pub(crate) upto: f64,
 }
 
 impl Snapshot {

@@ -14,6 +14,8 @@ pub struct Endpoint {
     addr: SocketAddr,
     hostname: Option<Arc<str>>,
     zone: Option<Arc<str>>,
+    /// The zones it should serve (EndpointSlice `hints.forZones`).
+    for_zones: Option<Arc<[Arc<str>]>>,
     priority: Option<u16>,
     weight: Option<u16>,
 }
@@ -27,6 +29,7 @@ impl Endpoint {
             addr,
             hostname: None,
             zone: None,
+            for_zones: None,
             priority: None,
             weight: None,
         }
@@ -42,6 +45,18 @@ impl Endpoint {
     /// `topology.kubernetes.io/zone`.
     pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
         self.zone = Some(zone.into());
+        self
+    }
+
+    /// The zones whose clients it should serve, as an EndpointSlice's
+    /// `hints.forZones` says. When every endpoint carries hints, a client
+    /// with a zone calls only the endpoints hinted for it (as kube-proxy
+    /// does), and all of them when none is.
+    pub fn with_zone_hints<Z: Into<Arc<str>>>(
+        mut self,
+        zones: impl IntoIterator<Item = Z>,
+    ) -> Self {
+        self.for_zones = Some(zones.into_iter().map(Into::into).collect());
         self
     }
 
@@ -72,6 +87,19 @@ impl Endpoint {
     /// The zone it runs in, where its source knows it; `None` for DNS.
     pub fn zone(&self) -> Option<&str> {
         self.zone.as_deref()
+    }
+
+    /// The zones it should serve, if its source gave hints.
+    pub fn zone_hints(&self) -> Option<&[Arc<str>]> {
+        self.for_zones.as_deref()
+    }
+
+    pub(crate) fn zone_arc(&self) -> Option<Arc<str>> {
+        self.zone.clone()
+    }
+
+    pub(crate) fn hints_arc(&self) -> Option<Arc<[Arc<str>]>> {
+        self.for_zones.clone()
     }
 
     /// The SRV priority, for endpoints found through SRV.

@@ -64,6 +64,8 @@ pub(crate) mod dns;
 mod dns_source;
 mod driver;
 mod endpoint;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 mod resolver;
 mod source;
 mod status;

@@ -52,6 +52,26 @@ impl Resolver {
                 server: *server,
                 name: name.clone(),
             },
+            #[cfg(feature = "kubernetes")]
+            TargetKind::Kubernetes {
+                namespace,
+                service,
+                port,
+            } => {
+                let source = super::kubernetes::EndpointSlices::for_target(
+                    namespace.clone(),
+                    service.clone(),
+                    port.clone(),
+                );
+                return Self::start(name, Box::new(source), config, seed, now, None);
+            }
+            #[cfg(not(feature = "kubernetes"))]
+            TargetKind::Kubernetes { .. } => {
+                return Err(Error::invalid_target(
+                    target.as_str(),
+                    "kubernetes: targets need healthlb's `kubernetes` feature",
+                ));
+            }
         };
         let (service_config, config_rx) = if config.service_config_from_dns {
             let (tx, rx) = watch::channel(None);

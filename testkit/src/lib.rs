@@ -10,6 +10,7 @@ pub use hickory_server;
 pub mod dns;
 pub mod echo;
 pub mod hostile;
+pub mod kube_api;
 pub mod proxy;
 
 use std::future::Future;
