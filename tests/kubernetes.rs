@@ -13,85 +13,12 @@ use std::time::{Duration, Instant};
 
 use healthlb::resolve::kubernetes::EndpointSlices;
 use healthlb::{LbChannel, ServicePort};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{Backend, backends, free_port};
-use support::kube_api::KubeApi;
+use support::kube_api::{KubeApi, Pod, slice};
 use support::{all_serving, is_serving, states, wait_for};
-
-/// A pod as a slice lists it.
-#[derive(Clone, Copy)]
-enum Pod<'a> {
-    Ready(&'a Backend),
-    /// Shutting down, still serving its calls.
-    Terminating(&'a Backend),
-    /// Ready, in a zone, with hints.
-    Zoned(&'a Backend, &'a str, &'a [&'a str]),
-}
-
-fn slice(service: &str, name: &str, pods: &[Pod<'_>]) -> serde_json::Value {
-    let endpoints = pods
-        .iter()
-        .map(|pod| {
-            let (b, ready, zone, hints) = match *pod {
-                Pod::Ready(b) => (b, true, None, None),
-                Pod::Terminating(b) => (b, false, None, None),
-                Pod::Zoned(b, zone, hints) => (b, true, Some(zone), Some(hints)),
-            };
-            Endpoint {
-                addresses: vec![b.addr.ip().to_string()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(ready),
-                    serving: Some(true),
-                    terminating: Some(!ready),
-                }),
-                zone: zone.map(str::to_owned),
-                hints: hints.map(|h| EndpointHints {
-                    for_zones: Some(
-                        h.iter()
-                            .map(|z| ForZone {
-                                name: (*z).to_owned(),
-                            })
-                            .collect(),
-                    ),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
-        })
-        .collect();
-    let slice = EndpointSlice {
-        address_type: "IPv4".to_owned(),
-        endpoints,
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            labels: Some(BTreeMap::from([(
-                "kubernetes.io/service-name".to_owned(),
-                service.to_owned(),
-            )])),
-            ..Default::default()
-        },
-        ports: Some(vec![EndpointPort {
-            name: Some("grpc".to_owned()),
-            port: Some(i32::from(pods_port(pods))),
-            protocol: Some("TCP".to_owned()),
-            ..Default::default()
-        }]),
-    };
-    serde_json::to_value(&slice).expect("k8s-openapi serialises")
-}
-
-fn pods_port(pods: &[Pod<'_>]) -> u16 {
-    match pods.first() {
-        Some(Pod::Ready(b) | Pod::Terminating(b) | Pod::Zoned(b, ..)) => b.addr.port(),
-        None => 1,
-    }
-}
 
 async fn client(api: &KubeApi) -> kube::Client {
     let config = kube::Config::new(api.url().parse().expect("a URL"));
@@ -142,6 +69,37 @@ fn names(backends: &[&Backend]) -> Vec<String> {
     names
 }
 
+#[test]
+fn the_test_slices_are_what_k8s_openapi_reads() {
+    let addr = "127.0.0.9:50051".parse().unwrap();
+    let json = slice(
+        "echo",
+        "echo-a",
+        &[Pod::Zoned(addr, "a", &["a", "b"]), Pod::Terminating(addr)],
+    );
+    let parsed: EndpointSlice =
+        serde_json::from_value(json.clone()).expect("k8s-openapi parses it");
+    assert_eq!(parsed.endpoints.len(), 2);
+    assert_eq!(parsed.endpoints[0].zone.as_deref(), Some("a"));
+    let hints = parsed.endpoints[0]
+        .hints
+        .as_ref()
+        .and_then(|h| h.for_zones.as_ref());
+    assert_eq!(hints.map(Vec::len), Some(2));
+    assert_eq!(
+        parsed.endpoints[1]
+            .conditions
+            .as_ref()
+            .and_then(|c| c.terminating),
+        Some(true)
+    );
+    assert_eq!(
+        serde_json::to_value(&parsed).unwrap(),
+        json,
+        "nothing lost or renamed"
+    );
+}
+
 #[tokio::test]
 async fn slices_of_the_service_are_merged_and_followed() {
     support::init_tracing();
@@ -152,10 +110,10 @@ async fn slices_of_the_service_are_merged_and_followed() {
     api.apply(slice(
         "echo",
         "echo-a",
-        &[Pod::Ready(&b[0]), Pod::Ready(&b[1])],
+        &[Pod::Ready(b[0].addr), Pod::Ready(b[1].addr)],
     ));
-    api.apply(slice("echo", "echo-b", &[Pod::Ready(&b[2])]));
-    api.apply(slice("other", "other-a", &[Pod::Ready(&b[3])]));
+    api.apply(slice("echo", "echo-b", &[Pod::Ready(b[2].addr)]));
+    api.apply(slice("other", "other-a", &[Pod::Ready(b[3].addr)]));
     let channel = channel(&api, None).await;
     all_serving(&channel, 3).await;
     let seen = spread(&channel, 30).await;
@@ -169,7 +127,7 @@ async fn slices_of_the_service_are_merged_and_followed() {
     api.apply(slice(
         "echo",
         "echo-b",
-        &[Pod::Ready(&b[2]), Pod::Ready(&b[3])],
+        &[Pod::Ready(b[2].addr), Pod::Ready(b[3].addr)],
     ));
     let seen_in = wait_for(Duration::from_secs(5), || is_serving(&channel, b[3].addr)).await;
     assert!(seen_in.is_some(), "{:?}", states(&channel));
@@ -199,7 +157,11 @@ async fn a_terminating_pod_gets_no_new_call_while_a_ready_one_exists() {
     api.apply(slice(
         "echo",
         "echo-a",
-        &[Pod::Ready(&b[0]), Pod::Ready(&b[1]), Pod::Ready(&b[2])],
+        &[
+            Pod::Ready(b[0].addr),
+            Pod::Ready(b[1].addr),
+            Pod::Ready(b[2].addr),
+        ],
     ));
     let channel = channel(&api, None).await;
     all_serving(&channel, 3).await;
@@ -208,9 +170,9 @@ async fn a_terminating_pod_gets_no_new_call_while_a_ready_one_exists() {
         "echo",
         "echo-a",
         &[
-            Pod::Terminating(&b[0]),
-            Pod::Ready(&b[1]),
-            Pod::Ready(&b[2]),
+            Pod::Terminating(b[0].addr),
+            Pod::Ready(b[1].addr),
+            Pod::Ready(b[2].addr),
         ],
     ));
     let left = wait_for(Duration::from_secs(5), || channel.endpoints().len() == 2).await;
@@ -228,9 +190,9 @@ async fn a_terminating_pod_gets_no_new_call_while_a_ready_one_exists() {
         "echo",
         "echo-a",
         &[
-            Pod::Terminating(&b[0]),
-            Pod::Terminating(&b[1]),
-            Pod::Terminating(&b[2]),
+            Pod::Terminating(b[0].addr),
+            Pod::Terminating(b[1].addr),
+            Pod::Terminating(b[2].addr),
         ],
     ));
     all_serving(&channel, 3).await;
@@ -244,8 +206,8 @@ async fn a_gone_watch_and_a_dropped_one_keep_the_set_and_catch_up() {
     api.page_size(1); // chunked lists: a page per slice
     let port = free_port();
     let b = backends(170, 4, port).await;
-    api.apply(slice("echo", "echo-a", &[Pod::Ready(&b[0])]));
-    api.apply(slice("echo", "echo-b", &[Pod::Ready(&b[1])]));
+    api.apply(slice("echo", "echo-a", &[Pod::Ready(b[0].addr)]));
+    api.apply(slice("echo", "echo-b", &[Pod::Ready(b[1].addr)]));
     let channel = channel(&api, None).await;
     all_serving(&channel, 2).await;
     assert!(
@@ -262,7 +224,7 @@ async fn a_gone_watch_and_a_dropped_one_keep_the_set_and_catch_up() {
             .await
             .unwrap_or_else(|e| panic!("call {i}: {e}"));
     }
-    api.apply(slice("echo", "echo-c", &[Pod::Ready(&b[2])]));
+    api.apply(slice("echo", "echo-c", &[Pod::Ready(b[2].addr)]));
     let relisted = wait_for(Duration::from_secs(10), || is_serving(&channel, b[2].addr)).await;
     assert!(relisted.is_some(), "{:?}", states(&channel));
     assert!(
@@ -274,7 +236,7 @@ async fn a_gone_watch_and_a_dropped_one_keep_the_set_and_catch_up() {
     let watches = api.asked.watches.load(Ordering::SeqCst);
     api.drop_watches();
     api.bookmark();
-    api.apply(slice("echo", "echo-d", &[Pod::Ready(&b[3])]));
+    api.apply(slice("echo", "echo-d", &[Pod::Ready(b[3].addr)]));
     let resumed = wait_for(Duration::from_secs(10), || is_serving(&channel, b[3].addr)).await;
     assert!(resumed.is_some(), "{:?}", states(&channel));
     assert!(api.asked.watches.load(Ordering::SeqCst) > watches);
@@ -318,9 +280,9 @@ async fn hints_for_zones_route_exactly_where_they_say() {
         "echo",
         "echo-a",
         &[
-            Pod::Zoned(&b[0], "a", &["a"]),
-            Pod::Zoned(&b[1], "b", &["b"]),
-            Pod::Zoned(&b[2], "b", &["c"]),
+            Pod::Zoned(b[0].addr, "a", &["a"]),
+            Pod::Zoned(b[1].addr, "b", &["b"]),
+            Pod::Zoned(b[2].addr, "b", &["c"]),
         ],
     ));
     for (zone, expect) in [("a", &b[0]), ("b", &b[1]), ("c", &b[2])] {

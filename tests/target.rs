@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use healthlb::ErrorKind;
-use healthlb::{Target, TargetKind};
+use healthlb::{ServicePort, Target, TargetKind};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -332,4 +332,88 @@ fn random_input_never_panics() {
         ok > 0 && errors > 0,
         "the generator should hit both: {ok} ok, {errors} errors"
     );
+}
+
+fn kube(namespace: Option<&str>, service: &str, port: ServicePort) -> TargetKind {
+    TargetKind::Kubernetes {
+        namespace: namespace.map(str::to_owned),
+        service: service.to_owned(),
+        port,
+    }
+}
+
+#[test]
+fn kubernetes_targets_take_kuberesolvers_forms() {
+    use ServicePort::{Name, Number};
+    let cases = [
+        (
+            "kubernetes:///echo.default:50051",
+            kube(Some("default"), "echo", Number(50051)),
+            "echo.default:50051",
+        ),
+        (
+            "kubernetes:///echo.default:grpc",
+            kube(Some("default"), "echo", Name("grpc".into())),
+            "echo.default",
+        ),
+        (
+            "kubernetes:///echo:50051",
+            kube(None, "echo", Number(50051)),
+            "echo:50051",
+        ),
+        (
+            "kubernetes://prod/echo:grpc",
+            kube(Some("prod"), "echo", Name("grpc".into())),
+            "echo",
+        ),
+        (
+            "kubernetes:///echo.prod.svc.cluster.local:50051",
+            kube(Some("prod"), "echo", Number(50051)),
+            "echo.prod.svc.cluster.local:50051",
+        ),
+    ];
+    for (input, kind, authority) in cases {
+        let target = Target::parse(input, None).unwrap_or_else(|e| panic!("{input}: {e}"));
+        assert_eq!(target.kind(), &kind, "{input}");
+        assert_eq!(target.authority(), authority, "{input}");
+    }
+}
+
+#[test]
+fn bad_kubernetes_targets_say_what_is_wrong() {
+    let cases = [
+        ("kubernetes:echo:50051", "starts with \"//\""),
+        ("kubernetes:///echo.default", "the port is missing"),
+        ("kubernetes:///echo:0", "the port 0 is not a port"),
+        (
+            "kubernetes:///echo:Not_A_Port",
+            "neither a number from 1 to 65535 nor a port name",
+        ),
+        (
+            "kubernetes:///Echo:50051",
+            "\"Echo\" is not a Kubernetes name",
+        ),
+        (
+            "kubernetes://a/echo.b:50051",
+            "the namespace is given twice",
+        ),
+    ];
+    for (input, why) in cases {
+        let err = Target::parse(input, None).expect_err(input);
+        assert_eq!(err.kind(), ErrorKind::InvalidTarget, "{input}");
+        let text = err.to_string();
+        assert!(
+            text.contains(input) && text.contains(why),
+            "{input}: {text}"
+        );
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+#[tokio::test]
+async fn a_kubernetes_target_without_the_feature_says_which_feature() {
+    let err = healthlb::LbChannel::builder("kubernetes:///echo.default:50051")
+        .build()
+        .expect_err("needs the feature");
+    assert!(err.to_string().contains("`kubernetes` feature"), "{err}");
 }

@@ -371,3 +371,58 @@ fn decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A pod as an EndpointSlice lists it.
+#[derive(Clone, Copy, Debug)]
+pub enum Pod<'a> {
+    /// Ready.
+    Ready(SocketAddr),
+    /// Shutting down: not ready, still serving, terminating.
+    Terminating(SocketAddr),
+    /// Ready, in a zone, with `hints.forZones`.
+    Zoned(SocketAddr, &'a str, &'a [&'a str]),
+}
+
+/// The JSON of a `discovery.k8s.io/v1` EndpointSlice named `name` in
+/// namespace `default`, for Service `service`, listing `pods` on a port
+/// named `grpc` (the first pod's port). It has the fields and names of
+/// k8s-openapi's `EndpointSlice`; the tests parse it with k8s-openapi to
+/// hold it to that.
+pub fn slice(service: &str, name: &str, pods: &[Pod<'_>]) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|pod| {
+            let (addr, ready) = match *pod {
+                Pod::Ready(a) | Pod::Zoned(a, ..) => (a, true),
+                Pod::Terminating(a) => (a, false),
+            };
+            let mut endpoint = json!({
+                "addresses": [addr.ip().to_string()],
+                "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": format!("{service}-{}", addr.ip())},
+            });
+            if let Pod::Zoned(_, zone, hints) = *pod {
+                endpoint["zone"] = json!(zone);
+                let for_zones: Vec<Value> = hints.iter().map(|z| json!({"name": z})).collect();
+                endpoint["hints"] = json!({"forZones": for_zones});
+            }
+            endpoint
+        })
+        .collect();
+    let port = match pods.first() {
+        Some(Pod::Ready(a) | Pod::Terminating(a) | Pod::Zoned(a, ..)) => a.port(),
+        None => 1,
+    };
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
+    })
+}
