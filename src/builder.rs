@@ -175,7 +175,8 @@ impl Builder {
     ///   when it has fewer: the zone keeps `its endpoints' share ÷ its
     ///   share` of calls, and the rest go to the zones with more than their
     ///   share, in proportion to their surplus. With no ready endpoint in
-    ///   the zone, every call spills.
+    ///   the zone, every call spills. As Envoy's, this is off below 6 ready
+    ///   endpoints and while every endpoint is ejected (panic mode).
     ///
     /// Endpoints without a zone (DNS) make it a no-op. A pod learns its
     /// zone from its Node's `topology.kubernetes.io/zone` label: see the

@@ -132,6 +132,8 @@ pub(crate) fn build<T>(
     let ejected_count = ejected.serving.len();
     let panic = kept.ready.is_empty() && !ejected.ready.is_empty();
     let mut rotation = if panic { ejected } else { kept };
+    // Panic mode spreads over every endpoint, zones or not.
+    let zone = zone.filter(|_| !panic);
     let route = zones::route(zone, &rotation.placed, spanned.iter().map(|z| &**z));
     let groups = if route.groups.is_empty() {
         Vec::new()

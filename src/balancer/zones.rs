@@ -8,12 +8,18 @@
 //!   endpoints keeps its calls; one with less keeps `local / share` of
 //!   them and spills the rest to the zones with room, in proportion to the
 //!   room they have, so a zone that lost pods doesn't overload the few it
-//!   has left. A zone with no ready endpoint spills all.
+//!   has left. A zone with no ready endpoint spills all. As Envoy's, it is
+//!   off below [`MIN_CLUSTER_SIZE`] ready endpoints, where one zone's few
+//!   would take a whole zone's calls, and in panic mode (the caller's).
 
 use std::fmt;
 use std::sync::Arc;
 
 pub(crate) use crate::picker::Group;
+
+/// The fewest ready endpoints that spill-over routing runs with: 6, Envoy's
+/// `min_cluster_size`.
+pub(crate) const MIN_CLUSTER_SIZE: usize = 6;
 
 /// One endpoint in rotation, as zone routing sees it.
 #[derive(Debug, Clone, Default)]
@@ -120,7 +126,7 @@ pub(crate) fn route<'a>(
             decision: Decision::Hints,
         };
     }
-    if ready.iter().all(|p| p.zone.is_none()) {
+    if ready.len() < MIN_CLUSTER_SIZE || ready.iter().all(|p| p.zone.is_none()) {
         return Route::all(ready.len(), Decision::Off);
     }
     // The zones of the ready endpoints, in order of first appearance.
@@ -283,11 +289,14 @@ mod tests {
 
     #[test]
     fn a_zone_without_pods_spills_everything() {
-        let ready = placed(&["b", "b", "c", "c"]);
+        let ready = placed(&["b", "b", "b", "c", "c", "c"]);
         let r = route(Some("a"), &ready, ["a", "b", "c"]);
         assert_eq!(r.decision, Decision::NoLocal);
-        let s = shares(&r, 4);
-        assert!(s.iter().all(|&x| (x - 0.25).abs() < 1e-9), "{s:?}");
+        let s = shares(&r, 6);
+        assert!(s.iter().all(|&x| (x - 1.0 / 6.0).abs() < 1e-9), "{s:?}");
+        // Below Envoy's min_cluster_size, off.
+        let few = placed(&["b", "b", "c", "c"]);
+        assert_eq!(route(Some("a"), &few, []).decision, Decision::Off);
     }
 
     #[test]
