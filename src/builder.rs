@@ -65,6 +65,20 @@ pub struct Builder {
     outlier_detection: Option<OutlierDetection>,
     service_config: Option<Arc<ServiceConfig>>,
     zone: Option<Arc<str>>,
+    #[cfg(feature = "opentelemetry")]
+    meter_provider: Option<MeterProvider>,
+}
+
+/// The user's OpenTelemetry `MeterProvider`.
+#[cfg(feature = "opentelemetry")]
+#[derive(Clone)]
+struct MeterProvider(Arc<dyn opentelemetry::metrics::MeterProvider + Send + Sync>);
+
+#[cfg(feature = "opentelemetry")]
+impl fmt::Debug for MeterProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MeterProvider")
+    }
 }
 
 /// Where the endpoints come from.
@@ -159,7 +173,24 @@ impl Builder {
             outlier_detection: Some(OutlierDetection::default()),
             service_config: None,
             zone: None,
+            #[cfg(feature = "opentelemetry")]
+            meter_provider: None,
         }
+    }
+
+    /// gRPC's standard metrics (gRFC A66 per call and attempt, A94 per
+    /// subchannel, and healthlb's own `grpc.lb.*`) recorded on `provider`,
+    /// as grpc-go's `opentelemetry.DialOption` takes one; and gRFC A72's
+    /// call and attempt spans through `tracing`, with each attempt's W3C
+    /// `traceparent` sent to the server. See the README, "OpenTelemetry".
+    /// Feature `opentelemetry`. Default: none, nothing recorded, no span.
+    #[cfg(feature = "opentelemetry")]
+    pub fn meter_provider<P>(mut self, provider: P) -> Self
+    where
+        P: opentelemetry::metrics::MeterProvider + Send + Sync + 'static,
+    {
+        self.meter_provider = Some(MeterProvider(Arc::new(provider)));
+        self
     }
 
     /// The zone this client runs in, which turns on zone-aware routing for
@@ -408,6 +439,13 @@ impl Builder {
             }
         };
         let retry_buffer = self.subchannel.retry_buffer.clone();
+        #[cfg(feature = "opentelemetry")]
+        let telemetry = match &self.meter_provider {
+            Some(provider) => crate::telemetry::Telemetry::new(&*provider.0, &name),
+            None => crate::telemetry::Telemetry::default(),
+        };
+        #[cfg(not(feature = "opentelemetry"))]
+        let telemetry = crate::telemetry::Telemetry::default();
         let service_config = Arc::new(ArcSwapOption::new(
             self.service_config.clone().map(AppliedConfig::new),
         ));
@@ -424,6 +462,7 @@ impl Builder {
                 service_config: service_config.clone(),
                 default_service_config: self.service_config,
                 zone: self.zone,
+                telemetry: telemetry.clone(),
             },
             &runtime,
         );
@@ -436,6 +475,7 @@ impl Builder {
                 timeout: self.timeout,
                 service_config,
                 retry_buffer,
+                telemetry,
             },
         ))
     }

@@ -64,6 +64,7 @@ pub(crate) struct CallSettings {
     pub(crate) timeout: Option<Duration>,
     pub(crate) service_config: Arc<arc_swap::ArcSwapOption<crate::call::AppliedConfig>>,
     pub(crate) retry_buffer: Arc<crate::call::RetryBuffer>,
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 impl Clone for LbChannel {
@@ -99,6 +100,7 @@ impl LbChannel {
             timeout,
             service_config,
             retry_buffer,
+            telemetry,
         } = settings;
         let Running {
             picker,
@@ -117,6 +119,7 @@ impl LbChannel {
                 timeout,
                 service_config,
                 retry_buffer,
+                telemetry,
             }),
             serving,
             ejections,
@@ -208,8 +211,16 @@ impl tower::Service<Request<Body>> for LbChannel {
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
         let calls = self.calls.clone();
         let (plan, deadline) = calls.plan(&request);
+        let telemetry = calls.telemetry.call(request.uri().path());
         let replay = Replay::new(request, calls.retry_buffer.clone(), plan.deadline);
+        if telemetry.is_some() {
+            replay.count_payload();
+        }
         let picked = self.picked.take();
-        ResponseFuture::new(crate::call::run(calls, picked, replay, plan), deadline)
+        let run = crate::call::run(calls, picked, replay, plan);
+        match telemetry {
+            None => ResponseFuture::new(run, deadline),
+            Some(telemetry) => ResponseFuture::new(crate::call::observed(run, telemetry), deadline),
+        }
     }
 }

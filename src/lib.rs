@@ -23,6 +23,7 @@ mod service_config;
 mod status;
 pub mod subchannel;
 mod target;
+mod telemetry;
 mod timer;
 
 /// Hooks for healthlb's own benchmarks and fuzzers, with the feature

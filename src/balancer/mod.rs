@@ -57,6 +57,7 @@ pub(crate) struct Spec {
     pub(crate) default_service_config: Option<Arc<ServiceConfig>>,
     /// The client's zone, for zone-aware routing; `None` turns it off.
     pub(crate) zone: Option<Arc<str>>,
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 /// What a started balancer hands to its channel.
@@ -83,6 +84,7 @@ pub(crate) struct Balancer {
     outputs: Outputs,
     /// The client's zone, for zone-aware routing.
     zone: Option<Arc<str>>,
+    telemetry: crate::telemetry::Telemetry,
     /// Each endpoint's zone and hints as its source last said, and zone
     /// routing's last choice. Only this task touches it.
     zones: std::sync::Mutex<(BTreeMap<SocketAddr, Placed>, Decision)>,
@@ -145,6 +147,7 @@ impl Balancer {
             service_config,
             default_service_config,
             zone,
+            telemetry,
         } = spec;
         let picker = Arc::new(Picker::new(
             format!("0 endpoints ({target} is being resolved)"),
@@ -152,7 +155,7 @@ impl Balancer {
             slow_start,
         ));
         crate::metrics::policy(&target, policy.name(), outlier_detection.is_some());
-        let ejector = Ejector::new(target.clone(), outlier_detection);
+        let ejector = Ejector::new(target.clone(), outlier_detection, telemetry.clone());
         let ejections = ejector.published();
         let endpoints = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let (serving_tx, serving) = watch::channel(ServingSet::default());
@@ -174,6 +177,7 @@ impl Balancer {
                 serving: serving_tx,
             },
             zone,
+            telemetry,
             zones: std::sync::Mutex::new((BTreeMap::new(), Decision::Off)),
         };
         let configs = Configs {
@@ -300,6 +304,7 @@ impl Balancer {
                 judge: ejector.judge(),
                 latency_decay: self.latency_decay,
                 probe_rate: Some(self.probe_rate.clone()),
+                telemetry: self.telemetry.clone(),
             };
             match Subchannel::spawn_with(endpoint.clone(), self.config.clone(), hooks) {
                 Ok(sub) => {
@@ -367,6 +372,8 @@ impl Balancer {
             *last = built.zones.clone();
         }
         crate::metrics::zone_local_share(&self.target, built.zones.local_share());
+        self.telemetry.zone_local_share(built.zones.local_share());
+        self.telemetry.ejected(built.ejected, built.panic);
         drop(zones);
         if built.panic {
             debug!(target = %self.target, endpoints = built.in_rotation.len(), "every serving endpoint is ejected: calls go to them anyway");

@@ -173,6 +173,7 @@ impl Call {
         let waits = deadline_in(self.shared.ready_timeout);
         let until = self.deadline.map_or(waits, |d| d.min(waits));
         let planned = crate::deadline::rounded(until.saturating_duration_since(started));
+        let mut transparent = false;
         for _ in 0..MAX_ATTEMPTS {
             let pool = match picked.take() {
                 Some(pool) if pool.is_ready() => pool,
@@ -215,12 +216,13 @@ impl Call {
                     return Outcome::Failed(self.waited(status), None);
                 }
             };
-            match slot.send(&self.replay, previous, self.linger).await {
+            let sent = slot.send(&self.replay, previous, self.linger, transparent);
+            match sent.await {
                 Sent::Response(response, attempt) => return Outcome::Response(response, attempt),
                 Sent::Failed(status, attempt) => return Outcome::Failed(status, attempt),
                 // The connection closed before the call left: another
                 // endpoint takes it.
-                Sent::Unsent => {}
+                Sent::Unsent => transparent = true,
             }
         }
         Outcome::Failed(

@@ -44,6 +44,7 @@ impl Call {
                 } else {
                     if !may {
                         crate::metrics::retry_throttled(target);
+                        self.shared.telemetry.retry_throttled();
                     }
                     next = None;
                 }

@@ -23,6 +23,7 @@
 mod attempt;
 mod config;
 mod hedge;
+mod observed;
 mod pick;
 mod plan;
 mod replay;
@@ -34,6 +35,7 @@ mod throttle;
 
 pub(crate) use self::attempt::run;
 pub(crate) use self::config::AppliedConfig;
+pub(crate) use self::observed::observed;
 pub(crate) use self::pick::Calls;
 pub(crate) use self::replay::{Replay, RetryBuffer};
 pub(crate) use self::response::BoxError;

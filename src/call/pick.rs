@@ -28,6 +28,8 @@ pub(crate) struct Calls {
     /// The service config in force, from the builder or DNS.
     pub(crate) service_config: Arc<ArcSwapOption<AppliedConfig>>,
     pub(crate) retry_buffer: Arc<RetryBuffer>,
+    /// gRPC's standard telemetry.
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 // === impl Calls ===

@@ -65,6 +65,7 @@ impl Call {
         let target = &self.shared.target;
         if throttle.is_some_and(|t| !t.failure()) {
             crate::metrics::retry_throttled(target);
+            self.shared.telemetry.retry_throttled();
             return false;
         }
         match pushed {

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use crate::connection::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 use crate::subchannel::Ended;
 use crate::subchannel::Slot;
+use crate::telemetry::AttemptTelemetry;
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -43,10 +44,23 @@ impl Slot {
     /// without a response is retired here. With `linger` (a hedge), an
     /// attempt dropped before its answer keeps its stream until [`LINGER`]
     /// after it was sent, and only then is cancelled.
-    pub(crate) async fn send(self, replay: &Replay, previous: u32, linger: bool) -> Sent {
+    /// `transparent` when the attempt before it in the same call never left
+    /// the client (for telemetry).
+    pub(crate) async fn send(
+        self,
+        replay: &Replay,
+        previous: u32,
+        linger: bool,
+        transparent: bool,
+    ) -> Sent {
         let conn = self.conn.clone();
         let endpoint = self.endpoint.clone();
         let stats = &endpoint;
+        let mut telemetry =
+            stats
+                .telemetry
+                .attempt(replay.path(), conn.addr, previous, transparent);
+        let traceparent = telemetry.as_ref().and_then(|t| t.traceparent());
         // Metrics: the method, and counting of the request's messages.
         let method: Option<Arc<str>> = stats.metrics.enabled().then(|| replay.path().into());
         let counting = method.clone().map(|method| Counting {
@@ -56,8 +70,8 @@ impl Slot {
         });
         let sent_at = std::time::Instant::now();
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
-        let Some((attempt, response)) = dispatch(&conn, replay, counting, previous, linger_until)
-        else {
+        let dispatched = dispatch(&conn, replay, counting, previous, linger_until, traceparent);
+        let Some((attempt, response)) = dispatched else {
             return Sent::Failed(
                 Status::unavailable(format!(
                     "the call to {} cannot be sent again: its request was not kept whole",
@@ -94,6 +108,9 @@ impl Slot {
                 // A trailers-only response carries its status in the headers.
                 let status = grpc_status(response.headers());
                 if let Some(code) = status {
+                    if let Some(mut t) = telemetry.take() {
+                        t.end(code, sent_bytes(replay));
+                    }
                     stats.ended(Ended::Status(code, Some(response.headers())));
                     if let Some(counting) = &mut counting {
                         stats.metrics.request_done(code, &counting.method);
@@ -106,6 +123,7 @@ impl Slot {
                         counting,
                         judged: status.is_some(),
                         slot,
+                        telemetry: telemetry.map(|t| (t, replay.payload())),
                     })
                 });
                 Sent::Response(response, attempt)
@@ -121,10 +139,16 @@ impl Slot {
                     }
                     // It never reached the server: not counted.
                     std::mem::forget(started);
+                    if let Some(mut t) = telemetry.take() {
+                        t.end(tonic::Code::Unavailable, 0);
+                    }
                     return Sent::Unsent;
                 }
                 drop(started);
                 let status = transport_status(conn.addr, &err);
+                if let Some(mut t) = telemetry.take() {
+                    t.end(status.code(), sent_bytes(replay));
+                }
                 stats.ended(Ended::Transport(&status));
                 if let Some(method) = &method {
                     stats.metrics.request_done(status.code(), method);
@@ -133,6 +157,11 @@ impl Slot {
             }
         }
     }
+}
+
+/// The request's message bytes read so far, for telemetry.
+fn sent_bytes(replay: &Replay) -> u64 {
+    replay.payload().map_or(0, |n| n.load(Ordering::Relaxed))
 }
 
 /// What hyper answers a request with.
@@ -146,9 +175,13 @@ fn dispatch(
     counting: Option<Counting>,
     previous: u32,
     linger_until: Option<tokio::time::Instant>,
+    traceparent: Option<http::HeaderValue>,
 ) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
     let (attempt, mut req) = replay.attempt(counting, previous, linger_until)?;
     prepare(&mut req, &conn.origin);
+    if let Some(value) = traceparent {
+        req.headers_mut().insert("traceparent", value);
+    }
     let mut send = conn.send.clone();
     Some((attempt, send.try_send_request(req)))
 }
@@ -252,6 +285,8 @@ struct TrackedBody {
     /// The call's status went to the endpoint's outcomes.
     judged: bool,
     slot: Slot,
+    /// The attempt's telemetry, and the request's bytes sent, if counted.
+    telemetry: Option<(AttemptTelemetry, Option<Arc<AtomicU64>>)>,
 }
 
 struct ResponseCounting {
@@ -314,6 +349,25 @@ impl HttpBody for TrackedBody {
                     stats.ended(Ended::Status(tonic::Code::Internal, None));
                     this.judged = true;
                 }
+            }
+        }
+        if let (Some((t, sent)), Poll::Ready(result)) = (this.telemetry.as_mut(), &polled) {
+            let code = match result {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        t.received(data);
+                    }
+                    frame
+                        .trailers_ref()
+                        .map(|tr| grpc_status(tr).unwrap_or(tonic::Code::Internal))
+                }
+                Some(Err(status)) => Some(status.code()),
+                None => Some(tonic::Code::Internal),
+            };
+            if let Some(code) = code {
+                let sent = sent.as_ref().map_or(0, |n| n.load(Ordering::Relaxed));
+                t.end(code, sent);
+                this.telemetry = None;
             }
         }
         if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {

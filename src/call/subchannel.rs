@@ -98,7 +98,7 @@ impl tower::Service<Request<Body>> for Subchannel {
                             )),
                             _ => status,
                         })?;
-                    match slot.send(&replay, 0, false).await {
+                    match slot.send(&replay, 0, false, false).await {
                         Sent::Response(response, attempt) => {
                             replay.commit(attempt);
                             return Ok(response);

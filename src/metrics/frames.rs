@@ -10,6 +10,8 @@ pub(crate) struct GrpcFrames {
     len: [u8; 4],
     /// Bytes left of the current message.
     remaining: u64,
+    /// Message bytes seen, prefixes not counted.
+    payload: u64,
 }
 
 impl GrpcFrames {
@@ -20,6 +22,7 @@ impl GrpcFrames {
             if self.remaining > 0 {
                 let take = (self.remaining.min(data.len() as u64)) as usize;
                 self.remaining -= take as u64;
+                self.payload += take as u64;
                 data = &data[take..];
                 continue;
             }
@@ -36,6 +39,11 @@ impl GrpcFrames {
             }
         }
         messages
+    }
+
+    /// The message bytes seen so far, without their 5-byte prefixes.
+    pub(crate) fn payload(&self) -> u64 {
+        self.payload
     }
 }
 

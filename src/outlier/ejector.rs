@@ -20,6 +20,7 @@ use super::ejections::{Ejected, Ejections};
 #[derive(Debug)]
 pub(crate) struct Ejector {
     target: Arc<str>,
+    telemetry: crate::telemetry::Telemetry,
     /// `None` with outlier ejection off: nothing is ever ejected.
     detector: Option<Detector>,
     /// Told by the counters when an endpoint reaches its failures in a row.
@@ -32,9 +33,14 @@ pub(crate) struct Ejector {
 // === impl Ejector ===
 
 impl Ejector {
-    pub(crate) fn new(target: Arc<str>, config: Option<OutlierDetection>) -> Self {
+    pub(crate) fn new(
+        target: Arc<str>,
+        config: Option<OutlierDetection>,
+        telemetry: crate::telemetry::Telemetry,
+    ) -> Self {
         Self {
             target,
+            telemetry,
             next_interval: config
                 .as_ref()
                 .map(|o| Instant::now() + crate::deadline::capped(o.interval)),
@@ -168,6 +174,7 @@ impl Ejector {
                 "an endpoint is ejected as an outlier"
             );
             crate::metrics::ejection(&self.target, e.addr, e.reason.label());
+            self.telemetry.ejection(e.reason.label());
         }
         self.publish();
         true

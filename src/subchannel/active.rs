@@ -174,6 +174,23 @@ pub(crate) enum Lost {
 }
 
 impl Lost {
+    /// gRFC A94's disconnect error.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Lost::Closed => "connection closed",
+            Lost::GoAway { graceful: true, .. } => "GOAWAY NO_ERROR",
+            Lost::GoAway {
+                too_many_pings: true,
+                ..
+            } => "GOAWAY ENHANCE_YOUR_CALM",
+            Lost::GoAway { .. } => "GOAWAY",
+            Lost::Failed(_) => "connection reset",
+            Lost::Silent(_) => "connection timed out",
+        }
+    }
+}
+
+impl Lost {
     pub(crate) fn from_driver(result: Result<(), Ended>) -> Self {
         let err = match result {
             Ok(()) => return Lost::Closed,

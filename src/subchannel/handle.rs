@@ -79,6 +79,7 @@ impl Subchannel {
             ),
             outcomes: Outcomes::new(hooks.judge),
             latency: Ewma::new(hooks.latency_decay.unwrap_or(DEFAULT_DECAY)),
+            telemetry: hooks.telemetry.clone(),
             ..Stats::default()
         });
         let slots = Arc::new(Slots::default());

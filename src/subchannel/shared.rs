@@ -34,6 +34,8 @@ pub(crate) struct Hooks {
     pub(crate) latency_decay: Option<std::time::Duration>,
     /// The channel's cap on liveness probes.
     pub(crate) probe_rate: Option<Arc<crate::connection::ProbeRate>>,
+    /// gRPC's standard telemetry.
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 /// State shared by the subchannel's task, its handles and the request path.

@@ -10,6 +10,8 @@ use tonic::{Code, Status};
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) metrics: crate::metrics::EndpointMetrics,
+    /// gRPC's standard telemetry, when the channel has it.
+    pub(crate) telemetry: crate::telemetry::Telemetry,
     pub(crate) calls_started: AtomicU64,
     pub(crate) calls_in_flight: AtomicUsize,
     /// How calls ended: see [`Ended`].

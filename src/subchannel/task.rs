@@ -72,6 +72,8 @@ struct Task {
     retire: Pin<Box<Sleep>>,
     /// Connections taken out of the pool, finishing their calls.
     drains: JoinSet<()>,
+    /// Connections last reported open to telemetry.
+    open_reported: usize,
 }
 
 // === impl Task ===
@@ -89,6 +91,7 @@ impl Task {
             extra_retry: None,
             retire: Box::pin(sleep(Duration::MAX)),
             drains: JoinSet::new(),
+            open_reported: 0,
             ctx,
         }
     }
@@ -125,6 +128,10 @@ impl Task {
             Primary::Connecting(connecting) => match connecting.as_mut().poll(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Err(error)) => {
+                    shared
+                        .stats
+                        .telemetry
+                        .connection_attempt(shared.endpoint.zone(), false);
                     shared.publish(SubchannelState::TransientFailure(error), None, None);
                     shared.resolve_now();
                     let delay = self.backoff.next_delay();
@@ -134,6 +141,10 @@ impl Task {
                 Poll::Ready(Ok((active, first))) => {
                     self.backoff.reset();
                     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .stats
+                        .telemetry
+                        .connection_attempt(shared.endpoint.zone(), true);
                     let conn = active.conn.clone();
                     let recycle = Recycle::new(self.ctx.clone());
                     self.primary = Primary::Connected(Box::new(active), recycle);
@@ -216,6 +227,10 @@ impl Task {
         let shared = &self.ctx.shared;
         let addr = shared.endpoint.addr();
         let error = lost.error(addr);
+        shared
+            .stats
+            .telemetry
+            .disconnection(shared.endpoint.zone(), lost.reason());
         match &lost {
             Lost::Closed | Lost::GoAway { graceful: true, .. } => {
                 debug!(endpoint = %addr, "the server closed the connection; reconnecting");
@@ -443,16 +458,31 @@ impl Task {
 
     /// Tells the request path which connections may take calls: the first,
     /// then the extras.
-    fn publish_pool(&self) {
+    fn publish_pool(&mut self) {
         let mut conns = Vec::with_capacity(1 + self.extras.len());
         if let Primary::Connected(active, _) = &self.primary {
             conns.push(active.conn.clone());
         }
         conns.extend(self.extras.iter().map(|e| e.active.conn.clone()));
         self.ctx.shared.stats.metrics.connections(conns.len());
+        self.report_open(conns.len());
         self.ctx.shared.pool.publish(conns);
         // Whether the endpoint can take calls may have changed with it.
         self.ctx.shared.notify_changed();
+    }
+
+    /// Tells telemetry how many connections are open now.
+    fn report_open(&mut self, open: usize) {
+        let delta = open as i64 - self.open_reported as i64;
+        if delta != 0 {
+            let shared = &self.ctx.shared;
+            let tls = self.ctx.config.is_tls();
+            shared
+                .stats
+                .telemetry
+                .open_connections(shared.endpoint.zone(), tls, delta);
+            self.open_reported = open;
+        }
     }
 
     /// Takes every connection out of the pool and lets them finish their
@@ -470,6 +500,13 @@ impl Task {
             self.drains.spawn(extra.active.drain(Some(grace)));
         }
         self.ctx.shared.stats.metrics.connections(0);
+        self.report_open(0);
+        let zone = self.ctx.shared.endpoint.zone();
+        self.ctx
+            .shared
+            .stats
+            .telemetry
+            .disconnection(zone, "subchannel shutdown");
         self.ctx.shared.pool.publish(Vec::new());
         let drains = &mut self.drains;
         let drained = async { while drains.join_next().await.is_some() {} };

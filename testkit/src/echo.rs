@@ -66,6 +66,9 @@ pub struct Counters {
     pub retried: AtomicU64,
     /// The `grpc-timeout` of every unary and bidi call, in arrival order.
     pub timeouts: Mutex<Vec<String>>,
+    /// The W3C `traceparent` of every unary and bidi call ("-" without
+    /// one), in arrival order.
+    pub traceparents: Mutex<Vec<String>>,
     /// How bidi calls answer.
     pub bidi_mode: Mutex<BidiMode>,
     /// Bidi calls whose whole request stream, up to its end, was read.
@@ -123,6 +126,11 @@ impl Counters {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
         self.timeouts.lock().unwrap().push(timeout.to_owned());
+        let parent = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        self.traceparents.lock().unwrap().push(parent.to_owned());
     }
 
     /// The `grpc-timeout`s seen so far, as durations (`None` for a call

@@ -76,6 +76,12 @@ impl HttpBody for ReplayBody {
         };
         match next {
             Some(Ok(frame)) => {
+                if let (Some((frames, total)), Some(data)) =
+                    (rec.payload.as_mut(), frame.data_ref())
+                {
+                    frames.feed(data);
+                    total.store(frames.payload(), std::sync::atomic::Ordering::Relaxed);
+                }
                 if let (Some(counting), Some(data)) = (rec.counting.as_mut(), frame.data_ref()) {
                     let n = counting.frames.feed(data);
                     if n > 0 {

@@ -96,6 +96,7 @@ impl Replay {
                     peeked: None,
                     failed: None,
                     counting: None,
+                    payload: None,
                     frames: VecDeque::new(),
                     base: 0,
                     readers: Vec::new(),
@@ -113,6 +114,22 @@ impl Replay {
     /// The request's path.
     pub(crate) fn path(&self) -> &str {
         self.inner.uri.path()
+    }
+
+    /// Counts the request's message bytes from now on, for telemetry.
+    pub(crate) fn count_payload(&self) {
+        let mut rec = lock(&self.inner.recording);
+        if rec.payload.is_none() {
+            rec.payload = Some(Default::default());
+        }
+    }
+
+    /// The request's message bytes read so far, if counted.
+    pub(crate) fn payload(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        lock(&self.inner.recording)
+            .payload
+            .as_ref()
+            .map(|(_, n)| n.clone())
     }
 
     /// The request for another attempt, whose body replays what earlier

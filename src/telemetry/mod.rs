@@ -1,0 +1,186 @@
+//! gRPC's standard telemetry (feature `opentelemetry`): the metrics of
+//! gRFC A66 (per call and per attempt) and A94 (per subchannel) on the
+//! user's `MeterProvider`, healthlb's own LB metrics in the same style, and
+//! A72's spans: a call span, a child span per attempt (hedges and
+//! transparent retries included) through `tracing`, with the W3C trace
+//! context sent on every attempt.
+//!
+//! Without the feature, or without a provider, [`Telemetry`] holds nothing
+//! and every hook is an empty inline function: the request path pays one
+//! `Option` check per call and per attempt.
+
+#[cfg(feature = "opentelemetry")]
+mod otel;
+
+#[cfg(feature = "opentelemetry")]
+use std::sync::Arc;
+
+/// The channel's telemetry, shared by its calls and subchannels.
+#[derive(Clone, Default)]
+pub(crate) struct Telemetry {
+    #[cfg(feature = "opentelemetry")]
+    inner: Option<Arc<otel::Instruments>>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("on", &self.is_on())
+            .finish()
+    }
+}
+
+#[cfg(feature = "opentelemetry")]
+pub(crate) use self::otel::{AttemptTelemetry, CallTelemetry};
+
+/// What a call records; nothing without the feature.
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) enum CallTelemetry {}
+
+/// What an attempt records; nothing without the feature.
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) enum AttemptTelemetry {}
+
+#[cfg(not(feature = "opentelemetry"))]
+impl AttemptTelemetry {
+    pub(crate) fn traceparent(&self) -> Option<http::HeaderValue> {
+        match *self {}
+    }
+
+    pub(crate) fn received(&mut self, _: &[u8]) {
+        match *self {}
+    }
+
+    pub(crate) fn end(&mut self, _: tonic::Code, _: u64) {
+        match *self {}
+    }
+}
+
+impl Telemetry {
+    /// Instruments from `provider`, labelled with `target`.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn new(provider: &dyn opentelemetry::metrics::MeterProvider, target: &str) -> Self {
+        Self {
+            inner: Some(Arc::new(otel::Instruments::new(provider, target))),
+        }
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        #[cfg(feature = "opentelemetry")]
+        {
+            self.inner.is_some()
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            false
+        }
+    }
+
+    /// A call to `method` begins.
+    #[inline]
+    pub(crate) fn call(&self, method: &str) -> Option<CallTelemetry> {
+        #[cfg(feature = "opentelemetry")]
+        {
+            self.inner
+                .as_ref()
+                .map(|i| CallTelemetry::start(i.clone(), method))
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = method;
+            None
+        }
+    }
+
+    /// An attempt of a call to `method` leaves for `endpoint` in `zone`,
+    /// after `previous` counted attempts; `transparent` when the one before
+    /// it never left the client.
+    #[inline]
+    pub(crate) fn attempt(
+        &self,
+        method: &str,
+        endpoint: std::net::SocketAddr,
+        previous: u32,
+        transparent: bool,
+    ) -> Option<AttemptTelemetry> {
+        #[cfg(feature = "opentelemetry")]
+        {
+            self.inner.as_ref().map(|i| {
+                AttemptTelemetry::start(i.clone(), method, endpoint, previous, transparent)
+            })
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        {
+            let _ = (method, endpoint, previous, transparent);
+            None
+        }
+    }
+
+    /// A94: a connection attempt to an endpoint in `locality` ended.
+    pub(crate) fn connection_attempt(&self, locality: Option<&str>, ok: bool) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.connection_attempt(locality, ok);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (locality, ok);
+    }
+
+    /// A94: a connection closed for `reason` (A94's disconnect error).
+    pub(crate) fn disconnection(&self, locality: Option<&str>, reason: &str) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.disconnection(locality, reason);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (locality, reason);
+    }
+
+    /// A94: `delta` more (or fewer) connections are open.
+    pub(crate) fn open_connections(&self, locality: Option<&str>, tls: bool, delta: i64) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.open_connections(locality, tls, delta);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (locality, tls, delta);
+    }
+
+    /// healthlb's own: endpoints ejected now, and whether panic mode runs.
+    pub(crate) fn ejected(&self, ejected: usize, panic: bool) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.ejected(ejected, panic);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ejected, panic);
+    }
+
+    /// healthlb's own: an endpoint was ejected, by `algorithm`.
+    pub(crate) fn ejection(&self, algorithm: &str) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.ejection(algorithm);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = algorithm;
+    }
+
+    /// healthlb's own: a retry or hedge the token bucket refused.
+    pub(crate) fn retry_throttled(&self) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.retry_throttled();
+        }
+    }
+
+    /// healthlb's own: the share of calls that stays in the client's zone.
+    pub(crate) fn zone_local_share(&self, share: Option<f64>) {
+        #[cfg(feature = "opentelemetry")]
+        if let (Some(i), Some(share)) = (&self.inner, share) {
+            i.zone_local_share(share);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = share;
+    }
+}

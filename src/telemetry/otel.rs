@@ -1,0 +1,397 @@
+//! The instruments, and what a call and an attempt record on them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::HeaderValue;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider, UpDownCounter};
+use opentelemetry::trace::TraceContextExt;
+use tonic::Code;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::GrpcFrames;
+
+/// A66's latency bounds, in seconds.
+pub(crate) const LATENCY_BOUNDS: [f64; 41] = [
+    0.0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005,
+    0.006, 0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
+];
+
+/// A66's size bounds, in bytes.
+pub(crate) const SIZE_BOUNDS: [f64; 14] = [
+    0.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+
+/// The instrumentation scope.
+const SCOPE: &str = "healthlb";
+
+pub(crate) struct Instruments {
+    target: KeyValue,
+    attempt_started: Counter<u64>,
+    attempt_duration: Histogram<f64>,
+    attempt_sent: Histogram<u64>,
+    attempt_rcvd: Histogram<u64>,
+    call_duration: Histogram<f64>,
+    connection_succeeded: Counter<u64>,
+    connection_failed: Counter<u64>,
+    disconnections: Counter<u64>,
+    open_connections: UpDownCounter<i64>,
+    ejections: Counter<u64>,
+    ejected: Gauge<u64>,
+    panic: Gauge<u64>,
+    throttled: Counter<u64>,
+    zone_local: Gauge<f64>,
+}
+
+impl Instruments {
+    pub(crate) fn new(provider: &dyn MeterProvider, target: &str) -> Self {
+        let meter = provider.meter(SCOPE);
+        let seconds = |name: &'static str, what: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(what)
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build()
+        };
+        let bytes = |name: &'static str, what: &'static str| {
+            meter
+                .u64_histogram(name)
+                .with_unit("By")
+                .with_description(what)
+                .with_boundaries(SIZE_BOUNDS.to_vec())
+                .build()
+        };
+        let counter = |name: &'static str, unit: &'static str, what: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_unit(unit)
+                .with_description(what)
+                .build()
+        };
+        Self {
+            target: KeyValue::new("grpc.target", target.to_owned()),
+            attempt_started: counter(
+                "grpc.client.attempt.started",
+                "{attempt}",
+                "The number of client call attempts started.",
+            ),
+            attempt_duration: seconds(
+                "grpc.client.attempt.duration",
+                "End-to-end time taken to complete a client call attempt.",
+            ),
+            attempt_sent: bytes(
+                "grpc.client.attempt.sent_total_compressed_message_size",
+                "Compressed message bytes sent per client call attempt.",
+            ),
+            attempt_rcvd: bytes(
+                "grpc.client.attempt.rcvd_total_compressed_message_size",
+                "Compressed message bytes received per call attempt.",
+            ),
+            call_duration: seconds(
+                "grpc.client.call.duration",
+                "Time taken by gRPC to complete an RPC from application's perspective.",
+            ),
+            connection_succeeded: counter(
+                "grpc.subchannel.connection_attempts_succeeded",
+                "{attempt}",
+                "Number of successful connection attempts.",
+            ),
+            connection_failed: counter(
+                "grpc.subchannel.connection_attempts_failed",
+                "{attempt}",
+                "Number of failed connection attempts.",
+            ),
+            disconnections: counter(
+                "grpc.subchannel.disconnections",
+                "{disconnection}",
+                "Number of times the selected subchannel becomes disconnected.",
+            ),
+            open_connections: meter
+                .i64_up_down_counter("grpc.subchannel.open_connections")
+                .with_unit("{connection}")
+                .with_description("Number of open connections.")
+                .build(),
+            ejections: counter(
+                "grpc.lb.outlier_detection.ejections",
+                "{ejection}",
+                "healthlb: endpoints ejected as outliers, by algorithm.",
+            ),
+            ejected: meter
+                .u64_gauge("grpc.lb.outlier_detection.ejected_endpoints")
+                .with_unit("{endpoint}")
+                .with_description("healthlb: endpoints ejected now.")
+                .build(),
+            panic: meter
+                .u64_gauge("grpc.lb.panic_mode")
+                .with_unit("1")
+                .with_description("healthlb: 1 while every SERVING endpoint is ejected and calls go to them anyway.")
+                .build(),
+            throttled: counter(
+                "grpc.lb.retries_throttled",
+                "{attempt}",
+                "healthlb: retries and hedges the retry token bucket refused.",
+            ),
+            zone_local: meter
+                .f64_gauge("grpc.lb.zone.local_share")
+                .with_unit("1")
+                .with_description("healthlb: the share of calls zone-aware routing keeps in the client's zone.")
+                .build(),
+        }
+    }
+
+    fn labels(&self, method: &KeyValue, code: Code) -> [KeyValue; 3] {
+        [
+            method.clone(),
+            self.target.clone(),
+            KeyValue::new("grpc.status", code_name(code)),
+        ]
+    }
+
+    fn subchannel(&self, locality: Option<&str>) -> [KeyValue; 3] {
+        [
+            self.target.clone(),
+            KeyValue::new("grpc.lb.backend_service", ""),
+            KeyValue::new("grpc.lb.locality", locality.unwrap_or_default().to_owned()),
+        ]
+    }
+
+    pub(crate) fn connection_attempt(&self, locality: Option<&str>, ok: bool) {
+        let labels = self.subchannel(locality);
+        match ok {
+            true => self.connection_succeeded.add(1, &labels),
+            false => self.connection_failed.add(1, &labels),
+        }
+    }
+
+    pub(crate) fn disconnection(&self, locality: Option<&str>, reason: &str) {
+        let [a, b, c] = self.subchannel(locality);
+        let reason = KeyValue::new("grpc.disconnect_error", reason.to_owned());
+        self.disconnections.add(1, &[a, b, c, reason]);
+    }
+
+    pub(crate) fn open_connections(&self, locality: Option<&str>, tls: bool, delta: i64) {
+        let [a, b, c] = self.subchannel(locality);
+        let level = match tls {
+            true => "privacy_and_integrity",
+            false => "none",
+        };
+        let level = KeyValue::new("grpc.security_level", level);
+        self.open_connections.add(delta, &[a, b, c, level]);
+    }
+
+    pub(crate) fn ejected(&self, ejected: usize, panic: bool) {
+        let labels = [self.target.clone()];
+        self.ejected.record(ejected as u64, &labels);
+        self.panic.record(u64::from(panic), &labels);
+    }
+
+    pub(crate) fn ejection(&self, algorithm: &str) {
+        let algorithm = KeyValue::new("grpc.lb.outlier_detection.algorithm", algorithm.to_owned());
+        self.ejections.add(1, &[self.target.clone(), algorithm]);
+    }
+
+    pub(crate) fn retry_throttled(&self) {
+        self.throttled.add(1, std::slice::from_ref(&self.target));
+    }
+
+    pub(crate) fn zone_local_share(&self, share: f64) {
+        self.zone_local
+            .record(share, std::slice::from_ref(&self.target));
+    }
+}
+
+/// A66's name of a method: `service/method`, without the leading slash.
+fn method_label(path: &str) -> KeyValue {
+    KeyValue::new("grpc.method", path.trim_start_matches('/').to_owned())
+}
+
+/// A72's span name part: `service.method`.
+fn span_method(path: &str) -> String {
+    path.trim_start_matches('/').replace('/', ".")
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A call, from `LbChannel::call` to its status.
+pub(crate) struct CallTelemetry {
+    instruments: Arc<Instruments>,
+    method: KeyValue,
+    started: Instant,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl CallTelemetry {
+    pub(crate) fn start(instruments: Arc<Instruments>, path: &str) -> Self {
+        let span = tracing::info_span!(
+            "grpc.call",
+            otel.name = %format_args!("Sent.{}", span_method(path)),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.method = path,
+            grpc.target = %instruments.target.value,
+            grpc.status = Empty,
+        );
+        Self {
+            method: method_label(path),
+            instruments,
+            started: Instant::now(),
+            span,
+            done: false,
+        }
+    }
+
+    /// The call's span, the parent of its attempts'.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The call ended with `code`.
+    pub(crate) fn end(&mut self, code: Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let labels = self.instruments.labels(&self.method, code);
+        self.instruments
+            .call_duration
+            .record(self.started.elapsed().as_secs_f64(), &labels);
+        self.span.record("grpc.status", code_name(code));
+    }
+}
+
+impl Drop for CallTelemetry {
+    fn drop(&mut self) {
+        // Dropped before its status: the caller gave up on it.
+        self.end(Code::Cancelled);
+    }
+}
+
+/// One attempt, from leaving for an endpoint to its status.
+pub(crate) struct AttemptTelemetry {
+    instruments: Arc<Instruments>,
+    method: KeyValue,
+    started: Instant,
+    span: tracing::Span,
+    received: GrpcFrames,
+    messages_in: u64,
+    done: bool,
+}
+
+impl AttemptTelemetry {
+    pub(crate) fn start(
+        instruments: Arc<Instruments>,
+        path: &str,
+        endpoint: SocketAddr,
+        previous: u32,
+        transparent: bool,
+    ) -> Self {
+        let method = method_label(path);
+        instruments
+            .attempt_started
+            .add(1, &[method.clone(), instruments.target.clone()]);
+        let span = tracing::info_span!(
+            "grpc.attempt",
+            otel.name = %format_args!("Attempt.{}", span_method(path)),
+            otel.kind = "client",
+            "previous-rpc-attempts" = previous,
+            "transparent-retry" = transparent,
+            net.peer.name = %endpoint,
+            grpc.status = Empty,
+        );
+        Self {
+            instruments,
+            method,
+            started: Instant::now(),
+            span,
+            received: GrpcFrames::default(),
+            messages_in: 0,
+            done: false,
+        }
+    }
+
+    /// The W3C `traceparent` of this attempt's span, when an OpenTelemetry
+    /// layer records it.
+    pub(crate) fn traceparent(&self) -> Option<HeaderValue> {
+        let context = self.span.context();
+        let span = context.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return None;
+        }
+        let value = format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        );
+        HeaderValue::from_str(&value).ok()
+    }
+
+    /// Response bytes arrived.
+    pub(crate) fn received(&mut self, data: &[u8]) {
+        let n = self.received.feed(data);
+        for _ in 0..n {
+            self.messages_in += 1;
+            tracing::debug!(parent: &self.span, sequence_number = self.messages_in, "Inbound message");
+        }
+    }
+
+    /// The attempt ended with `code`, having sent `sent` message bytes.
+    pub(crate) fn end(&mut self, code: Code, sent: u64) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let i = &self.instruments;
+        let labels = i.labels(&self.method, code);
+        i.attempt_duration
+            .record(self.started.elapsed().as_secs_f64(), &labels);
+        i.attempt_sent.record(sent, &labels);
+        i.attempt_rcvd.record(self.received.payload(), &labels);
+        self.span.record("grpc.status", code_name(code));
+    }
+}
+
+impl Drop for AttemptTelemetry {
+    fn drop(&mut self) {
+        // Dropped before its status: the caller gave up, or it lost a race.
+        self.end(Code::Cancelled, 0);
+    }
+}

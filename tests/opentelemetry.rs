@@ -1,0 +1,439 @@
+//! gRPC's standard telemetry against real parts: the OpenTelemetry SDK's
+//! in-memory metric and span exporters, real tonic backends on 127.0.0.x,
+//! a retried call, a hedged one, an endpoint ejected, and the servers
+//! checking the trace context each attempt carried.
+#![cfg(feature = "opentelemetry")]
+
+use healthlb_testkit as support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use healthlb::LbChannel;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use support::echo::pb::EchoRequest;
+use support::echo::pb::echo_client::EchoClient;
+use support::echo::{Backend, backends, free_port};
+use tracing_subscriber::layer::SubscriberExt;
+
+const A66_LATENCY: [f64; 41] = [
+    0.0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005,
+    0.006, 0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
+];
+const A66_SIZE: [f64; 14] = [
+    0.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+
+const RETRY: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+const HEDGE: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
+    "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0s"}}]}"#;
+
+/// One data point: its labels, and its value (a sum's or gauge's), or its
+/// count and bounds (a histogram's).
+#[derive(Debug)]
+struct Point {
+    labels: BTreeMap<String, String>,
+    value: f64,
+    count: u64,
+    bounds: Vec<f64>,
+}
+
+/// Every metric exported: name to (unit, points).
+fn collect(
+    provider: &SdkMeterProvider,
+    exporter: &InMemoryMetricExporter,
+) -> BTreeMap<String, (String, Vec<Point>)> {
+    provider.force_flush().expect("flushes");
+    let mut out: BTreeMap<String, (String, Vec<Point>)> = BTreeMap::new();
+    for rm in exporter.get_finished_metrics().expect("metrics") {
+        for scope in rm.scope_metrics() {
+            for metric in scope.metrics() {
+                let labels = |attrs: &mut dyn Iterator<Item = &opentelemetry::KeyValue>| {
+                    attrs
+                        .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+                        .collect::<BTreeMap<_, _>>()
+                };
+                let mut points = Vec::new();
+                macro_rules! read {
+                    ($data:expr, $as:expr) => {
+                        match $data {
+                            MetricData::Sum(s) => {
+                                for p in s.data_points() {
+                                    points.push(Point {
+                                        labels: labels(&mut p.attributes()),
+                                        value: $as(p.value()),
+                                        count: 0,
+                                        bounds: vec![],
+                                    });
+                                }
+                            }
+                            MetricData::Gauge(g) => {
+                                for p in g.data_points() {
+                                    points.push(Point {
+                                        labels: labels(&mut p.attributes()),
+                                        value: $as(p.value()),
+                                        count: 0,
+                                        bounds: vec![],
+                                    });
+                                }
+                            }
+                            MetricData::Histogram(h) => {
+                                for p in h.data_points() {
+                                    points.push(Point {
+                                        labels: labels(&mut p.attributes()),
+                                        value: $as(p.sum()),
+                                        count: p.count(),
+                                        bounds: p.bounds().collect(),
+                                    });
+                                }
+                            }
+                            _ => {}
+                        }
+                    };
+                }
+                match metric.data() {
+                    AggregatedMetrics::F64(d) => read!(d, |v: f64| v),
+                    AggregatedMetrics::U64(d) => read!(d, |v: u64| v as f64),
+                    AggregatedMetrics::I64(d) => read!(d, |v: i64| v as f64),
+                }
+                // Cumulative: the last export holds everything.
+                out.insert(metric.name().to_owned(), (metric.unit().to_owned(), points));
+            }
+        }
+    }
+    out
+}
+
+fn meters() -> (SdkMeterProvider, InMemoryMetricExporter) {
+    let exporter = InMemoryMetricExporter::default();
+    let reader = PeriodicReader::builder(exporter.clone()).build();
+    let provider = SdkMeterProvider::builder().with_reader(reader).build();
+    (provider, exporter)
+}
+
+fn label_names(points: &[Point]) -> BTreeSet<String> {
+    points
+        .iter()
+        .flat_map(|p| p.labels.keys().cloned())
+        .collect()
+}
+
+async fn unary(client: &mut EchoClient<LbChannel>) -> Result<String, tonic::Status> {
+    let reply = client
+        .unary(EchoRequest {
+            message: "hello".into(),
+        })
+        .await?;
+    Ok(reply.into_inner().backend)
+}
+
+fn list(backends: &[Backend]) -> String {
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    format!("ipv4:{}", addrs.join(","))
+}
+
+#[tokio::test]
+async fn a66_and_a94_instruments_have_the_standard_names_units_labels_and_buckets() {
+    let b = backends(200, 2, free_port()).await;
+    let (provider, exporter) = meters();
+    let target = list(&b);
+    let channel = LbChannel::builder(&target)
+        .outlier_detection(None)
+        .default_service_config(RETRY)
+        .unwrap()
+        .meter_provider(provider.clone());
+    let channel = support::connect_serving(channel, 2).await;
+    // Each backend fails its next call: the first call takes 3 attempts.
+    for backend in &b {
+        backend.counters.fail_next.store(1, Ordering::SeqCst);
+    }
+    let mut client = EchoClient::new(channel.clone());
+    for i in 0..10 {
+        unary(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"));
+    }
+
+    let m = collect(&provider, &exporter);
+    let get = |name: &str| {
+        m.get(name)
+            .unwrap_or_else(|| panic!("{name} missing: {:?}", m.keys()))
+    };
+    let call_labels: BTreeSet<String> = ["grpc.method", "grpc.status", "grpc.target"]
+        .map(String::from)
+        .into();
+
+    let (unit, started) = get("grpc.client.attempt.started");
+    assert_eq!(unit, "{attempt}");
+    let total: f64 = started.iter().map(|p| p.value).sum();
+    assert_eq!(total, 12.0, "10 calls, one of them in 3 attempts");
+    assert_eq!(started[0].labels["grpc.method"], "echo.Echo/Unary");
+    assert_eq!(started[0].labels["grpc.target"], target);
+    assert_eq!(
+        label_names(started),
+        ["grpc.method", "grpc.target"].map(String::from).into()
+    );
+
+    let (unit, duration) = get("grpc.client.attempt.duration");
+    assert_eq!(unit, "s");
+    assert_eq!(label_names(duration), call_labels);
+    assert!(duration.iter().all(|p| p.bounds == A66_LATENCY));
+    let by_status: BTreeMap<&str, u64> = duration
+        .iter()
+        .map(|p| (p.labels["grpc.status"].as_str(), p.count))
+        .collect();
+    assert_eq!(by_status, BTreeMap::from([("OK", 10), ("UNAVAILABLE", 2)]));
+
+    for name in [
+        "grpc.client.attempt.sent_total_compressed_message_size",
+        "grpc.client.attempt.rcvd_total_compressed_message_size",
+    ] {
+        let (unit, sizes) = get(name);
+        assert_eq!(unit, "By", "{name}");
+        assert!(sizes.iter().all(|p| p.bounds == A66_SIZE), "{name}");
+        let ok = sizes
+            .iter()
+            .find(|p| p.labels["grpc.status"] == "OK")
+            .unwrap();
+        assert!(
+            ok.value >= 10.0 * 7.0,
+            "{name}: 10 messages of at least 7 bytes, got {}",
+            ok.value
+        );
+    }
+
+    let (unit, calls) = get("grpc.client.call.duration");
+    assert_eq!(unit, "s");
+    assert_eq!(label_names(calls), call_labels);
+    assert_eq!(calls.iter().map(|p| p.count).sum::<u64>(), 10);
+    let statuses: Vec<(&str, u64)> = calls
+        .iter()
+        .map(|p| (p.labels["grpc.status"].as_str(), p.count))
+        .collect();
+    assert_eq!(statuses, [("OK", 10)]);
+    assert!(calls.iter().all(|p| p.bounds == A66_LATENCY));
+
+    let subchannel_labels: BTreeSet<String> =
+        ["grpc.lb.backend_service", "grpc.lb.locality", "grpc.target"]
+            .map(String::from)
+            .into();
+    let (unit, ok) = get("grpc.subchannel.connection_attempts_succeeded");
+    assert_eq!(unit, "{attempt}");
+    assert_eq!(label_names(ok), subchannel_labels);
+    assert!(ok.iter().map(|p| p.value).sum::<f64>() >= 2.0);
+    let (unit, open) = get("grpc.subchannel.open_connections");
+    assert_eq!(unit, "{connection}");
+    let mut with_level = subchannel_labels.clone();
+    with_level.insert("grpc.security_level".into());
+    assert_eq!(label_names(open), with_level);
+    assert_eq!(open.iter().map(|p| p.value).sum::<f64>(), 2.0, "{open:?}");
+    assert_eq!(open[0].labels["grpc.security_level"], "none");
+
+    // A pod stopped: a disconnection with its reason, one connection fewer.
+    let mut b = b;
+    b.pop().unwrap().stop().await;
+    let gone = support::wait_for(Duration::from_secs(5), || {
+        channel
+            .endpoints()
+            .iter()
+            .filter(|e| e.connections > 0)
+            .count()
+            == 1
+    })
+    .await;
+    assert!(gone.is_some(), "{:?}", support::states(&channel));
+    let m = collect(&provider, &exporter);
+    let (unit, lost) = &m["grpc.subchannel.disconnections"];
+    assert_eq!(unit, "{disconnection}");
+    assert!(
+        lost.iter()
+            .all(|p| p.labels.contains_key("grpc.disconnect_error")),
+        "{lost:?}"
+    );
+    assert!(lost.iter().map(|p| p.value).sum::<f64>() >= 1.0);
+    let (_, open) = &m["grpc.subchannel.open_connections"];
+    assert_eq!(open.iter().map(|p| p.value).sum::<f64>(), 1.0, "{open:?}");
+}
+
+#[tokio::test]
+async fn an_ejection_and_throttled_retries_show_in_healthlbs_lb_metrics() {
+    let b = backends(205, 3, free_port()).await;
+    let (provider, exporter) = meters();
+    let channel = LbChannel::builder(list(&b)).meter_provider(provider.clone());
+    let channel = support::connect_serving(channel, 3).await;
+    b[0].counters
+        .fail_with
+        .store(tonic::Code::Unavailable as i32, Ordering::SeqCst);
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..30 {
+        let _ = unary(&mut client).await;
+    }
+    let ejected = support::wait_for(Duration::from_secs(5), || {
+        channel.endpoints().iter().any(|e| e.ejected_for.is_some())
+    })
+    .await;
+    assert!(ejected.is_some(), "{:?}", support::states(&channel));
+    let m = collect(&provider, &exporter);
+    let (unit, ejections) = &m["grpc.lb.outlier_detection.ejections"];
+    assert_eq!(unit, "{ejection}");
+    assert_eq!(
+        ejections[0].labels["grpc.lb.outlier_detection.algorithm"],
+        "consecutive_failures"
+    );
+    assert_eq!(ejections.iter().map(|p| p.value).sum::<f64>(), 1.0);
+    let (_, now) = &m["grpc.lb.outlier_detection.ejected_endpoints"];
+    assert_eq!(now[0].value, 1.0);
+    let (_, panic) = &m["grpc.lb.panic_mode"];
+    assert_eq!(panic[0].value, 0.0);
+}
+
+/// Spans of every call made inside `f`, with the backends' traceparents.
+async fn traced<F: std::future::Future<Output = ()>>(f: F) -> Vec<SpanData> {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    drop(guard);
+    provider.force_flush().expect("flushes");
+    exporter.get_finished_spans().expect("spans")
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+/// The attempt spans under the one call span, checked against what the
+/// servers received.
+fn attempts_of_one_call(spans: &[SpanData], seen: &[String]) -> Vec<SpanData> {
+    let calls: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == "Sent.echo.Echo.Unary")
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "{:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let call = calls[0];
+    let attempts: Vec<SpanData> = spans
+        .iter()
+        .filter(|s| s.name == "Attempt.echo.Echo.Unary")
+        .cloned()
+        .collect();
+    for a in &attempts {
+        assert_eq!(
+            a.parent_span_id,
+            call.span_context.span_id(),
+            "a child of the call"
+        );
+        assert_eq!(a.span_context.trace_id(), call.span_context.trace_id());
+        let sent = format!(
+            "00-{}-{}-01",
+            a.span_context.trace_id(),
+            a.span_context.span_id()
+        );
+        assert!(seen.contains(&sent), "the server got {sent}: {seen:?}");
+    }
+    assert_eq!(attr(call, "grpc.status").as_deref(), Some("OK"));
+    attempts
+}
+
+fn traceparents(b: &[Backend]) -> Vec<String> {
+    b.iter()
+        .flat_map(|b| b.counters.traceparents.lock().unwrap().clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retried_call_shows_each_attempt_and_sends_each_its_trace_context() {
+    let b = backends(210, 2, free_port()).await;
+    let (provider, _exporter) = meters();
+    let channel = LbChannel::builder(list(&b))
+        .outlier_detection(None)
+        .default_service_config(RETRY)
+        .unwrap()
+        .meter_provider(provider);
+    let channel = support::connect_serving(channel, 2).await;
+    for backend in &b {
+        backend.counters.fail_next.store(1, Ordering::SeqCst);
+    }
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect("the third attempt answers");
+    })
+    .await;
+    let mut attempts = attempts_of_one_call(&spans, &traceparents(&b));
+    attempts.sort_by_key(|a| attr(a, "previous-rpc-attempts"));
+    let summary: Vec<(Option<String>, Option<String>)> = attempts
+        .iter()
+        .map(|a| (attr(a, "previous-rpc-attempts"), attr(a, "grpc.status")))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some("0".into()), Some("UNAVAILABLE".into())),
+            (Some("1".into()), Some("UNAVAILABLE".into())),
+            (Some("2".into()), Some("OK".into())),
+        ]
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|a| attr(a, "transparent-retry").as_deref() == Some("false"))
+    );
+}
+
+#[tokio::test]
+async fn a_hedged_call_shows_both_attempts() {
+    let b = backends(215, 2, free_port()).await;
+    b[0].counters.delay_us.store(300_000, Ordering::SeqCst);
+    b[1].counters.delay_us.store(300_000, Ordering::SeqCst);
+    let (provider, _exporter) = meters();
+    let channel = LbChannel::builder(list(&b))
+        .outlier_detection(None)
+        .default_service_config(HEDGE)
+        .unwrap()
+        .meter_provider(provider);
+    let channel = support::connect_serving(channel, 2).await;
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect("a hedge answers");
+        // The loser's stream lingers briefly before it is cancelled.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    })
+    .await;
+    let attempts = attempts_of_one_call(&spans, &traceparents(&b));
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let statuses: BTreeSet<Option<String>> =
+        attempts.iter().map(|a| attr(a, "grpc.status")).collect();
+    assert!(statuses.contains(&Some("OK".into())), "{statuses:?}");
+}
