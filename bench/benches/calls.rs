@@ -44,6 +44,7 @@ fn main() {
     let chosen = std::env::var("HEALTHLB_CALLS_CONTENDERS").unwrap_or_default();
     let contenders: Vec<&str> = peers::STANDARD
         .into_iter()
+        .chain([peers::OTEL])
         .filter(|c| chosen.is_empty() || chosen.split(',').any(|x| x.trim() == *c))
         .collect();
     if !full {

@@ -56,6 +56,9 @@ pub enum Contender {
     /// healthlb with a Prometheus recorder installed: the `metrics`
     /// feature's cost.
     HealthlbMetrics(EchoClient<LbChannel>),
+    /// healthlb recording gRPC's standard metrics on an OpenTelemetry SDK
+    /// meter provider, its A72 spans going to no subscriber.
+    HealthlbOtel(EchoClient<LbChannel>),
     /// healthlb with a policy other than the default, by name.
     HealthlbPolicy(&'static str, EchoClient<LbChannel>),
     WarmChannels(EchoClient<WarmChannel>),
@@ -69,6 +72,7 @@ impl Contender {
             Contender::Ginepro(_) => "ginepro",
             Contender::Healthlb(_) => "healthlb",
             Contender::HealthlbMetrics(_) => "healthlb + metrics",
+            Contender::HealthlbOtel(_) => OTEL,
             Contender::HealthlbPolicy(name, _) => name,
             Contender::WarmChannels(_) => "warm_channels",
         }
@@ -86,6 +90,7 @@ impl Contender {
                 .map_err(|s| s.to_string()),
             Contender::Healthlb(client)
             | Contender::HealthlbMetrics(client)
+            | Contender::HealthlbOtel(client)
             | Contender::HealthlbPolicy(_, client) => client
                 .unary(request)
                 .await
@@ -375,6 +380,10 @@ pub fn env_or(name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
+/// healthlb with gRPC's standard telemetry on: not a peer, the cost of the
+/// feature `opentelemetry`, measured beside plain healthlb.
+pub const OTEL: &str = "healthlb + opentelemetry";
+
 /// The standard contenders, by name, in the order [`standard`] builds them.
 pub const STANDARD: [&str; 5] = [
     "direct Channel",
@@ -409,6 +418,22 @@ pub async fn build(name: &str, addrs: &[SocketAddr]) -> Option<Contender> {
             format!("http://{}", addrs[0]).parse().expect("uri"),
         )),
         "healthlb" => Contender::Healthlb(EchoClient::new(healthlb_over(addrs).await)),
+        OTEL => {
+            // The SDK's reader, exporting to memory every 60 s (its default).
+            let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();
+            let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build();
+            let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                .with_reader(reader)
+                .build();
+            let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+            let channel = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+                .meter_provider(provider)
+                .connect()
+                .await
+                .expect("healthlb connects");
+            healthlb_all_serving(&channel, addrs.len()).await;
+            Contender::HealthlbOtel(EchoClient::new(channel))
+        }
         _ => return None,
     })
 }
@@ -457,6 +482,7 @@ pub async fn standard(addrs: &[SocketAddr], metrics: bool) -> Vec<Contender> {
         all.push(Contender::HealthlbMetrics(EchoClient::new(
             healthlb_over(addrs).await,
         )));
+        all.push(build(OTEL, addrs).await.expect("healthlb with OpenTelemetry"));
     }
     for contender in &mut all {
         warm_up(contender).await;
