@@ -179,7 +179,13 @@ async fn main() {
         let new = Backend::start(&format!("new{rep}"), loopback(10 + rep as u8, port)).await;
         for (name, channel) in [("kubernetes", &kube), ("dns", &by_dns)] {
             let load = Load::start(channel);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // DNS sees a change at its next refresh: start at a random
+            // point of the 5 s TTL, as a real scale-up does.
+            let phase = match name {
+                "dns" => rand::random_range(0..5000),
+                _ => 0,
+            };
+            tokio::time::sleep(Duration::from_millis(200 + phase)).await;
             load.watch(&new.name);
             let since = Instant::now();
             let mut all = base_refs.clone();

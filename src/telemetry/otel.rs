@@ -42,8 +42,15 @@ pub(crate) const SIZE_BOUNDS: [f64; 14] = [
 /// The instrumentation scope.
 const SCOPE: &str = "healthlb";
 
+/// The most distinct methods labelled; past it, `other`, as A66 labels
+/// methods it doesn't know, to bound cardinality.
+const MAX_METHODS: usize = 1000;
+
 pub(crate) struct Instruments {
     target: KeyValue,
+    /// Each method's label, made once: a label's value is shared, not
+    /// copied, on every record.
+    methods: std::sync::RwLock<std::collections::HashMap<Box<str>, KeyValue>>,
     attempt_started: Counter<u64>,
     attempt_duration: Histogram<f64>,
     attempt_sent: Histogram<u64>,
@@ -87,7 +94,8 @@ impl Instruments {
                 .build()
         };
         Self {
-            target: KeyValue::new("grpc.target", target.to_owned()),
+            target: KeyValue::new("grpc.target", opentelemetry::StringValue::from(Arc::<str>::from(target))),
+            methods: Default::default(),
             attempt_started: counter(
                 "grpc.client.attempt.started",
                 "{attempt}",
@@ -157,6 +165,23 @@ impl Instruments {
         }
     }
 
+    /// The `grpc.method` label of `path`.
+    fn method(&self, path: &str) -> KeyValue {
+        let read = self.methods.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(label) = read.get(path) {
+            return label.clone();
+        }
+        let full = read.len() >= MAX_METHODS;
+        drop(read);
+        if full {
+            return KeyValue::new("grpc.method", "other");
+        }
+        let name: Arc<str> = path.trim_start_matches('/').into();
+        let label = KeyValue::new("grpc.method", opentelemetry::StringValue::from(name));
+        let mut write = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        write.entry(path.into()).or_insert(label).clone()
+    }
+
     fn labels(&self, method: &KeyValue, code: Code) -> [KeyValue; 3] {
         [
             method.clone(),
@@ -218,11 +243,6 @@ impl Instruments {
     }
 }
 
-/// A66's name of a method: `service/method`, without the leading slash.
-fn method_label(path: &str) -> KeyValue {
-    KeyValue::new("grpc.method", path.trim_start_matches('/').to_owned())
-}
-
 /// A72's span name part: `service.method`.
 fn span_method(path: &str) -> String {
     path.trim_start_matches('/').replace('/', ".")
@@ -271,7 +291,7 @@ impl CallTelemetry {
             grpc.status = Empty,
         );
         Self {
-            method: method_label(path),
+            method: instruments.method(path),
             instruments,
             started: Instant::now(),
             span,
@@ -323,7 +343,7 @@ impl AttemptTelemetry {
         previous: u32,
         transparent: bool,
     ) -> Self {
-        let method = method_label(path);
+        let method = instruments.method(path);
         instruments
             .attempt_started
             .add(1, &[method.clone(), instruments.target.clone()]);
