@@ -482,7 +482,11 @@ pub async fn standard(addrs: &[SocketAddr], metrics: bool) -> Vec<Contender> {
         all.push(Contender::HealthlbMetrics(EchoClient::new(
             healthlb_over(addrs).await,
         )));
-        all.push(build(OTEL, addrs).await.expect("healthlb with OpenTelemetry"));
+        all.push(
+            build(OTEL, addrs)
+                .await
+                .expect("healthlb with OpenTelemetry"),
+        );
     }
     for contender in &mut all {
         warm_up(contender).await;

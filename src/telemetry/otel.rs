@@ -183,18 +183,19 @@ impl Instruments {
     }
 
     fn labels(&self, method: &KeyValue, code: Code) -> [KeyValue; 3] {
+        // In key order: the SDK finds a known set on its first look.
         [
             method.clone(),
-            self.target.clone(),
             KeyValue::new("grpc.status", code_name(code)),
+            self.target.clone(),
         ]
     }
 
     fn subchannel(&self, locality: Option<&str>) -> [KeyValue; 3] {
         [
-            self.target.clone(),
             KeyValue::new("grpc.lb.backend_service", ""),
             KeyValue::new("grpc.lb.locality", locality.unwrap_or_default().to_owned()),
+            self.target.clone(),
         ]
     }
 
@@ -209,7 +210,7 @@ impl Instruments {
     pub(crate) fn disconnection(&self, locality: Option<&str>, reason: &str) {
         let [a, b, c] = self.subchannel(locality);
         let reason = KeyValue::new("grpc.disconnect_error", reason.to_owned());
-        self.disconnections.add(1, &[a, b, c, reason]);
+        self.disconnections.add(1, &[reason, a, b, c]);
     }
 
     pub(crate) fn open_connections(&self, locality: Option<&str>, tls: bool, delta: i64) {
@@ -219,7 +220,7 @@ impl Instruments {
             false => "none",
         };
         let level = KeyValue::new("grpc.security_level", level);
-        self.open_connections.add(delta, &[a, b, c, level]);
+        self.open_connections.add(delta, &[a, b, level, c]);
     }
 
     pub(crate) fn ejected(&self, ejected: usize, panic: bool) {
