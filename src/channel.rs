@@ -213,8 +213,9 @@ impl tower::Service<Request<Body>> for LbChannel {
         let (plan, deadline) = calls.plan(&request);
         let telemetry = calls.telemetry.call(request.uri().path());
         let replay = Replay::new(request, calls.retry_buffer.clone(), plan.deadline);
-        if telemetry.is_some() {
+        if let Some(telemetry) = &telemetry {
             replay.count_payload();
+            telemetry.attach(&replay);
         }
         let picked = self.picked.take();
         let run = crate::call::run(calls, picked, replay, plan);

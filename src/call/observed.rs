@@ -13,9 +13,9 @@ pub(crate) async fn observed(
     run: impl Future<Output = Result<http::Response<Body>, Status>> + Send + 'static,
     mut telemetry: CallTelemetry,
 ) -> Result<http::Response<Body>, Status> {
-    use tracing::Instrument;
-    let span = telemetry.span().clone();
-    match run.instrument(span).await {
+    // The call's span is not entered: its attempts name it as their
+    // parent, and entering it at every poll would cost each call.
+    match run.await {
         Err(status) => {
             telemetry.end(status.code());
             Err(status)

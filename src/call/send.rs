@@ -59,7 +59,7 @@ impl Slot {
         let mut telemetry =
             stats
                 .telemetry
-                .attempt(replay.path(), conn.addr, previous, transparent);
+                .attempt(replay.path(), conn.addr, previous, transparent, replay);
         let traceparent = telemetry.as_ref().and_then(|t| t.traceparent());
         // Metrics: the method, and counting of the request's messages.
         let method: Option<Arc<str>> = stats.metrics.enabled().then(|| replay.path().into());

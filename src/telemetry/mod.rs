@@ -42,6 +42,13 @@ pub(crate) enum CallTelemetry {}
 pub(crate) enum AttemptTelemetry {}
 
 #[cfg(not(feature = "opentelemetry"))]
+impl CallTelemetry {
+    pub(crate) fn attach(&self, _: &crate::call::Replay) {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "opentelemetry"))]
 impl AttemptTelemetry {
     pub(crate) fn traceparent(&self) -> Option<http::HeaderValue> {
         match *self {}
@@ -102,16 +109,18 @@ impl Telemetry {
         endpoint: std::net::SocketAddr,
         previous: u32,
         transparent: bool,
+        replay: &crate::call::Replay,
     ) -> Option<AttemptTelemetry> {
         #[cfg(feature = "opentelemetry")]
         {
             self.inner.as_ref().map(|i| {
-                AttemptTelemetry::start(i.clone(), method, endpoint, previous, transparent)
+                let parent = replay.span();
+                AttemptTelemetry::start(i.clone(), method, endpoint, previous, transparent, parent)
             })
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
-            let _ = (method, endpoint, previous, transparent);
+            let _ = (method, endpoint, previous, transparent, replay);
             None
         }
     }

@@ -300,9 +300,12 @@ impl CallTelemetry {
         }
     }
 
-    /// The call's span, the parent of its attempts'.
-    pub(crate) fn span(&self) -> &tracing::Span {
-        &self.span
+    /// Makes the call's span the parent of the spans of `replay`'s
+    /// attempts.
+    pub(crate) fn attach(&self, replay: &crate::call::Replay) {
+        if !self.span.is_disabled() {
+            replay.set_span(self.span.clone());
+        }
     }
 
     /// The call ended with `code`.
@@ -314,7 +317,9 @@ impl CallTelemetry {
         self.instruments
             .call_duration
             .record(self.started.elapsed().as_secs_f64(), &labels);
-        self.span.record("grpc.status", code_name(code));
+        if !self.span.is_disabled() {
+            self.span.record("grpc.status", code_name(code));
+        }
     }
 }
 
@@ -343,12 +348,14 @@ impl AttemptTelemetry {
         endpoint: SocketAddr,
         previous: u32,
         transparent: bool,
+        parent: Option<&tracing::Span>,
     ) -> Self {
         let method = instruments.method(path);
         instruments
             .attempt_started
             .add(1, &[method.clone(), instruments.target.clone()]);
         let span = tracing::info_span!(
+            parent: parent.and_then(tracing::Span::id),
             "grpc.attempt",
             otel.name = %format_args!("Attempt.{}", span_method(path)),
             otel.kind = "client",
@@ -371,6 +378,9 @@ impl AttemptTelemetry {
     /// The W3C `traceparent` of this attempt's span, when an OpenTelemetry
     /// layer records it.
     pub(crate) fn traceparent(&self) -> Option<HeaderValue> {
+        if self.span.is_disabled() {
+            return None;
+        }
         let context = self.span.context();
         let span = context.span();
         let sc = span.span_context();
@@ -389,6 +399,9 @@ impl AttemptTelemetry {
     /// Response bytes arrived.
     pub(crate) fn received(&mut self, data: &[u8]) {
         let n = self.received.feed(data);
+        if self.span.is_disabled() {
+            return;
+        }
         for _ in 0..n {
             self.messages_in += 1;
             tracing::debug!(parent: &self.span, sequence_number = self.messages_in, "Inbound message");
@@ -406,7 +419,9 @@ impl AttemptTelemetry {
             .record(self.started.elapsed().as_secs_f64(), &labels);
         i.attempt_sent.record(sent, &labels);
         i.attempt_rcvd.record(self.received.payload(), &labels);
-        self.span.record("grpc.status", code_name(code));
+        if !self.span.is_disabled() {
+            self.span.record("grpc.status", code_name(code));
+        }
     }
 }
 

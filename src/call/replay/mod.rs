@@ -70,6 +70,9 @@ struct ReplayInner {
     /// The call's deadline: each attempt tells the server the time left.
     deadline: Option<Instant>,
     recording: Mutex<Recording>,
+    /// The call's span, the parent of its attempts' (telemetry).
+    #[cfg(feature = "opentelemetry")]
+    span: std::sync::OnceLock<tracing::Span>,
 }
 
 // === impl Replay ===
@@ -91,6 +94,8 @@ impl Replay {
                 version: parts.version,
                 headers: parts.headers,
                 deadline,
+                #[cfg(feature = "opentelemetry")]
+                span: std::sync::OnceLock::new(),
                 recording: Mutex::new(Recording {
                     inner: Some(body),
                     peeked: None,
@@ -114,6 +119,18 @@ impl Replay {
     /// The request's path.
     pub(crate) fn path(&self) -> &str {
         self.inner.uri.path()
+    }
+
+    /// The call's span, parent of its attempts' spans.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn set_span(&self, span: tracing::Span) {
+        let _ = self.inner.span.set(span);
+    }
+
+    /// The call's span, if telemetry set one.
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn span(&self) -> Option<&tracing::Span> {
+        self.inner.span.get()
     }
 
     /// Counts the request's message bytes from now on, for telemetry.
