@@ -282,15 +282,21 @@ pub(crate) struct CallTelemetry {
 
 impl CallTelemetry {
     pub(crate) fn start(instruments: Arc<Instruments>, path: &str) -> Self {
-        let span = tracing::info_span!(
-            "grpc.call",
-            otel.name = %format_args!("Sent.{}", span_method(path)),
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.method = path,
-            grpc.target = %instruments.target.value,
-            grpc.status = Empty,
-        );
+        // No span without a subscriber: with tracing's `log` feature on
+        // (kube turns it on), even a disabled span formats log records.
+        let span = if !tracing::dispatcher::has_been_set() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "grpc.call",
+                otel.name = %format_args!("Sent.{}", span_method(path)),
+                otel.kind = "client",
+                rpc.system = "grpc",
+                rpc.method = path,
+                grpc.target = %instruments.target.value,
+                grpc.status = Empty,
+            )
+        };
         Self {
             method: instruments.method(path),
             instruments,
@@ -354,16 +360,20 @@ impl AttemptTelemetry {
         instruments
             .attempt_started
             .add(1, &[method.clone(), instruments.target.clone()]);
-        let span = tracing::info_span!(
-            parent: parent.and_then(tracing::Span::id),
-            "grpc.attempt",
-            otel.name = %format_args!("Attempt.{}", span_method(path)),
-            otel.kind = "client",
-            "previous-rpc-attempts" = previous,
-            "transparent-retry" = transparent,
-            net.peer.name = %endpoint,
-            grpc.status = Empty,
-        );
+        let span = if parent.is_none() && !tracing::dispatcher::has_been_set() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                parent: parent.and_then(tracing::Span::id),
+                "grpc.attempt",
+                otel.name = %format_args!("Attempt.{}", span_method(path)),
+                otel.kind = "client",
+                "previous-rpc-attempts" = previous,
+                "transparent-retry" = transparent,
+                net.peer.name = %endpoint,
+                grpc.status = Empty,
+            )
+        };
         Self {
             instruments,
             method,
