@@ -13,6 +13,7 @@
 //! `cargo bench --bench sources`; `HEALTHLB_BENCH_REPS` sets the scale-up
 //! repetitions (default 5). Under `cargo test`, one short round.
 
+use healthlb_bench::peers;
 use healthlb_testkit as support;
 
 use std::sync::Arc;
@@ -149,11 +150,8 @@ async fn main() {
         return;
     }
     let full = support::benchmarking();
-    let reps = std::env::var("HEALTHLB_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 5usize } else { 1 })
-        .clamp(1, 50);
+    let reps = peers::env_or("HEALTHLB_BENCH_REPS", if full { 5.0 } else { 1.0 }).clamp(1.0, 50.0)
+        as usize;
     let port = free_port();
     let base = support::echo::backends(2, 3, port).await;
     let base_refs: Vec<&Backend> = base.iter().collect();
