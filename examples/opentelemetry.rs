@@ -129,6 +129,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             span.parent_span_id,
             attrs.join(" ")
         );
+        for event in span.events.iter() {
+            let attrs: Vec<String> = event
+                .attributes
+                .iter()
+                .filter(|kv| {
+                    kv.key.as_str().starts_with("sequence")
+                        || kv.key.as_str().starts_with("message")
+                })
+                .map(|kv| format!("{}={}", kv.key, kv.value))
+                .collect();
+            println!("    event {}: {}", event.name, attrs.join(" "));
+        }
     }
     Ok(())
 }

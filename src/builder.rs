@@ -67,6 +67,8 @@ pub struct Builder {
     zone: Option<Arc<str>>,
     #[cfg(feature = "opentelemetry")]
     meter_provider: Option<MeterProvider>,
+    #[cfg(feature = "opentelemetry")]
+    trace_context: crate::telemetry::TraceContext,
 }
 
 /// The user's OpenTelemetry `MeterProvider`.
@@ -175,21 +177,37 @@ impl Builder {
             zone: None,
             #[cfg(feature = "opentelemetry")]
             meter_provider: None,
+            #[cfg(feature = "opentelemetry")]
+            trace_context: crate::telemetry::TraceContext::default(),
         }
     }
 
     /// gRPC's standard metrics (gRFC A66 per call and attempt, A94 per
     /// subchannel, and healthlb's own `grpc.lb.*`) recorded on `provider`,
     /// as grpc-go's `opentelemetry.DialOption` takes one; and gRFC A72's
-    /// call and attempt spans through `tracing`, with each attempt's W3C
-    /// `traceparent` sent to the server. See the README, "OpenTelemetry".
-    /// Feature `opentelemetry`. Default: none, nothing recorded, no span.
+    /// call and attempt spans through `tracing`, with each attempt's trace
+    /// context sent to the server (see [`Builder::trace_context`]). See the
+    /// README, "OpenTelemetry". Feature `opentelemetry`. Default: none,
+    /// nothing recorded, no span.
     #[cfg(feature = "opentelemetry")]
     pub fn meter_provider<P>(mut self, provider: P) -> Self
     where
         P: opentelemetry::metrics::MeterProvider + Send + Sync + 'static,
     {
         self.meter_provider = Some(MeterProvider(Arc::new(provider)));
+        self
+    }
+
+    /// Which headers carry each attempt's trace context to the server, as
+    /// gRFC A72's propagators: W3C `traceparent`, gRPC's binary
+    /// `grpc-trace-bin` (what servers with gRPC's OpenCensus plugin read),
+    /// or both during a migration. Only with a
+    /// [`meter_provider`](Builder::meter_provider) and a `tracing` layer that
+    /// records OpenTelemetry spans. Feature `opentelemetry`. Default:
+    /// [`TraceContext::W3c`](crate::TraceContext::W3c).
+    #[cfg(feature = "opentelemetry")]
+    pub fn trace_context(mut self, headers: crate::telemetry::TraceContext) -> Self {
+        self.trace_context = headers;
         self
     }
 
@@ -441,7 +459,9 @@ impl Builder {
         let retry_buffer = self.subchannel.retry_buffer.clone();
         #[cfg(feature = "opentelemetry")]
         let telemetry = match &self.meter_provider {
-            Some(provider) => crate::telemetry::Telemetry::new(&*provider.0, &name),
+            Some(provider) => {
+                crate::telemetry::Telemetry::new(&*provider.0, &name, self.trace_context)
+            }
             None => crate::telemetry::Telemetry::default(),
         };
         #[cfg(not(feature = "opentelemetry"))]

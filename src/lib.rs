@@ -78,3 +78,5 @@ pub use crate::service_config::{
 };
 pub use crate::status::EndpointStatus;
 pub use crate::target::{ServicePort, Target, TargetKind};
+#[cfg(feature = "opentelemetry")]
+pub use crate::telemetry::TraceContext;

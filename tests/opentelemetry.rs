@@ -125,7 +125,13 @@ fn collect(
     out
 }
 
+/// The meter provider each test records on. Every test calls it before it
+/// makes a channel, so it also sets [`Undecided`] as the global subscriber.
 fn meters() -> (SdkMeterProvider, InMemoryMetricExporter) {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        tracing::subscriber::set_global_default(Undecided).expect("the first global subscriber")
+    });
     let exporter = InMemoryMetricExporter::default();
     let reader = PeriodicReader::builder(exporter.clone()).build();
     let provider = SdkMeterProvider::builder().with_reader(reader).build();
@@ -308,6 +314,34 @@ async fn an_ejection_and_throttled_retries_show_in_healthlbs_lb_metrics() {
     assert_eq!(panic[0].value, 0.0);
 }
 
+/// The global subscriber: records nothing, and has every callsite asked
+/// again at each use. tracing caches a callsite's interest from the
+/// subscribers alive when it is first hit; with only the tests' scoped
+/// subscribers, a first hit in one test could cache "never" while another
+/// test's subscriber was being made, and that test's attempt spans went
+/// missing (2 to 3 runs in 40 with every test at once).
+struct Undecided;
+
+impl tracing::Subscriber for Undecided {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// Spans of every call made inside `f`, with the backends' traceparents.
 async fn traced<F: std::future::Future<Output = ()>>(f: F) -> Vec<SpanData> {
     let exporter = InMemorySpanExporter::default();
@@ -432,8 +466,129 @@ async fn a_hedged_call_shows_both_attempts() {
     })
     .await;
     let attempts = attempts_of_one_call(&spans, &traceparents(&b));
-    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(
+        attempts.len(),
+        2,
+        "{attempts:?} {:?} {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>(),
+        traceparents(&b)
+    );
     let statuses: BTreeSet<Option<String>> =
         attempts.iter().map(|a| attr(a, "grpc.status")).collect();
     assert!(statuses.contains(&Some("OK".into())), "{statuses:?}");
+}
+
+/// An event's attribute, by key.
+fn event_attr(event: &opentelemetry::trace::Event, key: &str) -> Option<i64> {
+    event
+        .attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .and_then(|kv| match kv.value {
+            opentelemetry::Value::I64(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// (sequence-number, message-size) of the attempt's events named `name`.
+fn messages(attempt: &SpanData, name: &str) -> Vec<(i64, i64)> {
+    attempt
+        .events
+        .iter()
+        .filter(|e| e.name == name)
+        .map(|e| {
+            (
+                event_attr(e, "sequence-number").unwrap_or_else(|| panic!("{e:?}")),
+                event_attr(e, "message-size").expect("a size"),
+            )
+        })
+        .collect()
+}
+
+/// `grpc-trace-bin` as OpenCensus's binary format lays it out.
+fn trace_bin(span: &SpanData) -> Vec<u8> {
+    let sc = &span.span_context;
+    let mut out = vec![0, 0];
+    out.extend(sc.trace_id().to_bytes());
+    out.push(1);
+    out.extend(sc.span_id().to_bytes());
+    out.extend([2, sc.trace_flags().to_u8()]);
+    out
+}
+
+#[tokio::test]
+async fn attempts_carry_message_events_and_the_trace_context_headers_asked_for() {
+    use prost::Message as _;
+    let b = backends(220, 1, free_port()).await;
+    let (provider, _exporter) = meters();
+    let channel = LbChannel::builder(list(&b))
+        .meter_provider(provider.clone())
+        .trace_context(healthlb::TraceContext::Both);
+    let channel = support::connect_serving(channel, 1).await;
+    let requests: Vec<EchoRequest> = ["a", "a longer message", ""]
+        .iter()
+        .map(|m| EchoRequest {
+            message: (*m).into(),
+        })
+        .collect();
+    let sent: Vec<(i64, i64)> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i as i64, r.encoded_len() as i64))
+        .collect();
+    let mut replies = Vec::new();
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        let mut stream = client
+            .bidi(tokio_stream::iter(requests))
+            .await
+            .expect("the bidi call starts")
+            .into_inner();
+        while let Some(reply) = stream.message().await.expect("a reply") {
+            replies.push(reply);
+        }
+    })
+    .await;
+    assert_eq!(replies.len(), 3, "one reply per request");
+    let received: Vec<(i64, i64)> = replies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i as i64, r.encoded_len() as i64))
+        .collect();
+    let attempt = spans
+        .iter()
+        .find(|s| s.name == "Attempt.echo.Echo.Bidi")
+        .expect("an attempt span");
+    assert_eq!(messages(attempt, "Outbound message"), sent);
+    assert_eq!(messages(attempt, "Inbound message"), received);
+    // Both headers, naming the same attempt span.
+    let sc = &attempt.span_context;
+    assert_eq!(
+        *b[0].counters.traceparents.lock().unwrap(),
+        [format!("00-{}-{}-01", sc.trace_id(), sc.span_id())]
+    );
+    assert_eq!(
+        *b[0].counters.trace_bins.lock().unwrap(),
+        [trace_bin(attempt)]
+    );
+
+    // `grpc-trace-bin` alone: no `traceparent`.
+    let only_bin = LbChannel::builder(list(&b))
+        .meter_provider(provider)
+        .trace_context(healthlb::TraceContext::GrpcTraceBin);
+    let only_bin = support::connect_serving(only_bin, 1).await;
+    let spans = traced(async {
+        let mut client = EchoClient::new(only_bin.clone());
+        unary(&mut client).await.expect("the call answers");
+    })
+    .await;
+    let attempt = spans
+        .iter()
+        .find(|s| s.name == "Attempt.echo.Echo.Unary")
+        .expect("an attempt span");
+    assert_eq!(b[0].counters.traceparents.lock().unwrap()[1], "-");
+    assert_eq!(
+        b[0].counters.trace_bins.lock().unwrap()[1],
+        trace_bin(attempt)
+    );
 }

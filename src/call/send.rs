@@ -19,7 +19,7 @@ use crate::connection::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
 use crate::subchannel::Ended;
 use crate::subchannel::Slot;
-use crate::telemetry::AttemptTelemetry;
+use crate::telemetry::{AttemptTelemetry, Outbound, TraceHeaders};
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -60,7 +60,9 @@ impl Slot {
             stats
                 .telemetry
                 .attempt(replay.path(), conn.addr, previous, transparent, replay);
-        let traceparent = telemetry.as_ref().and_then(|t| t.traceparent());
+        let trace = telemetry
+            .as_ref()
+            .map(|t| (t.trace_headers(), t.outbound()));
         // Metrics: the method, and counting of the request's messages.
         let method: Option<Arc<str>> = stats.metrics.enabled().then(|| replay.path().into());
         let counting = method.clone().map(|method| Counting {
@@ -70,7 +72,7 @@ impl Slot {
         });
         let sent_at = std::time::Instant::now();
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
-        let dispatched = dispatch(&conn, replay, counting, previous, linger_until, traceparent);
+        let dispatched = dispatch(&conn, replay, counting, previous, linger_until, trace);
         let Some((attempt, response)) = dispatched else {
             return Sent::Failed(
                 Status::unavailable(format!(
@@ -175,12 +177,14 @@ fn dispatch(
     counting: Option<Counting>,
     previous: u32,
     linger_until: Option<tokio::time::Instant>,
-    traceparent: Option<http::HeaderValue>,
+    trace: Option<(TraceHeaders, Option<Outbound>)>,
 ) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
-    let (attempt, mut req) = replay.attempt(counting, previous, linger_until)?;
+    let (headers, outbound) = trace.unzip();
+    let (attempt, mut req) =
+        replay.attempt(counting, previous, linger_until, outbound.flatten())?;
     prepare(&mut req, &conn.origin);
-    if let Some(value) = traceparent {
-        req.headers_mut().insert("traceparent", value);
+    if let Some(headers) = headers {
+        headers.insert_into(req.headers_mut());
     }
     let mut send = conn.send.clone();
     Some((attempt, send.try_send_request(req)))

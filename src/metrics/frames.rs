@@ -7,6 +7,8 @@
 pub(crate) struct GrpcFrames {
     /// Prefix bytes seen of the next message (0–4).
     prefix: u8,
+    /// The compressed flag of the message whose prefix is passing.
+    compressed: bool,
     len: [u8; 4],
     /// Bytes left of the current message.
     remaining: u64,
@@ -16,8 +18,15 @@ pub(crate) struct GrpcFrames {
 
 impl GrpcFrames {
     /// Feeds one chunk; returns how many messages began in it.
-    pub(crate) fn feed(&mut self, mut data: &[u8]) -> u64 {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> u64 {
         let mut messages = 0;
+        self.feed_each(data, |_, _| messages += 1);
+        messages
+    }
+
+    /// Feeds one chunk, calling `began(compressed, size)` for each message
+    /// whose prefix completes in it, with the prefix's flag and length.
+    pub(crate) fn feed_each(&mut self, mut data: &[u8], mut began: impl FnMut(bool, u32)) {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let take = (self.remaining.min(data.len() as u64)) as usize;
@@ -28,17 +37,18 @@ impl GrpcFrames {
             }
             let byte = data[0];
             data = &data[1..];
-            if self.prefix > 0 {
-                self.len[usize::from(self.prefix) - 1] = byte;
+            match self.prefix {
+                0 => self.compressed = byte & 1 == 1,
+                n => self.len[usize::from(n) - 1] = byte,
             }
             self.prefix += 1;
             if self.prefix == 5 {
-                messages += 1;
                 self.prefix = 0;
-                self.remaining = u64::from(u32::from_be_bytes(self.len));
+                let size = u32::from_be_bytes(self.len);
+                self.remaining = u64::from(size);
+                began(self.compressed, size);
             }
         }
-        messages
     }
 
     /// The message bytes seen so far, without their 5-byte prefixes.
@@ -69,6 +79,23 @@ mod tests {
             let mut frames = GrpcFrames::default();
             let n: u64 = stream.chunks(chunk).map(|c| frames.feed(c)).sum();
             assert_eq!(n, 4, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn gives_each_message_its_size_and_flag() {
+        let mut stream = message(b"hello");
+        let mut compressed = message(b"zz");
+        compressed[0] = 1;
+        stream.extend(compressed);
+        for chunk in 1..=stream.len() {
+            let mut frames = GrpcFrames::default();
+            let mut seen = Vec::new();
+            for c in stream.chunks(chunk) {
+                frames.feed_each(c, |flag, size| seen.push((flag, size)));
+            }
+            assert_eq!(seen, [(false, 5), (true, 2)], "chunk size {chunk}");
+            assert_eq!(frames.payload(), 7);
         }
     }
 }

@@ -2,8 +2,9 @@
 //! gRFC A66 (per call and per attempt) and A94 (per subchannel) on the
 //! user's `MeterProvider`, healthlb's own LB metrics in the same style, and
 //! A72's spans: a call span, a child span per attempt (hedges and
-//! transparent retries included) through `tracing`, with the W3C trace
-//! context sent on every attempt.
+//! transparent retries included) through `tracing`, with their message
+//! events, and the trace context sent on every attempt (W3C `traceparent`,
+//! `grpc-trace-bin`, or both).
 //!
 //! Without the feature, or without a provider, [`Telemetry`] holds nothing
 //! and every hook is an empty inline function: the request path pays one
@@ -31,7 +32,42 @@ impl std::fmt::Debug for Telemetry {
 }
 
 #[cfg(feature = "opentelemetry")]
-pub(crate) use self::otel::{AttemptTelemetry, CallTelemetry};
+pub(crate) use self::otel::{AttemptTelemetry, CallTelemetry, Outbound};
+
+/// Which headers carry each attempt's trace context to the server (gRFC
+/// A72's propagators). Set with
+/// [`Builder::trace_context`](crate::Builder::trace_context).
+#[cfg(feature = "opentelemetry")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TraceContext {
+    /// W3C `traceparent`, OpenTelemetry's standard. The default.
+    #[default]
+    W3c,
+    /// `grpc-trace-bin`: OpenCensus's binary format, which servers with
+    /// gRPC's OpenCensus plugin read (trace id, span id, trace options).
+    GrpcTraceBin,
+    /// Both headers, for a fleet moving from one to the other.
+    Both,
+}
+
+/// The trace-context headers one attempt carries.
+#[derive(Debug, Default)]
+pub(crate) struct TraceHeaders {
+    pub(crate) traceparent: Option<http::HeaderValue>,
+    pub(crate) grpc_trace_bin: Option<http::HeaderValue>,
+}
+
+impl TraceHeaders {
+    pub(crate) fn insert_into(self, headers: &mut http::HeaderMap) {
+        if let Some(value) = self.traceparent {
+            headers.insert("traceparent", value);
+        }
+        if let Some(value) = self.grpc_trace_bin {
+            headers.insert("grpc-trace-bin", value);
+        }
+    }
+}
 
 /// What a call records; nothing without the feature.
 #[cfg(not(feature = "opentelemetry"))]
@@ -40,6 +76,18 @@ pub(crate) enum CallTelemetry {}
 /// What an attempt records; nothing without the feature.
 #[cfg(not(feature = "opentelemetry"))]
 pub(crate) enum AttemptTelemetry {}
+
+/// An attempt's request messages as they leave; nothing without the
+/// feature.
+#[cfg(not(feature = "opentelemetry"))]
+pub(crate) enum Outbound {}
+
+#[cfg(not(feature = "opentelemetry"))]
+impl Outbound {
+    pub(crate) fn sent(&mut self, _: &[u8]) {
+        match *self {}
+    }
+}
 
 #[cfg(not(feature = "opentelemetry"))]
 impl CallTelemetry {
@@ -50,7 +98,11 @@ impl CallTelemetry {
 
 #[cfg(not(feature = "opentelemetry"))]
 impl AttemptTelemetry {
-    pub(crate) fn traceparent(&self) -> Option<http::HeaderValue> {
+    pub(crate) fn trace_headers(&self) -> TraceHeaders {
+        match *self {}
+    }
+
+    pub(crate) fn outbound(&self) -> Option<Outbound> {
         match *self {}
     }
 
@@ -64,11 +116,16 @@ impl AttemptTelemetry {
 }
 
 impl Telemetry {
-    /// Instruments from `provider`, labelled with `target`.
+    /// Instruments from `provider`, labelled with `target`; attempts send
+    /// their trace context in `headers`.
     #[cfg(feature = "opentelemetry")]
-    pub(crate) fn new(provider: &dyn opentelemetry::metrics::MeterProvider, target: &str) -> Self {
+    pub(crate) fn new(
+        provider: &dyn opentelemetry::metrics::MeterProvider,
+        target: &str,
+        headers: TraceContext,
+    ) -> Self {
         Self {
-            inner: Some(Arc::new(otel::Instruments::new(provider, target))),
+            inner: Some(Arc::new(otel::Instruments::new(provider, target, headers))),
         }
     }
 

@@ -12,6 +12,7 @@ use tonic::Code;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::{TraceContext, TraceHeaders};
 use crate::metrics::GrpcFrames;
 
 /// A66's latency bounds, in seconds.
@@ -48,6 +49,8 @@ const MAX_METHODS: usize = 1000;
 
 pub(crate) struct Instruments {
     target: KeyValue,
+    /// Which headers carry an attempt's trace context.
+    trace_context: TraceContext,
     /// Each method's label, made once: a label's value is shared, not
     /// copied, on every record.
     methods: std::sync::RwLock<std::collections::HashMap<Box<str>, KeyValue>>,
@@ -68,7 +71,11 @@ pub(crate) struct Instruments {
 }
 
 impl Instruments {
-    pub(crate) fn new(provider: &dyn MeterProvider, target: &str) -> Self {
+    pub(crate) fn new(
+        provider: &dyn MeterProvider,
+        target: &str,
+        trace_context: TraceContext,
+    ) -> Self {
         let meter = provider.meter(SCOPE);
         let seconds = |name: &'static str, what: &'static str| {
             meter
@@ -95,6 +102,7 @@ impl Instruments {
         };
         Self {
             target: KeyValue::new("grpc.target", opentelemetry::StringValue::from(Arc::<str>::from(target))),
+            trace_context,
             methods: Default::default(),
             attempt_started: counter(
                 "grpc.client.attempt.started",
@@ -347,6 +355,47 @@ pub(crate) struct AttemptTelemetry {
     done: bool,
 }
 
+/// A72's message events: "Outbound message" or "Inbound message" with the
+/// message's `sequence-number` (from 0, per direction) and `message-size`,
+/// or their "compressed" forms, as gRPC C-core names them.
+fn message_event(span: &tracing::Span, outbound: bool, sequence: u64, compressed: bool, size: u32) {
+    // As i64: tracing-opentelemetry records an event's u64 as a string.
+    let (sequence, size) = (i64::try_from(sequence).unwrap_or(i64::MAX), i64::from(size));
+    match (outbound, compressed) {
+        (true, false) => {
+            tracing::debug!(parent: span, { "sequence-number" = sequence, "message-size" = size }, "Outbound message")
+        }
+        (true, true) => {
+            tracing::debug!(parent: span, { "sequence-number" = sequence, "message-size-compressed" = size }, "Outbound message compressed")
+        }
+        (false, false) => {
+            tracing::debug!(parent: span, { "sequence-number" = sequence, "message-size" = size }, "Inbound message")
+        }
+        (false, true) => {
+            tracing::debug!(parent: span, { "sequence-number" = sequence, "message-size-compressed" = size }, "Inbound compressed message")
+        }
+    }
+}
+
+/// An attempt's request messages as its body hands them to the
+/// connection, each an event on the attempt's span.
+pub(crate) struct Outbound {
+    span: tracing::Span,
+    frames: GrpcFrames,
+    sent: u64,
+}
+
+impl Outbound {
+    /// Request bytes left for the server.
+    pub(crate) fn sent(&mut self, data: &[u8]) {
+        let (span, sent) = (&self.span, &mut self.sent);
+        self.frames.feed_each(data, |compressed, size| {
+            message_event(span, true, *sent, compressed, size);
+            *sent += 1;
+        });
+    }
+}
+
 impl AttemptTelemetry {
     pub(crate) fn start(
         instruments: Arc<Instruments>,
@@ -385,37 +434,68 @@ impl AttemptTelemetry {
         }
     }
 
-    /// The W3C `traceparent` of this attempt's span, when an OpenTelemetry
-    /// layer records it.
-    pub(crate) fn traceparent(&self) -> Option<HeaderValue> {
+    /// This attempt's trace context, in the headers the channel sends,
+    /// when an OpenTelemetry layer records its span.
+    pub(crate) fn trace_headers(&self) -> TraceHeaders {
         if self.span.is_disabled() {
-            return None;
+            return TraceHeaders::default();
         }
         let context = self.span.context();
         let span = context.span();
         let sc = span.span_context();
         if !sc.is_valid() {
-            return None;
+            return TraceHeaders::default();
         }
-        let value = format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        );
-        HeaderValue::from_str(&value).ok()
+        let (w3c, bin) = match self.instruments.trace_context {
+            TraceContext::W3c => (true, false),
+            TraceContext::GrpcTraceBin => (false, true),
+            TraceContext::Both => (true, true),
+        };
+        let traceparent = w3c.then(|| {
+            let value = format!(
+                "00-{}-{}-{:02x}",
+                sc.trace_id(),
+                sc.span_id(),
+                sc.trace_flags().to_u8()
+            );
+            HeaderValue::from_str(&value).ok()
+        });
+        let grpc_trace_bin = bin.then(|| {
+            let bytes = grpc_trace_bin(
+                sc.trace_id().to_bytes(),
+                sc.span_id().to_bytes(),
+                sc.trace_flags().to_u8(),
+            );
+            let value = tonic::metadata::BinaryMetadataValue::from_bytes(&bytes);
+            HeaderValue::from_bytes(value.as_encoded_bytes()).ok()
+        });
+        TraceHeaders {
+            traceparent: traceparent.flatten(),
+            grpc_trace_bin: grpc_trace_bin.flatten(),
+        }
+    }
+
+    /// Events for the request messages this attempt sends, when its span
+    /// is recorded.
+    pub(crate) fn outbound(&self) -> Option<Outbound> {
+        (!self.span.is_disabled()).then(|| Outbound {
+            span: self.span.clone(),
+            frames: GrpcFrames::default(),
+            sent: 0,
+        })
     }
 
     /// Response bytes arrived.
     pub(crate) fn received(&mut self, data: &[u8]) {
-        let n = self.received.feed(data);
         if self.span.is_disabled() {
+            self.received.feed(data);
             return;
         }
-        for _ in 0..n {
-            self.messages_in += 1;
-            tracing::debug!(parent: &self.span, sequence_number = self.messages_in, "Inbound message");
-        }
+        let (span, received) = (&self.span, &mut self.messages_in);
+        self.received.feed_each(data, |compressed, size| {
+            message_event(span, false, *received, compressed, size);
+            *received += 1;
+        });
     }
 
     /// The attempt ended with `code`, having sent `sent` message bytes.
@@ -440,4 +520,17 @@ impl Drop for AttemptTelemetry {
         // Dropped before its status: the caller gave up, or it lost a race.
         self.end(Code::Cancelled, 0);
     }
+}
+
+/// OpenCensus's binary trace context, as `grpc-trace-bin` carries it:
+/// version 0, then field 0 (the trace id), field 1 (the span id) and
+/// field 2 (the trace options), each after its id byte.
+pub(crate) fn grpc_trace_bin(trace_id: [u8; 16], span_id: [u8; 8], options: u8) -> [u8; 29] {
+    let mut out = [0u8; 29];
+    out[2..18].copy_from_slice(&trace_id);
+    out[18] = 1;
+    out[19..27].copy_from_slice(&span_id);
+    out[27] = 2;
+    out[28] = options;
+    out
 }

@@ -69,6 +69,9 @@ pub struct Counters {
     /// The W3C `traceparent` of every unary and bidi call ("-" without
     /// one), in arrival order.
     pub traceparents: Mutex<Vec<String>>,
+    /// The decoded `grpc-trace-bin` of every unary and bidi call (empty
+    /// without one), in arrival order.
+    pub trace_bins: Mutex<Vec<Vec<u8>>>,
     /// How bidi calls answer.
     pub bidi_mode: Mutex<BidiMode>,
     /// Bidi calls whose whole request stream, up to its end, was read.
@@ -131,6 +134,12 @@ impl Counters {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
         self.traceparents.lock().unwrap().push(parent.to_owned());
+        let bin = metadata
+            .get_bin("grpc-trace-bin")
+            .and_then(|v| v.to_bytes().ok())
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        self.trace_bins.lock().unwrap().push(bin);
     }
 
     /// The `grpc-timeout`s seen so far, as durations (`None` for a call

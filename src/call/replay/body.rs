@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::recording::{Mode, Recorded};
 use super::{ReplayInner, lock};
+use crate::telemetry::Outbound;
 
 /// One attempt's request body: replays what was recorded, then reads on.
 pub(super) struct ReplayBody {
@@ -19,6 +20,8 @@ pub(super) struct ReplayBody {
     /// Until when a superseded body waits before it fails.
     pub(super) linger_until: Option<tokio::time::Instant>,
     pub(super) lingering: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Telemetry's message events for this attempt.
+    pub(super) outbound: Option<Outbound>,
 }
 
 impl HttpBody for ReplayBody {
@@ -38,6 +41,20 @@ impl HttpBody for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
+        let polled = this.poll_next(cx);
+        if let (Some(outbound), Poll::Ready(Some(Ok(frame)))) = (&mut this.outbound, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            outbound.sent(data);
+        }
+        polled
+    }
+}
+
+impl ReplayBody {
+    /// The next frame: recorded, or read on from the caller's body.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self;
         let mut guard = lock(&this.replay.recording);
         let rec = &mut *guard;
         let Some(reader) = rec.readers.iter().position(|(g, _)| *g == this.generation) else {

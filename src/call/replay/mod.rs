@@ -41,6 +41,7 @@ pub(crate) use self::buffer::RetryBuffer;
 pub(crate) use self::recording::Counting;
 use self::recording::{Mode, Recording};
 use crate::deadline::encode_grpc_timeout;
+use crate::telemetry::Outbound;
 
 /// How many times a call is handed to a connection, when each one closes,
 /// or refuses it unprocessed, before the call could leave the client. These
@@ -161,6 +162,7 @@ impl Replay {
         counting: Option<Counting>,
         previous: u32,
         linger_until: Option<tokio::time::Instant>,
+        outbound: Option<Outbound>,
     ) -> Option<(AttemptId, Request<Body>)> {
         let generation = {
             let mut rec = lock(&self.inner.recording);
@@ -181,6 +183,7 @@ impl Replay {
             generation,
             linger_until,
             lingering: None,
+            outbound,
         }));
         *request.method_mut() = self.inner.method.clone();
         *request.uri_mut() = self.inner.uri.clone();

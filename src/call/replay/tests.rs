@@ -32,7 +32,7 @@ fn replay(request: Request<Body>) -> (Replay, Arc<RetryBuffer>) {
 }
 
 fn attempt(replay: &Replay) -> (AttemptId, Body) {
-    let (id, request) = replay.attempt(None, 0, None).expect("not committed");
+    let (id, request) = replay.attempt(None, 0, None, None).expect("not committed");
     (id, request.into_body())
 }
 
@@ -81,7 +81,7 @@ async fn hedged_attempts_each_read_every_frame() {
     assert!(next(&mut first).await.unwrap().is_err());
     drop(tx);
     assert!(next(&mut second).await.is_none());
-    assert!(replay.attempt(None, 1, None).is_none(), "committed");
+    assert!(replay.attempt(None, 1, None, None).is_none(), "committed");
 }
 
 #[tokio::test]
@@ -158,7 +158,7 @@ async fn an_old_attempt_cannot_corrupt_the_retry_by_going_over_the_limit() {
     let rest = next(&mut second).await.unwrap().unwrap();
     assert_eq!(rest.len(), LIMIT / 2);
     assert!(!replay.can_retry(), "past the limit: committed");
-    assert!(replay.attempt(None, 1, None).is_none());
+    assert!(replay.attempt(None, 1, None, None).is_none());
 }
 
 #[tokio::test]
@@ -297,8 +297,8 @@ async fn a_frame_read_ahead_is_not_lost() {
 #[test]
 fn a_retry_names_the_attempts_before_it() {
     let (replay, _) = replay(Request::new(Body::empty()));
-    let (_, first) = replay.attempt(None, 0, None).unwrap();
+    let (_, first) = replay.attempt(None, 0, None, None).unwrap();
     assert!(first.headers().get(PREVIOUS_ATTEMPTS).is_none());
-    let (_, third) = replay.attempt(None, 2, None).unwrap();
+    let (_, third) = replay.attempt(None, 2, None, None).unwrap();
     assert_eq!(third.headers()[PREVIOUS_ATTEMPTS], "2");
 }
