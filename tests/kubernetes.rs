@@ -245,6 +245,50 @@ async fn a_gone_watch_and_a_dropped_one_keep_the_set_and_catch_up() {
 }
 
 #[tokio::test]
+async fn a_gone_watch_is_routine_and_the_source_reports_no_failure() {
+    use healthlb::resolve::EndpointSource;
+    let api = KubeApi::start().await;
+    let port = free_port();
+    let (a, b) = (
+        format!("127.0.0.175:{port}").parse().unwrap(),
+        format!("127.0.0.176:{port}").parse().unwrap(),
+    );
+    api.apply(slice("echo", "echo-a", &[Pod::Ready(a)]));
+    let mut source = EndpointSlices::new(
+        client(&api).await,
+        "default",
+        "echo",
+        ServicePort::Name("grpc".into()),
+    );
+    let first = tokio::time::timeout(Duration::from_secs(5), source.next())
+        .await
+        .expect("the first set within 5 s")
+        .expect("the source goes on")
+        .expect("a set");
+    assert_eq!(first.len(), 1);
+    let lists = api.asked.lists.load(Ordering::SeqCst);
+    api.expire();
+    api.apply(slice("echo", "echo-b", &[Pod::Ready(b)]));
+    // Each answer until the new slice shows is a set: a 410 is no failure
+    // (the channel would log a warning and report resolution failing).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for _ in 0..100 {
+        let next = tokio::time::timeout_at(deadline, source.next())
+            .await
+            .expect("the new slice within 10 s")
+            .expect("the source goes on");
+        let set = next.unwrap_or_else(|e| panic!("a 410 reported as a failure: {e}"));
+        if set.len() == 2 {
+            break;
+        }
+    }
+    assert!(
+        api.asked.lists.load(Ordering::SeqCst) > lists,
+        "listed again"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_api_fails_calls_saying_so() {
     let api = KubeApi::start().await;
     let url = api.url();

@@ -205,6 +205,12 @@ impl EndpointSource for EndpointSlices {
                         .remove(slice.metadata.name.as_deref().unwrap_or_default());
                     return Some(Ok(self.current()));
                 }
+                // 410 Gone: the watch outlived the API server's history,
+                // routine on long watches. The watcher lists again at once,
+                // and the set stands meanwhile: not a failure to report.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    debug!(service = %self.service, reason = %status.message, "the watch expired (410 Gone); listing again");
+                }
                 Err(e) => {
                     let namespace = self.namespace.as_deref().unwrap_or_default();
                     return Some(Err(format!(
