@@ -13,7 +13,7 @@ use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::replay::{AttemptId, Counting, Replay};
+use super::replay::{AttemptId, Counting, Replay, SentFrames};
 use crate::connection::{Conn, grpc_status, prepare};
 use crate::connection::{refused_unprocessed, transport_status};
 use crate::metrics::GrpcFrames;
@@ -180,8 +180,10 @@ fn dispatch(
     trace: Option<(TraceHeaders, Option<Outbound>)>,
 ) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
     let (headers, outbound) = trace.unzip();
-    let (attempt, mut req) =
-        replay.attempt(counting, previous, linger_until, outbound.flatten())?;
+    let outbound = outbound
+        .flatten()
+        .map(|mut events| Box::new(move |data: &[u8]| events.sent(data)) as SentFrames);
+    let (attempt, mut req) = replay.attempt(counting, previous, linger_until, outbound)?;
     prepare(&mut req, &conn.origin);
     if let Some(headers) = headers {
         headers.insert_into(req.headers_mut());

@@ -10,8 +10,7 @@ use http_body::{Body as HttpBody, Frame};
 use tonic::Status;
 
 use super::recording::{Mode, Recorded};
-use super::{ReplayInner, lock};
-use crate::telemetry::Outbound;
+use super::{ReplayInner, SentFrames, lock};
 
 /// One attempt's request body: replays what was recorded, then reads on.
 pub(super) struct ReplayBody {
@@ -21,7 +20,7 @@ pub(super) struct ReplayBody {
     pub(super) linger_until: Option<tokio::time::Instant>,
     pub(super) lingering: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Telemetry's message events for this attempt.
-    pub(super) outbound: Option<Outbound>,
+    pub(super) outbound: Option<SentFrames>,
 }
 
 impl HttpBody for ReplayBody {
@@ -45,7 +44,7 @@ impl HttpBody for ReplayBody {
         if let (Some(outbound), Poll::Ready(Some(Ok(frame)))) = (&mut this.outbound, &polled)
             && let Some(data) = frame.data_ref()
         {
-            outbound.sent(data);
+            outbound(data);
         }
         polled
     }

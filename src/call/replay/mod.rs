@@ -41,7 +41,10 @@ pub(crate) use self::buffer::RetryBuffer;
 pub(crate) use self::recording::Counting;
 use self::recording::{Mode, Recording};
 use crate::deadline::encode_grpc_timeout;
-use crate::telemetry::Outbound;
+
+/// Sees each data frame an attempt's body hands to the connection (for
+/// telemetry's message events).
+pub(crate) type SentFrames = Box<dyn FnMut(&[u8]) + Send + Sync>;
 
 /// How many times a call is handed to a connection, when each one closes,
 /// or refuses it unprocessed, before the call could leave the client. These
@@ -162,7 +165,7 @@ impl Replay {
         counting: Option<Counting>,
         previous: u32,
         linger_until: Option<tokio::time::Instant>,
-        outbound: Option<Outbound>,
+        outbound: Option<SentFrames>,
     ) -> Option<(AttemptId, Request<Body>)> {
         let generation = {
             let mut rec = lock(&self.inner.recording);
