@@ -250,8 +250,8 @@ async fn a_gone_watch_is_routine_and_the_source_reports_no_failure() {
     let api = KubeApi::start().await;
     let port = free_port();
     let (a, b) = (
-        format!("127.0.0.175:{port}").parse().unwrap(),
-        format!("127.0.0.176:{port}").parse().unwrap(),
+        format!("127.0.0.180:{port}").parse().unwrap(),
+        format!("127.0.0.181:{port}").parse().unwrap(),
     );
     api.apply(slice("echo", "echo-a", &[Pod::Ready(a)]));
     let mut source = EndpointSlices::new(

@@ -63,7 +63,7 @@ impl Resolver {
                     service.clone(),
                     port.clone(),
                 );
-                return Self::start(name, Box::new(source), config, seed, now, None);
+                return Self::from_dyn_source(name, Box::new(source), config);
             }
             #[cfg(not(feature = "kubernetes"))]
             TargetKind::Kubernetes { .. } => {

@@ -3,8 +3,6 @@
 //! (Consul, etcd, a file, a control plane).
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::future::BoxFuture;
@@ -103,10 +101,7 @@ where
     E: Into<SourceError>,
 {
     async fn next(&mut self) -> Option<Result<Vec<Endpoint>, SourceError>> {
-        let item = std::future::poll_fn(|cx: &mut Context<'_>| -> Poll<Option<_>> {
-            Pin::new(&mut self.0).poll_next(cx)
-        })
-        .await?;
+        let item = futures::StreamExt::next(&mut self.0).await?;
         Some(item.map_err(Into::into))
     }
 }

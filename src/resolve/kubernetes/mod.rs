@@ -16,7 +16,6 @@
 mod slices;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -29,7 +28,6 @@ use tracing::{debug, warn};
 
 use super::Endpoint;
 use super::source::{EndpointSource, SourceError};
-use crate::backoff::Backoff;
 use crate::target::ServicePort;
 
 /// The label a Service's EndpointSlices carry.
@@ -68,8 +66,6 @@ pub struct EndpointSlices {
     slices: BTreeMap<String, EndpointSlice>,
     /// A relist in progress: it replaces `slices` once whole.
     relist: Option<BTreeMap<String, EndpointSlice>>,
-    /// Between failed attempts to build the default client.
-    backoff: Backoff,
 }
 
 impl std::fmt::Debug for EndpointSlices {
@@ -119,22 +115,20 @@ impl EndpointSlices {
             events: None,
             slices: BTreeMap::new(),
             relist: None,
-            backoff: Backoff::new(crate::defaults::BACKOFF.max(Duration::from_secs(30))),
         }
     }
 
-    /// Starts the watch, building the client if there is none yet.
+    /// Starts the watch, building the client if there is none yet. The
+    /// channel paces the asks after a failure, as for any source.
     async fn start(&mut self) -> Result<(), SourceError> {
         let client = match &self.client {
             Some(client) => client.clone(),
             None => match Client::try_default().await {
                 Ok(client) => {
-                    self.backoff.reset();
                     self.client = Some(client.clone());
                     client
                 }
                 Err(e) => {
-                    tokio::time::sleep(self.backoff.next_delay()).await;
                     return Err(format!(
                         "no Kubernetes API to ask: neither a pod's service account nor a kubeconfig works ({e})"
                     )
