@@ -214,7 +214,6 @@ impl tower::Service<Request<Body>> for LbChannel {
         let telemetry = calls.telemetry.call(request.uri().path());
         let replay = Replay::new(request, calls.retry_buffer.clone(), plan.deadline);
         if let Some(telemetry) = &telemetry {
-            replay.count_payload();
             telemetry.attach(&replay);
         }
         let picked = self.picked.take();

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -111,7 +111,7 @@ impl Slot {
                 let status = grpc_status(response.headers());
                 if let Some(code) = status {
                     if let Some(mut t) = telemetry.take() {
-                        t.end(code, sent_bytes(replay));
+                        t.end(code);
                     }
                     stats.ended(Ended::Status(code, Some(response.headers())));
                     if let Some(counting) = &mut counting {
@@ -125,7 +125,7 @@ impl Slot {
                         counting,
                         judged: status.is_some(),
                         slot,
-                        telemetry: telemetry.map(|t| (t, replay.payload())),
+                        telemetry,
                     })
                 });
                 Sent::Response(response, attempt)
@@ -142,14 +142,14 @@ impl Slot {
                     // It never reached the server: not counted.
                     std::mem::forget(started);
                     if let Some(mut t) = telemetry.take() {
-                        t.end(tonic::Code::Unavailable, 0);
+                        t.end(tonic::Code::Unavailable);
                     }
                     return Sent::Unsent;
                 }
                 drop(started);
                 let status = transport_status(conn.addr, &err);
                 if let Some(mut t) = telemetry.take() {
-                    t.end(status.code(), sent_bytes(replay));
+                    t.end(status.code());
                 }
                 stats.ended(Ended::Transport(&status));
                 if let Some(method) = &method {
@@ -159,11 +159,6 @@ impl Slot {
             }
         }
     }
-}
-
-/// The request's message bytes read so far, for telemetry.
-fn sent_bytes(replay: &Replay) -> u64 {
-    replay.payload().map_or(0, |n| n.load(Ordering::Relaxed))
 }
 
 /// What hyper answers a request with.
@@ -177,12 +172,11 @@ fn dispatch(
     counting: Option<Counting>,
     previous: u32,
     linger_until: Option<tokio::time::Instant>,
-    trace: Option<(TraceHeaders, Option<Outbound>)>,
+    trace: Option<(TraceHeaders, Outbound)>,
 ) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
     let (headers, outbound) = trace.unzip();
-    let outbound = outbound
-        .flatten()
-        .map(|mut events| Box::new(move |data: &[u8]| events.sent(data)) as SentFrames);
+    let outbound =
+        outbound.map(|mut sent| Box::new(move |data: &[u8]| sent.sent(data)) as SentFrames);
     let (attempt, mut req) = replay.attempt(counting, previous, linger_until, outbound)?;
     prepare(&mut req, &conn.origin);
     if let Some(headers) = headers {
@@ -291,8 +285,8 @@ struct TrackedBody {
     /// The call's status went to the endpoint's outcomes.
     judged: bool,
     slot: Slot,
-    /// The attempt's telemetry, and the request's bytes sent, if counted.
-    telemetry: Option<(AttemptTelemetry, Option<Arc<AtomicU64>>)>,
+    /// The attempt's telemetry.
+    telemetry: Option<AttemptTelemetry>,
 }
 
 struct ResponseCounting {
@@ -357,7 +351,7 @@ impl HttpBody for TrackedBody {
                 }
             }
         }
-        if let (Some((t, sent)), Poll::Ready(result)) = (this.telemetry.as_mut(), &polled) {
+        if let (Some(t), Poll::Ready(result)) = (this.telemetry.as_mut(), &polled) {
             let code = match result {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
@@ -371,8 +365,7 @@ impl HttpBody for TrackedBody {
                 None => Some(tonic::Code::Internal),
             };
             if let Some(code) = code {
-                let sent = sent.as_ref().map_or(0, |n| n.load(Ordering::Relaxed));
-                t.end(code, sent);
+                t.end(code);
                 this.telemetry = None;
             }
         }

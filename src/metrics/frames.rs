@@ -51,7 +51,9 @@ impl GrpcFrames {
         }
     }
 
-    /// The message bytes seen so far, without their 5-byte prefixes.
+    /// The message bytes seen so far, without their 5-byte prefixes (for
+    /// telemetry's sizes).
+    #[cfg(any(feature = "opentelemetry", test))]
     pub(crate) fn payload(&self) -> u64 {
         self.payload
     }

@@ -102,7 +102,7 @@ impl AttemptTelemetry {
         match *self {}
     }
 
-    pub(crate) fn outbound(&self) -> Option<Outbound> {
+    pub(crate) fn outbound(&self) -> Outbound {
         match *self {}
     }
 
@@ -110,7 +110,7 @@ impl AttemptTelemetry {
         match *self {}
     }
 
-    pub(crate) fn end(&mut self, _: tonic::Code, _: u64) {
+    pub(crate) fn end(&mut self, _: tonic::Code) {
         match *self {}
     }
 }

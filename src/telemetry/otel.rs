@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use http::HeaderValue;
@@ -350,8 +351,9 @@ pub(crate) struct AttemptTelemetry {
     method: KeyValue,
     started: Instant,
     span: tracing::Span,
-    received: GrpcFrames,
-    messages_in: u64,
+    received: Messages,
+    /// Request message bytes the attempt's body handed to the connection.
+    sent: Arc<AtomicU64>,
     done: bool,
 }
 
@@ -377,22 +379,43 @@ fn message_event(span: &tracing::Span, outbound: bool, sequence: u64, compressed
     }
 }
 
+/// One direction's messages: their bytes, and an event for each when the
+/// attempt's span is recorded.
+#[derive(Default)]
+struct Messages {
+    frames: GrpcFrames,
+    count: u64,
+}
+
+impl Messages {
+    fn feed(&mut self, data: &[u8], span: &tracing::Span, outbound: bool) {
+        if span.is_disabled() {
+            self.frames.feed(data);
+            return;
+        }
+        let count = &mut self.count;
+        self.frames.feed_each(data, |compressed, size| {
+            message_event(span, outbound, *count, compressed, size);
+            *count += 1;
+        });
+    }
+}
+
 /// An attempt's request messages as its body hands them to the
-/// connection, each an event on the attempt's span.
+/// connection: counted for A66's sent size, each an event on the
+/// attempt's span.
 pub(crate) struct Outbound {
     span: tracing::Span,
-    frames: GrpcFrames,
-    sent: u64,
+    messages: Messages,
+    total: Arc<AtomicU64>,
 }
 
 impl Outbound {
     /// Request bytes left for the server.
     pub(crate) fn sent(&mut self, data: &[u8]) {
-        let (span, sent) = (&self.span, &mut self.sent);
-        self.frames.feed_each(data, |compressed, size| {
-            message_event(span, true, *sent, compressed, size);
-            *sent += 1;
-        });
+        self.messages.feed(data, &self.span, true);
+        self.total
+            .store(self.messages.frames.payload(), Ordering::Relaxed);
     }
 }
 
@@ -428,8 +451,8 @@ impl AttemptTelemetry {
             method,
             started: Instant::now(),
             span,
-            received: GrpcFrames::default(),
-            messages_in: 0,
+            received: Messages::default(),
+            sent: Arc::default(),
             done: false,
         }
     }
@@ -475,31 +498,22 @@ impl AttemptTelemetry {
         }
     }
 
-    /// Events for the request messages this attempt sends, when its span
-    /// is recorded.
-    pub(crate) fn outbound(&self) -> Option<Outbound> {
-        (!self.span.is_disabled()).then(|| Outbound {
+    /// What sees the request messages this attempt sends.
+    pub(crate) fn outbound(&self) -> Outbound {
+        Outbound {
             span: self.span.clone(),
-            frames: GrpcFrames::default(),
-            sent: 0,
-        })
+            messages: Messages::default(),
+            total: self.sent.clone(),
+        }
     }
 
     /// Response bytes arrived.
     pub(crate) fn received(&mut self, data: &[u8]) {
-        if self.span.is_disabled() {
-            self.received.feed(data);
-            return;
-        }
-        let (span, received) = (&self.span, &mut self.messages_in);
-        self.received.feed_each(data, |compressed, size| {
-            message_event(span, false, *received, compressed, size);
-            *received += 1;
-        });
+        self.received.feed(data, &self.span, false);
     }
 
-    /// The attempt ended with `code`, having sent `sent` message bytes.
-    pub(crate) fn end(&mut self, code: Code, sent: u64) {
+    /// The attempt ended with `code`.
+    pub(crate) fn end(&mut self, code: Code) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
@@ -507,8 +521,10 @@ impl AttemptTelemetry {
         let labels = i.labels(&self.method, code);
         i.attempt_duration
             .record(self.started.elapsed().as_secs_f64(), &labels);
-        i.attempt_sent.record(sent, &labels);
-        i.attempt_rcvd.record(self.received.payload(), &labels);
+        i.attempt_sent
+            .record(self.sent.load(Ordering::Relaxed), &labels);
+        i.attempt_rcvd
+            .record(self.received.frames.payload(), &labels);
         if !self.span.is_disabled() {
             self.span.record("grpc.status", code_name(code));
         }
@@ -518,7 +534,7 @@ impl AttemptTelemetry {
 impl Drop for AttemptTelemetry {
     fn drop(&mut self) {
         // Dropped before its status: the caller gave up, or it lost a race.
-        self.end(Code::Cancelled, 0);
+        self.end(Code::Cancelled);
     }
 }
 

@@ -19,7 +19,7 @@ pub(super) struct ReplayBody {
     /// Until when a superseded body waits before it fails.
     pub(super) linger_until: Option<tokio::time::Instant>,
     pub(super) lingering: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Telemetry's message events for this attempt.
+    /// Telemetry: sees each request frame this attempt sends.
     pub(super) outbound: Option<SentFrames>,
 }
 
@@ -92,12 +92,6 @@ impl ReplayBody {
         };
         match next {
             Some(Ok(frame)) => {
-                if let (Some((frames, total)), Some(data)) =
-                    (rec.payload.as_mut(), frame.data_ref())
-                {
-                    frames.feed(data);
-                    total.store(frames.payload(), std::sync::atomic::Ordering::Relaxed);
-                }
                 if let (Some(counting), Some(data)) = (rec.counting.as_mut(), frame.data_ref()) {
                     let n = counting.frames.feed(data);
                     if n > 0 {

@@ -105,7 +105,6 @@ impl Replay {
                     peeked: None,
                     failed: None,
                     counting: None,
-                    payload: None,
                     frames: VecDeque::new(),
                     base: 0,
                     readers: Vec::new(),
@@ -135,22 +134,6 @@ impl Replay {
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn span(&self) -> Option<&tracing::Span> {
         self.inner.span.get()
-    }
-
-    /// Counts the request's message bytes from now on, for telemetry.
-    pub(crate) fn count_payload(&self) {
-        let mut rec = lock(&self.inner.recording);
-        if rec.payload.is_none() {
-            rec.payload = Some(Default::default());
-        }
-    }
-
-    /// The request's message bytes read so far, if counted.
-    pub(crate) fn payload(&self) -> Option<Arc<std::sync::atomic::AtomicU64>> {
-        lock(&self.inner.recording)
-            .payload
-            .as_ref()
-            .map(|(_, n)| n.clone())
     }
 
     /// The request for another attempt, whose body replays what earlier

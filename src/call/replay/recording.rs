@@ -28,11 +28,6 @@ pub(super) struct Recording {
     pub(super) failed: Option<Status>,
     /// Messages counted for metrics, as they are first read.
     pub(super) counting: Option<Counting>,
-    /// The request's message bytes so far, for telemetry, when asked.
-    pub(super) payload: Option<(
-        crate::metrics::GrpcFrames,
-        Arc<std::sync::atomic::AtomicU64>,
-    )>,
     /// Frames read so far that an attempt may still need.
     pub(super) frames: VecDeque<Recorded>,
     /// The index, counted from the body's start, of `frames[0]`.
