@@ -24,6 +24,8 @@ mod status;
 pub mod subchannel;
 mod target;
 mod telemetry;
+#[cfg(test)]
+mod testing;
 mod timer;
 
 /// Hooks for healthlb's own benchmarks and fuzzers, with the feature

@@ -420,7 +420,6 @@ fn outcomes(
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
@@ -443,18 +442,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_balancer_that_dies_fails_calls_at_once_and_says_why() {
         // A real server with tonic-health on loopback.
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health)
-                .serve_with_incoming(incoming),
-        );
+        let (addr, reporter, server) = crate::testing::health_server().await;
         let target = format!("ipv4:{addr}");
         let channel = LbChannel::builder(target.clone())
             .connect()

@@ -54,6 +54,13 @@ impl Slot {
         transparent: bool,
     ) -> Sent {
         let conn = self.conn.clone();
+        #[cfg(test)]
+        tests::before_send(&conn).await;
+        // The connection's task has ended since the slot was taken: the
+        // request never left, so the call goes elsewhere.
+        let Some(send) = conn.sender() else {
+            return Sent::Unsent;
+        };
         let endpoint = self.endpoint.clone();
         let stats = &endpoint;
         let mut telemetry =
@@ -72,7 +79,7 @@ impl Slot {
         });
         let sent_at = std::time::Instant::now();
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
-        let dispatched = dispatch(&conn, replay, counting, previous, linger_until, trace);
+        let dispatched = dispatch(&conn, send, replay, counting, previous, linger_until, trace);
         let Some((attempt, response)) = dispatched else {
             return Sent::Failed(
                 Status::unavailable(format!(
@@ -168,6 +175,7 @@ type Answer = Result<Response<Incoming>, TrySendError<Request<Body>>>;
 /// A plain function, so the request isn't kept in the caller's future.
 fn dispatch(
     conn: &Conn,
+    mut send: hyper::client::conn::http2::SendRequest<Body>,
     replay: &Replay,
     counting: Option<Counting>,
     previous: u32,
@@ -182,8 +190,11 @@ fn dispatch(
     if let Some(headers) = headers {
         headers.insert_into(req.headers_mut());
     }
-    let mut send = conn.send.clone();
-    Some((attempt, send.try_send_request(req)))
+    // The clone goes before the wait: nothing a waiting call holds may
+    // keep the dispatch channel alive (`Conn::send` says why).
+    let answer = send.try_send_request(req);
+    drop(send);
+    Some((attempt, answer))
 }
 
 /// How long after it was sent a hedge that lost keeps its stream: 20 ms.
@@ -403,3 +414,7 @@ impl HttpBody for TrackedBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+#[path = "send_tests.rs"]
+mod tests;

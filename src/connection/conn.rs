@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
@@ -63,7 +64,13 @@ impl Slots {
 /// request path.
 pub(crate) struct Conn {
     pub(crate) addr: SocketAddr,
-    pub(crate) send: http2::SendRequest<Body>,
+    /// Hands requests to the connection's task; `None` once that task has
+    /// ended. It must not outlive the task: a request handed over just as
+    /// the task ends can be left in hyper's dispatch channel, neither taken
+    /// nor dropped, until the channel's last sender goes. Dropped with the
+    /// task, the request comes back unsent and is sent elsewhere; kept
+    /// alive by a call that holds the connection, it would wait for itself.
+    pub(super) send: ArcSwapOption<http2::SendRequest<Body>>,
     pub(crate) origin: Arc<Origin>,
     pub(crate) established: Instant,
     pub(crate) role: Role,
@@ -92,9 +99,23 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     /// Whether the connection may take a new call: open, and no GOAWAY seen.
     pub(crate) fn is_ready(&self) -> bool {
-        !self.send.is_closed()
+        self.send
+            .load()
+            .as_ref()
+            .is_some_and(|send| !send.is_closed())
             && !self.signals.going_away.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// A handle that sends requests on the connection, while its task runs.
+    pub(crate) fn sender(&self) -> Option<http2::SendRequest<Body>> {
+        self.send.load().as_deref().cloned()
+    }
+
+    /// The connection's task has ended: drops its sender, and with it any
+    /// request left in the dispatch channel (see `send`).
+    pub(super) fn task_ended(&self) {
+        self.send.store(None);
     }
 
     /// Closes the connection at once, failing whatever is still on it with
@@ -244,8 +265,14 @@ impl Conn {
     /// not waited for when draining.
     pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Internal {
         prepare(&mut req, &self.origin);
-        let mut send = self.send.clone();
-        match send.try_send_request(req).await {
+        let Some(mut send) = self.sender() else {
+            return Internal::Unsent;
+        };
+        // The clone is dropped before the wait: nothing waiting for an
+        // answer may keep the dispatch channel alive (see `send`).
+        let answer = send.try_send_request(req);
+        drop(send);
+        match answer.await {
             Ok(response) => Internal::Response(response.map(Body::new)),
             Err(mut e) => match e.take_message() {
                 Some(_) => Internal::Unsent,

@@ -141,7 +141,7 @@ impl Dialer {
         })?;
         let conn = Arc::new(Conn {
             addr,
-            send,
+            send: arc_swap::ArcSwapOption::from_pointee(send),
             origin: self.origin.clone(),
             established,
             role,
@@ -154,9 +154,26 @@ impl Dialer {
         });
         // The connection runs in a task of its own, as in tonic, so a call's
         // dispatch wakes only it, not the subchannel's health and probe work.
-        // Dropping the driver aborts it, which closes the connection.
-        let task = AbortOnDrop(tokio::spawn(driver));
+        // Dropping the driver aborts it, which closes the connection. The
+        // connection's sender goes with the task, however it ends.
+        let ended = TaskEnded(Arc::downgrade(&conn));
+        let task = AbortOnDrop(tokio::spawn(async move {
+            let _ended = ended;
+            driver.await
+        }));
         Ok((conn, Box::pin(task)))
+    }
+}
+
+/// Drops the connection's sender when its task ends: completed, failed,
+/// panicked or aborted.
+struct TaskEnded(std::sync::Weak<Conn>);
+
+impl Drop for TaskEnded {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.upgrade() {
+            conn.task_ended();
+        }
     }
 }
 
