@@ -159,6 +159,41 @@ async fn a_pod_failing_with_unavailable_is_ejected_and_returns() {
 }
 
 #[tokio::test]
+async fn a_request_the_client_refuses_to_send_ejects_nothing() {
+    let backends = backends(57, 2).await;
+    let channel = LbChannel::builder(target(&backends)).build().unwrap();
+    serving(&channel, 2).await;
+    // Over the client's own limit: tonic's encoder fails the request body,
+    // and the client resets the stream. The servers did nothing wrong.
+    let mut client = EchoClient::new(channel.clone()).max_encoding_message_size(64);
+    for _ in 0..12 {
+        let call = client.unary(EchoRequest {
+            message: "x".repeat(1000),
+        });
+        let status = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("no hang")
+            .expect_err("too large to send");
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("encoded message length too large"),
+            "the caller hears why, from the encoder: {status:?}"
+        );
+    }
+    for e in channel.endpoints() {
+        assert!(e.ejected_for.is_none() && e.in_rotation, "{e}");
+        assert_eq!(e.calls_transport_failed + e.calls_failed, 0, "{e}");
+        assert!(e.last_call_error.is_none(), "{e}");
+    }
+    // And the channel still works.
+    let (answered, failed) = calls(&channel, 4).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(answered.values().sum::<usize>(), 4);
+}
+
+#[tokio::test]
 async fn application_errors_do_not_eject() {
     let backends = backends(64, 3).await;
     let channel = LbChannel::builder(target(&backends)).build().unwrap();

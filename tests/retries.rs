@@ -629,6 +629,95 @@ async fn once_the_request_outgrows_its_buffer_only_that_attempt_may_answer() {
         ("b94", 3),
         "the committed attempt, which sent the whole request, answers"
     );
+    // The client cut the loser's request off: that says nothing of its pod.
+    let cut = wait_for(Duration::from_secs(5), || {
+        channel
+            .endpoints()
+            .iter()
+            .any(|e| e.addr == stuck.addr && e.calls_cancelled == 1)
+    })
+    .await;
+    assert!(cut.is_some(), "{:?}", channel.endpoints());
+    for e in channel.endpoints() {
+        assert_eq!(e.calls_transport_failed + e.calls_failed, 0, "{e}");
+        assert!(e.last_call_error.is_none(), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn a_hedge_cut_off_by_the_buffer_is_not_charged_to_its_pod() {
+    use support::echo::BidiMode;
+    // Both pods read every message and answer 300 ms after its end. The
+    // second message outgrows the buffer: the call commits to the attempt
+    // that read it, and the client resets the other's stream, whose end
+    // comes well before the winner's answer.
+    let backends = backends(88, 2).await;
+    for b in &backends {
+        *b.counters.bidi_mode.lock().unwrap() = BidiMode::CountAtEnd(300);
+    }
+    let list: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let builder = LbChannel::builder(format!("ipv4:{}", list.join(",")))
+        .subchannels(|s| s.retry_buffer_size(1000, 1 << 20))
+        .default_service_config(HEDGE_BIDI)
+        .unwrap();
+    let channel = support::connect_serving(builder, 2).await;
+    let big = || EchoRequest {
+        message: "x".repeat(600),
+    };
+    for round in 0..3 {
+        let (tx, requests) = request_stream();
+        tx.send(big()).await.unwrap();
+        let mut client = EchoClient::new(channel.clone());
+        let call = tokio::spawn(async move { client.bidi(requests).await });
+        // Both attempts are out and have read the first message.
+        let both = wait_for(Duration::from_secs(5), || {
+            backends
+                .iter()
+                .map(|b| b.counters.bidi.load(Ordering::SeqCst))
+                .sum::<u64>()
+                == 2 * (round + 1)
+        })
+        .await;
+        assert!(both.is_some(), "both attempts reached their pods");
+        tx.send(big()).await.unwrap();
+        tx.send(big()).await.unwrap();
+        drop(tx);
+        let mut replies = within(Duration::from_secs(5), "the call", call)
+            .await
+            .unwrap()
+            .expect("an answer")
+            .into_inner();
+        let reply = within(Duration::from_secs(5), "its reply", replies.message())
+            .await
+            .expect("a reply")
+            .expect("one message");
+        assert_eq!(
+            reply.seq, 3,
+            "round {round}: the committed attempt sent all"
+        );
+        let end = within(Duration::from_secs(5), "its end", replies.message()).await;
+        assert!(matches!(end, Ok(None)), "round {round}: {end:?}");
+    }
+    // Each round cut one attempt off; no pod is charged for it.
+    let cut = wait_for(Duration::from_secs(5), || {
+        channel
+            .endpoints()
+            .iter()
+            .map(|e| e.calls_cancelled)
+            .sum::<u64>()
+            == 3
+    })
+    .await;
+    assert!(cut.is_some(), "{:?}", channel.endpoints());
+    for e in channel.endpoints() {
+        assert_eq!(e.calls_transport_failed + e.calls_failed, 0, "{e}");
+        assert!(
+            e.last_call_error.is_none() && e.ejected_for.is_none(),
+            "{e}"
+        );
+    }
+    let ok: u64 = channel.endpoints().iter().map(|e| e.calls_ok).sum();
+    assert_eq!(ok, 3, "the winners ended OK");
 }
 
 #[tokio::test]

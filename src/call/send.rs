@@ -13,9 +13,9 @@ use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::replay::{AttemptId, Counting, Replay, SentFrames};
+use super::replay::{AttemptId, BodyFailure, Counting, Replay, SentFrames};
 use crate::connection::{Conn, grpc_status, prepare};
-use crate::connection::{refused_unprocessed, transport_status};
+use crate::connection::{refused_unprocessed, reset_by_client, transport_status};
 use crate::metrics::GrpcFrames;
 use crate::subchannel::Ended;
 use crate::subchannel::Slot;
@@ -133,6 +133,7 @@ impl Slot {
                         judged: status.is_some(),
                         slot,
                         telemetry,
+                        request: replay.body_failure(),
                     })
                 });
                 Sent::Response(response, attempt)
@@ -153,6 +154,17 @@ impl Slot {
                     }
                     return Sent::Unsent;
                 }
+                if reset_by_client(&err) {
+                    // The client cut it off: counted as cancelled, as a call
+                    // dropped unanswered is, and the caller hears why.
+                    started.waiting = true;
+                    drop(started);
+                    let status = client_reset(conn.addr, &err, &replay.body_failure());
+                    if let Some(mut t) = telemetry.take() {
+                        t.end(status.code());
+                    }
+                    return Sent::Failed(status, Some(attempt));
+                }
                 drop(started);
                 let status = transport_status(conn.addr, &err);
                 if let Some(mut t) = telemetry.take() {
@@ -166,6 +178,18 @@ impl Slot {
             }
         }
     }
+}
+
+/// The status of an attempt the client reset itself: the request body's
+/// own error when it failed (a message over the caller's size limit), else
+/// CANCELLED (a hedge the call no longer needs).
+fn client_reset(addr: std::net::SocketAddr, err: &hyper::Error, body: &BodyFailure) -> Status {
+    body.get().unwrap_or_else(|| {
+        Status::cancelled(format!(
+            "the client cut off the call to {addr}: {}",
+            crate::connection::chain(err)
+        ))
+    })
 }
 
 /// What hyper answers a request with.
@@ -298,6 +322,8 @@ struct TrackedBody {
     slot: Slot,
     /// The attempt's telemetry.
     telemetry: Option<AttemptTelemetry>,
+    /// How the request body failed, if it did.
+    request: BodyFailure,
 }
 
 struct ResponseCounting {
@@ -335,14 +361,28 @@ impl HttpBody for TrackedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         let addr = this.slot.conn.addr;
-        let polled = Pin::new(&mut this.body)
-            .poll_frame(cx)
-            .map(|frame| frame.map(|f| f.map_err(|e| transport_status(addr, &e))));
+        let mut by_client = false;
+        let polled = Pin::new(&mut this.body).poll_frame(cx).map(|frame| {
+            frame.map(|f| {
+                f.map_err(|e| match reset_by_client(&e) {
+                    true => {
+                        by_client = true;
+                        client_reset(addr, &e, &this.request)
+                    }
+                    false => transport_status(addr, &e),
+                })
+            })
+        });
         if !this.judged
             && let Poll::Ready(result) = &polled
         {
             let stats = &this.slot.endpoint;
             match result {
+                // The client cut its own stream off: nothing of the endpoint.
+                Some(Err(_)) if by_client => {
+                    stats.ended(Ended::Cancelled);
+                    this.judged = true;
+                }
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {
                         // Trailers without a status break the protocol.

@@ -43,4 +43,6 @@ pub(crate) use self::health::{HealthEvent, HealthWatch};
 pub(crate) use self::liveness::{Liveness, Probe, ProbeRate, probe};
 #[cfg(feature = "tls")]
 pub use self::tls::TlsConfig;
-pub(crate) use self::transport_errors::{chain, h2_error, refused_unprocessed, transport_status};
+pub(crate) use self::transport_errors::{
+    chain, h2_error, refused_unprocessed, reset_by_client, transport_status,
+};

@@ -36,6 +36,15 @@ pub(crate) fn refused_unprocessed(err: &hyper::Error) -> bool {
     })
 }
 
+/// Whether the client itself ended the stream: its request body failed (a
+/// message over the caller's size limit, a stream the caller broke), or
+/// healthlb cut off a hedge the call no longer needs. Nothing the server or
+/// the network did: it says nothing of the endpoint.
+pub(crate) fn reset_by_client(err: &hyper::Error) -> bool {
+    h2_error(err)
+        .is_some_and(|h2| (h2.is_reset() || h2.is_go_away()) && !h2.is_remote() && !h2.is_library())
+}
+
 /// The status of a call that failed in transport on `addr`'s connection.
 pub(crate) fn transport_status(addr: SocketAddr, err: &hyper::Error) -> Status {
     match h2_error(err) {

@@ -190,6 +190,12 @@ impl Replay {
         Some((AttemptId(generation), request))
     }
 
+    /// How the caller's request body failed, if it did: what the caller
+    /// hears when the client reset a stream because of it.
+    pub(crate) fn body_failure(&self) -> BodyFailure {
+        BodyFailure(self.inner.clone())
+    }
+
     /// Whether another attempt is possible: the call has not committed.
     pub(crate) fn can_retry(&self) -> bool {
         lock(&self.inner.recording).mode == Mode::Recording
@@ -223,6 +229,17 @@ impl Replay {
     #[cfg(test)]
     fn frames(&self) -> usize {
         lock(&self.inner.recording).frames.len()
+    }
+}
+
+/// A handle on how the caller's request body failed, for the response side
+/// of an attempt.
+pub(crate) struct BodyFailure(Arc<ReplayInner>);
+
+impl BodyFailure {
+    /// The body's own error, if it failed.
+    pub(crate) fn get(&self) -> Option<tonic::Status> {
+        lock(&self.0.recording).failed.clone()
     }
 }
 
