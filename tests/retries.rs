@@ -208,6 +208,43 @@ async fn throttling_bounds_attempts_in_a_full_outage() {
 }
 
 #[tokio::test]
+async fn every_method_that_ends_ok_refills_the_token_bucket() {
+    // gRFC A6: "every successful RPC (regardless of service or method
+    // invoked)" refunds tokenRatio. Only Unary has a retry policy here.
+    let backends = backends(79, 1).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],
+        "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+          "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+        "retryThrottling": {"maxTokens": 4, "tokenRatio": 1}}"#;
+    let channel = channel(&backends, config).await;
+    let counters = &backends[0].counters;
+    let mut client = EchoClient::new(channel.clone());
+    // Two failed attempts: 4 → 2 tokens, at half, so no more retries.
+    counters.fail_next.store(2, Ordering::SeqCst);
+    let status = unary(&mut client).await.expect_err("both attempts fail");
+    assert_eq!(status.code(), Code::Unavailable);
+    // Two streams of a method without a policy end OK: 2 → 4 tokens.
+    for _ in 0..2 {
+        let mut replies = open_stream(channel.clone(), 1).await.expect("a stream");
+        while let Some(reply) = within(Duration::from_secs(5), "a reply", replies.message())
+            .await
+            .expect("no error")
+        {
+            assert_eq!(reply.backend, "b79");
+        }
+    }
+    // So a failed attempt may be retried again.
+    counters.fail_next.store(1, Ordering::SeqCst);
+    let answered = unary(&mut client).await;
+    assert_eq!(
+        answered.as_deref().map_err(|s| s.code()),
+        Ok("b79"),
+        "the retry was not throttled"
+    );
+    assert_eq!(counters.unary.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
 async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
     let backends = backends(82, 3).await;
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],

@@ -119,15 +119,16 @@ pub(crate) async fn run(
     plan: Plan,
 ) -> Result<Response<Body>, Status> {
     // A retry policy wins over a hedging one in the same entry.
-    let (retry, hedge, throttle) = match &plan.policy {
+    let (retry, hedge) = match &plan.policy {
         Some((applied, i)) => {
             let entry = &applied.config.method_config[*i];
             let retry = entry.retry_policy.as_ref();
             let hedge = entry.hedging_policy.as_ref().filter(|_| retry.is_none());
-            (retry, hedge, applied.throttle.as_ref())
+            (retry, hedge)
         }
-        None => (None, None, None),
+        None => (None, None),
     };
+    let throttle = plan.throttle.as_ref();
     let call = Call {
         deadline: plan.deadline,
         shared,
@@ -142,7 +143,8 @@ pub(crate) async fn run(
     match (retry, hedge) {
         (Some(policy), _) => boxed(call.retry(picked, policy, throttle)).await,
         (None, Some(policy)) => boxed(call.hedge(picked, policy, throttle)).await,
-        (None, None) => call.attempt(picked, 0).await.finish(&call.replay, None),
+        // No policy: the call still refills the bucket when it ends OK.
+        (None, None) => call.attempt(picked, 0).await.finish(&call.replay, throttle),
     }
 }
 

@@ -24,6 +24,9 @@ pub(crate) struct Plan {
     /// of the method's `methodConfig` entry, when that entry has a retry
     /// or hedging policy. Shared: a call copies no policy.
     pub(crate) policy: Option<(Arc<AppliedConfig>, usize)>,
+    /// The channel's `retryThrottling` bucket, if it has one: every call
+    /// that ends OK refills it, whatever its method (gRFC A6).
+    pub(crate) throttle: Option<Arc<super::throttle::Throttle>>,
 }
 
 // === impl Calls ===
@@ -50,6 +53,7 @@ impl Calls {
             fail_fast: entry
                 .and_then(|m| m.wait_for_ready)
                 .map_or(self.fail_fast, |wait| !wait),
+            throttle: applied.as_ref().and_then(|a| a.throttle.clone()),
             policy: method
                 .filter(|(a, i)| {
                     let m = &a.config.method_config[*i];
