@@ -245,6 +245,33 @@ async fn every_method_that_ends_ok_refills_the_token_bucket() {
 }
 
 #[tokio::test]
+async fn a_stop_pushback_costs_a_token_whatever_the_code() {
+    // gRFC A6 (and grpc-go): a "don't retry" pushback counts as a failure
+    // for throttling, even on a code the policy would not retry.
+    let backends = backends(78, 1).await;
+    let throttling = r#", "retryThrottling": {"maxTokens": 4, "tokenRatio": 0.1}"#;
+    let channel = channel(&backends, &retry_config(3, r#""UNAVAILABLE""#, throttling)).await;
+    let counters = &backends[0].counters;
+    let mut client = EchoClient::new(channel);
+    *counters.pushback_ms.lock().unwrap() = Some("-1".into());
+    counters
+        .fail_with
+        .store(Code::Aborted as i32, Ordering::SeqCst);
+    // Two of them: 4 → 2 tokens, at half.
+    for _ in 0..2 {
+        let status = unary(&mut client).await.expect_err("aborted");
+        assert_eq!(status.code(), Code::Aborted);
+    }
+    *counters.pushback_ms.lock().unwrap() = None;
+    counters.fail_with.store(0, Ordering::SeqCst);
+    // So a retryable failure is no longer retried.
+    counters.fail_next.store(1, Ordering::SeqCst);
+    let status = unary(&mut client).await.expect_err("throttled");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(counters.unary.load(Ordering::SeqCst), 3, "no retry");
+}
+
+#[tokio::test]
 async fn a_hedged_call_beats_a_slow_pod_and_cancels_the_loser() {
     let backends = backends(82, 3).await;
     let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],

@@ -86,18 +86,16 @@ impl Call {
                 crate::metrics::call_attempts(target, "hedge", launched);
                 return outcome.finish(&self.replay, throttle);
             }
-            if next.is_some() || launched < max_attempts {
-                let go_on = self.go_on(throttle, &pushed);
-                next = match pushed {
-                    _ if !go_on || launched >= max_attempts => None,
-                    Pushback::After(delay) => Some(Instant::now() + delay),
-                    _ => Some(Instant::now()),
-                };
-                if next.is_some() {
-                    crate::metrics::retry(target, "hedge", code);
-                }
-            } else if let Some(t) = throttle {
-                t.failure();
+            // The code is non-fatal: the bucket and the pushback decide,
+            // as for a retry; another hedge may go while any are left.
+            let more = launched < max_attempts;
+            next = match (self.may_retry(true, &pushed, throttle, more), pushed) {
+                (false, _) => None,
+                (true, Pushback::After(delay)) => Some(Instant::now() + delay),
+                (true, _) => Some(Instant::now()),
+            };
+            if next.is_some() {
+                crate::metrics::retry(target, "hedge", code);
             }
             // A failed attempt reads no more of the request, so it can't
             // commit the call by outgrowing the buffer.

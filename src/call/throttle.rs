@@ -61,7 +61,7 @@ impl Throttle {
 
     /// Tokens left, for tests and status.
     #[cfg(test)]
-    pub(super) fn tokens(&self) -> f64 {
+    pub(crate) fn tokens(&self) -> f64 {
         self.milli_tokens.load(Ordering::Relaxed) as f64 / 1000.0
     }
 }

@@ -55,7 +55,7 @@ pub struct Counters {
     /// Every this-many-th unary call fails with UNAVAILABLE (2: a flaky
     /// pod failing half its calls); 0 is never.
     pub fail_every: AtomicU64,
-    /// A `grpc-retry-pushback-ms` on the failures above.
+    /// A `grpc-retry-pushback-ms` on the failures above and `fail_with`'s.
     pub pushback_ms: Mutex<Option<String>>,
     /// Server streams fail with UNAVAILABLE after this many replies, once
     /// their headers went out (a committed call failing later); 0 is never.
@@ -170,15 +170,20 @@ struct EchoImpl {
 impl EchoImpl {
     /// UNAVAILABLE, with the pushback asked for.
     fn injected(&self) -> Status {
+        Status::with_metadata(
+            tonic::Code::Unavailable,
+            format!("{} fails on purpose", self.name),
+            self.pushback(),
+        )
+    }
+
+    /// The `grpc-retry-pushback-ms` asked for, if any.
+    fn pushback(&self) -> tonic::metadata::MetadataMap {
         let mut metadata = tonic::metadata::MetadataMap::new();
         if let Some(ms) = self.counters.pushback_ms.lock().unwrap().as_deref() {
             metadata.insert("grpc-retry-pushback-ms", ms.parse().unwrap());
         }
-        Status::with_metadata(
-            tonic::Code::Unavailable,
-            format!("{} fails on purpose", self.name),
-            metadata,
-        )
+        metadata
     }
 
     /// A failure while `fail_next` lasts.
@@ -227,9 +232,10 @@ impl Echo for EchoImpl {
         }
         let code = self.counters.fail_with.load(Ordering::Relaxed);
         if code != 0 {
-            return Err(Status::new(
+            return Err(Status::with_metadata(
                 tonic::Code::from_i32(code),
                 format!("{} fails on purpose", self.name),
+                self.pushback(),
             ));
         }
         Ok(Response::new(EchoReply {
