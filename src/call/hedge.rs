@@ -57,6 +57,8 @@ impl Call {
                         None,
                     )
                 });
+                // Nothing is left that could have claimed the call.
+                self.replay.claim(outcome.attempt());
                 return outcome.finish(&self.replay, throttle);
             }
             let outcome = tokio::select! {
@@ -66,26 +68,32 @@ impl Call {
             // Once the call has committed (its request outgrew the buffer),
             // only the attempt it committed to may answer, whatever it says:
             // the others' requests were cut off.
-            match self.replay.committed_to() {
-                Some(committed) if outcome.attempt() != Some(committed) => {
-                    outcome.retire(&self.replay);
-                    continue;
+            let committed = self.replay.committed_to();
+            if committed.is_some_and(|c| outcome.attempt() != Some(c)) {
+                outcome.retire(&self.replay);
+                continue;
+            }
+            let (code, pushed) = match outcome.failure() {
+                // A non-fatal failure while the call may still go elsewhere.
+                Some((code, pushed))
+                    if committed.is_none() && policy.non_fatal_status_codes.contains(&code) =>
+                {
+                    (code, pushed)
                 }
-                Some(_) => {
+                // An answer or a fatal code ends the call. The claim and the
+                // commit are one step: a body that outgrows the buffer
+                // meanwhile commits the call to its own attempt, and this
+                // outcome is then no longer the call's.
+                _ => {
+                    if !self.replay.claim(outcome.attempt()) {
+                        outcome.retire(&self.replay);
+                        continue;
+                    }
                     crate::metrics::call_attempts(target, "hedge", launched);
+                    // Dropping the others cancels them on their servers.
                     return outcome.finish(&self.replay, throttle);
                 }
-                None => {}
-            }
-            let Some((code, pushed)) = outcome.failure() else {
-                crate::metrics::call_attempts(target, "hedge", launched);
-                // Dropping the others cancels them on their servers.
-                return outcome.finish(&self.replay, throttle);
             };
-            if !policy.non_fatal_status_codes.contains(&code) {
-                crate::metrics::call_attempts(target, "hedge", launched);
-                return outcome.finish(&self.replay, throttle);
-            }
             // The code is non-fatal: the bucket and the pushback decide,
             // as for a retry; another hedge may go while any are left.
             let more = launched < max_attempts;

@@ -218,6 +218,21 @@ impl Replay {
         rec.mode == Mode::Committed(attempt.0)
     }
 
+    /// Claims the call for `attempt`'s outcome, in one step: commits to it
+    /// if the call has not committed yet (`None`: an outcome no attempt
+    /// sent, after which no attempt may send more). False when the call
+    /// committed to another attempt first, which alone may answer it.
+    pub(crate) fn claim(&self, attempt: Option<AttemptId>) -> bool {
+        let mut rec = lock(&self.inner.recording);
+        match rec.mode {
+            Mode::Recording => {
+                rec.commit(attempt.map_or(0, |a| a.0));
+                true
+            }
+            Mode::Committed(g) => attempt == Some(AttemptId(g)),
+        }
+    }
+
     /// `attempt` is over: its body may not read any more.
     pub(crate) fn retire(&self, attempt: AttemptId) {
         let mut rec = lock(&self.inner.recording);

@@ -302,3 +302,41 @@ fn a_retry_names_the_attempts_before_it() {
     let (_, third) = replay.attempt(None, 2, None, None).unwrap();
     assert_eq!(third.headers()[PREVIOUS_ATTEMPTS], "2");
 }
+
+#[tokio::test]
+async fn a_claim_and_a_commit_by_overflow_are_one_decision() {
+    let (tx, request) = streaming_request();
+    let buffer = RetryBuffer::new(100, 16 * LIMIT);
+    let replay = Replay::new(request, buffer, None);
+    let (a, mut first) = attempt(&replay);
+    let (b, _second) = attempt(&replay);
+    // `a` reads past the buffer: the call commits to it, from its body.
+    tx.send(Bytes::from(vec![7; 200])).await.unwrap();
+    assert!(next(&mut first).await.is_some());
+    assert_eq!(replay.committed_to(), Some(a));
+    // An answer of `b` that arrives now may not claim the call...
+    assert!(!replay.claim(Some(b)));
+    // ...nor an outcome no attempt sent; `a`'s may.
+    assert!(!replay.claim(None));
+    assert!(replay.claim(Some(a)));
+    assert!(replay.commit(a), "commits are idempotent for the claimant");
+}
+
+#[tokio::test]
+async fn a_claim_first_shuts_the_others_out() {
+    let (_tx, request) = streaming_request();
+    let (replay, _) = replay(request);
+    let (a, _first) = attempt(&replay);
+    let (b, mut second) = attempt(&replay);
+    assert!(replay.claim(Some(a)));
+    assert!(!replay.claim(Some(b)));
+    assert!(
+        replay.attempt(None, 1, None, None).is_none(),
+        "no attempt after"
+    );
+    let cut = next(&mut second)
+        .await
+        .expect("a frame")
+        .expect_err("cut off");
+    assert_eq!(cut.code(), tonic::Code::Cancelled);
+}
