@@ -182,3 +182,46 @@ async fn a_source_starts_once_even_from_a_cloned_builder() {
         "{text}"
     );
 }
+
+/// Gives its first set, panics on its next ask (a bug in a registry
+/// client), then gives a second set and has nothing more to say.
+struct PanicsOnce {
+    asked: u32,
+    sets: Vec<Vec<Endpoint>>,
+}
+
+impl EndpointSource for PanicsOnce {
+    async fn next(&mut self) -> Option<Result<Vec<Endpoint>, SourceError>> {
+        self.asked += 1;
+        match self.asked {
+            2 => panic!("the registry client hit a bug"),
+            1 | 3 => Some(Ok(self.sets.remove(0))),
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_source_that_panics_is_treated_as_one_that_fails() {
+    let port = free_port();
+    let b = backends(157, 2, port).await;
+    let source = PanicsOnce {
+        asked: 0,
+        sets: vec![
+            vec![Endpoint::new(b[0].addr)],
+            vec![Endpoint::new(b[0].addr), Endpoint::new(b[1].addr)],
+        ],
+    };
+    let channel = LbChannel::from_source("registry:panics", source)
+        .ready_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    all_serving(&channel, 1).await;
+    // The panic came right after the first set: the set stays, calls go on.
+    assert_eq!(answered_by(&channel, 10).await, names(&[&b[0]]));
+    // Asked again after the backoff (1 s ± 20 %), the source recovers.
+    let both = wait_for(Duration::from_secs(5), || channel.endpoints().len() == 2).await;
+    assert!(both.is_some(), "{:?}", support::states(&channel));
+    all_serving(&channel, 2).await;
+    assert_eq!(answered_by(&channel, 20).await, names(&[&b[0], &b[1]]));
+}

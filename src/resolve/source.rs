@@ -110,11 +110,14 @@ where
 /// resolver's backoff (1 s × 1.6 ± 20 %, at most `max_refresh`), so a
 /// source that fails at once can't spin a worker; and each answer yields
 /// to the runtime first, as a source that is always ready would never
-/// yield otherwise.
+/// yield otherwise. A source that panics is taken as one that failed, with
+/// the panic's message: the channel keeps its last set and asks again.
 pub(crate) struct Paced {
     source: Box<dyn DynSource>,
     backoff: Backoff,
     failed: bool,
+    /// Whether a panic was logged already: the first one is, at error level.
+    panicked: bool,
 }
 
 impl Paced {
@@ -123,6 +126,7 @@ impl Paced {
             source,
             backoff: Backoff::new(backoff),
             failed: false,
+            panicked: false,
         }
     }
 }
@@ -134,7 +138,17 @@ impl EndpointSource for Paced {
         } else {
             tokio::task::yield_now().await;
         }
-        let answer = self.source.next().await?;
+        let asked = std::panic::AssertUnwindSafe(self.source.next());
+        let answer = match futures::FutureExt::catch_unwind(asked).await {
+            Ok(answer) => answer?,
+            Err(panic) => {
+                let why = crate::error::panic_message(panic.as_ref());
+                if !std::mem::replace(&mut self.panicked, true) {
+                    tracing::error!(panic = %why, "the endpoint source panicked; its last set stays, and it is asked again with backoff");
+                }
+                Err(format!("the endpoint source panicked: {why}").into())
+            }
+        };
         match &answer {
             Ok(_) => self.backoff.reset(),
             Err(_) => self.failed = true,
