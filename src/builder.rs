@@ -436,11 +436,12 @@ impl Builder {
         if let Some(outlier) = &self.outlier_detection {
             outlier.validate()?;
         }
-        let (name, authority, resolver) = match origin {
+        // `canonical`: the target as gRPC's telemetry labels it.
+        let (name, canonical, authority, resolver) = match origin {
             Ok(target) => {
                 let authority = Authority::try_from(target.authority().as_str()).ok();
                 let resolver = Resolver::spawn(&target, self.resolve)?;
-                (target.shared_str(), authority, resolver)
+                (target.shared_str(), target.canonical(), authority, resolver)
             }
             Err((name, source)) => {
                 let taken = source.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -453,19 +454,22 @@ impl Builder {
                 })?;
                 let authority = Authority::try_from(&*name).ok();
                 let resolver = Resolver::from_dyn_source(name.clone(), source, self.resolve)?;
-                (name, authority, resolver)
+                (name.clone(), name.to_string(), authority, resolver)
             }
         };
         let retry_buffer = self.subchannel.retry_buffer.clone();
         #[cfg(feature = "opentelemetry")]
         let telemetry = match &self.meter_provider {
             Some(provider) => {
-                crate::telemetry::Telemetry::new(&*provider.0, &name, self.trace_context)
+                crate::telemetry::Telemetry::new(&*provider.0, &canonical, self.trace_context)
             }
             None => crate::telemetry::Telemetry::default(),
         };
         #[cfg(not(feature = "opentelemetry"))]
-        let telemetry = crate::telemetry::Telemetry::default();
+        let telemetry = {
+            let _ = canonical;
+            crate::telemetry::Telemetry::default()
+        };
         let service_config = Arc::new(ArcSwapOption::new(
             self.service_config.clone().map(AppliedConfig::new),
         ));

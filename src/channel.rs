@@ -211,7 +211,7 @@ impl tower::Service<Request<Body>> for LbChannel {
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
         let calls = self.calls.clone();
         let (plan, deadline) = calls.plan(&request);
-        let telemetry = calls.telemetry.call(request.uri().path());
+        let telemetry = calls.telemetry.call(request.uri().path(), plan.deadline);
         let replay = Replay::new(request, calls.retry_buffer.clone(), plan.deadline);
         if let Some(telemetry) = &telemetry {
             telemetry.attach(&replay);

@@ -150,6 +150,33 @@ impl Target {
         self.input.clone()
     }
 
+    /// The target in gRPC's canonical form, as grpc-go's `CanonicalTarget`
+    /// writes it for the `grpc.target` label: a target with a scheme stays
+    /// as written, and one without (`localhost:50051`), or a URL, is a
+    /// `dns:///` target (`dns:///localhost:50051`).
+    ///
+    /// ```
+    /// let t: healthlb::Target = "localhost:50051".parse()?;
+    /// assert_eq!(t.canonical(), "dns:///localhost:50051");
+    /// let t: healthlb::Target = "ipv4:10.0.0.1:50051".parse()?;
+    /// assert_eq!(t.canonical(), "ipv4:10.0.0.1:50051");
+    /// # Ok::<(), healthlb::Error>(())
+    /// ```
+    pub fn canonical(&self) -> String {
+        let scheme = scheme_of(&self.input).map(str::to_ascii_lowercase);
+        if let Some("dns" | "srv" | "ipv4" | "ipv6" | "kubernetes") = scheme.as_deref() {
+            return self.input.to_string();
+        }
+        match &self.kind {
+            TargetKind::Dns { host, port, .. } => format!("dns:///{host}:{port}"),
+            TargetKind::Static { addrs } => {
+                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                format!("dns:///{}", addrs.join(","))
+            }
+            _ => self.input.to_string(),
+        }
+    }
+
     /// The host name a server expects to be called by: the `dns:` host, or the
     /// service part of an SRV name (`_grpc._tcp.echo.ns.svc.cluster.local`
     /// gives `echo.ns.svc.cluster.local`). `None` for fixed address lists.

@@ -592,3 +592,230 @@ async fn attempts_carry_message_events_and_the_trace_context_headers_asked_for()
         trace_bin(attempt)
     );
 }
+
+/// The one span named `name`.
+fn one<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
+    let found: Vec<&SpanData> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{name}: {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+#[tokio::test]
+async fn spans_say_ok_or_error_with_the_code() {
+    use opentelemetry::trace::Status;
+    let b = backends(225, 2, free_port()).await;
+    let (provider, _exporter) = meters();
+    let channel = LbChannel::builder(list(&b))
+        .outlier_detection(None)
+        .default_service_config(RETRY)
+        .unwrap()
+        .meter_provider(provider);
+    let channel = support::connect_serving(channel, 2).await;
+    b[0].counters.fail_next.store(1, Ordering::SeqCst);
+    b[1].counters.fail_next.store(1, Ordering::SeqCst);
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect("the third attempt answers");
+    })
+    .await;
+    let attempts = attempts_of_one_call(&spans, &traceparents(&b));
+    let mut statuses: Vec<Status> = attempts.iter().map(|a| a.status.clone()).collect();
+    statuses.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(
+        statuses,
+        [
+            Status::error("UNAVAILABLE"),
+            Status::error("UNAVAILABLE"),
+            Status::Ok
+        ]
+    );
+    assert_eq!(one(&spans, "Sent.echo.Echo.Unary").status, Status::Ok);
+
+    // A call that fails: its span says so, with the code.
+    b[0].counters
+        .fail_with
+        .store(tonic::Code::NotFound as i32, Ordering::SeqCst);
+    b[1].counters
+        .fail_with
+        .store(tonic::Code::NotFound as i32, Ordering::SeqCst);
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect_err("not found");
+    })
+    .await;
+    assert_eq!(
+        one(&spans, "Sent.echo.Echo.Unary").status,
+        Status::error("NOT_FOUND")
+    );
+    assert_eq!(
+        one(&spans, "Attempt.echo.Echo.Unary").status,
+        Status::error("NOT_FOUND")
+    );
+}
+
+#[tokio::test]
+async fn a_call_that_ends_at_its_deadline_is_recorded_as_deadline_exceeded() {
+    use opentelemetry::trace::Status;
+    use support::echo::pb::StreamRequest;
+    let b = backends(228, 1, free_port()).await;
+    b[0].counters.delay_us.store(2_000_000, Ordering::SeqCst);
+    let (provider, exporter) = meters();
+    let channel = LbChannel::builder(list(&b)).meter_provider(provider.clone());
+    let channel = support::connect_serving(channel, 1).await;
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        let mut request = tonic::Request::new(EchoRequest {
+            message: "slow".into(),
+        });
+        request.set_timeout(Duration::from_millis(100));
+        let status = client.unary(request).await.expect_err("too slow");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        // A stream its deadline ends, after its headers.
+        let mut request = tonic::Request::new(StreamRequest {
+            message: "s".into(),
+            count: 100,
+            interval_ms: 50,
+        });
+        request.set_timeout(Duration::from_millis(200));
+        let mut stream = client.server_stream(request).await.unwrap().into_inner();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(ended.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+    })
+    .await;
+    let m = collect(&provider, &exporter);
+    for name in ["grpc.client.call.duration", "grpc.client.attempt.duration"] {
+        let (_, points) = &m[name];
+        let statuses: BTreeMap<(&str, &str), u64> = points
+            .iter()
+            .map(|p| {
+                let key = (
+                    p.labels["grpc.method"].as_str(),
+                    p.labels["grpc.status"].as_str(),
+                );
+                (key, p.count)
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            BTreeMap::from([
+                (("echo.Echo/ServerStream", "DEADLINE_EXCEEDED"), 1),
+                (("echo.Echo/Unary", "DEADLINE_EXCEEDED"), 1),
+            ]),
+            "{name}"
+        );
+    }
+    for name in [
+        "Sent.echo.Echo.Unary",
+        "Attempt.echo.Echo.Unary",
+        "Sent.echo.Echo.ServerStream",
+        "Attempt.echo.Echo.ServerStream",
+    ] {
+        let span = one(&spans, name);
+        assert_eq!(
+            attr(span, "grpc.status").as_deref(),
+            Some("DEADLINE_EXCEEDED"),
+            "{name}"
+        );
+        assert_eq!(span.status, Status::error("DEADLINE_EXCEEDED"), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn calls_through_discover_are_traced_and_measured() {
+    let b = backends(230, 2, free_port()).await;
+    let (provider, exporter) = meters();
+    let channel = LbChannel::builder(list(&b)).meter_provider(provider.clone());
+    let channel = support::connect_serving(channel, 2).await;
+    let spans = traced(async {
+        let balance = tower::balance::p2c::Balance::new(channel.discover());
+        let mut client = EchoClient::new(balance);
+        let request = EchoRequest {
+            message: "p2c".into(),
+        };
+        client.unary(request).await.expect("p2c answers");
+    })
+    .await;
+    // One call span, its attempt its child, and the server got the attempt's
+    // trace context.
+    let attempts = attempts_of_one_call(&spans, &traceparents(&b));
+    assert_eq!(attempts.len(), 1);
+    let m = collect(&provider, &exporter);
+    let (_, calls) = &m["grpc.client.call.duration"];
+    let statuses: Vec<(&str, u64)> = calls
+        .iter()
+        .map(|p| (p.labels["grpc.status"].as_str(), p.count))
+        .collect();
+    assert_eq!(statuses, [("OK", 1)]);
+}
+
+#[tokio::test]
+async fn the_target_label_is_the_canonical_target() {
+    let port = free_port();
+    let backend = Backend::start("b1", std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let (provider, exporter) = meters();
+    let channel = LbChannel::builder(format!("localhost:{port}"))
+        .outlier_detection(None)
+        .meter_provider(provider.clone())
+        .connect()
+        .await
+        .expect("it connects");
+    let mut client = EchoClient::new(channel.clone());
+    unary(&mut client).await.expect("the call answers");
+    let m = collect(&provider, &exporter);
+    let (_, started) = &m["grpc.client.attempt.started"];
+    assert_eq!(
+        started[0].labels["grpc.target"],
+        format!("dns:///localhost:{port}"),
+        "as grpc-go's CanonicalTarget"
+    );
+    drop(backend);
+}
+
+#[tokio::test]
+async fn an_attempt_that_waited_for_a_pick_says_so() {
+    let b = backends(232, 1, free_port()).await;
+    let (provider, _exporter) = meters();
+    let channel = LbChannel::builder(list(&b)).meter_provider(provider);
+    let channel = support::connect_serving(channel, 1).await;
+    b[0].set_serving(false).await;
+    let out = support::wait_for(Duration::from_secs(5), || {
+        !support::is_serving(&channel, b[0].addr)
+    })
+    .await;
+    assert!(out.is_some());
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        let call = tokio::spawn(async move { unary(&mut client).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b[0].set_serving(true).await;
+        call.await.unwrap().expect("answered once it serves");
+        // And one that did not wait.
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect("answered at once");
+    })
+    .await;
+    let attempts: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| s.name == "Attempt.echo.Echo.Unary")
+        .collect();
+    assert_eq!(attempts.len(), 2);
+    let delayed: Vec<bool> = attempts
+        .iter()
+        .map(|a| {
+            a.events
+                .iter()
+                .any(|e| e.name == "Delayed LB pick complete")
+        })
+        .collect();
+    assert_eq!(delayed.iter().filter(|d| **d).count(), 1, "{delayed:?}");
+}

@@ -29,6 +29,7 @@ use super::throttle::{Refunding, Throttle};
 use crate::connection::grpc_status;
 use crate::deadline::deadline_in;
 use crate::subchannel::{NoSlot, Pool};
+use crate::telemetry::Attempt;
 
 /// A6's cap on `maxAttempts`, for retries and hedges alike.
 pub(crate) const MAX_POLICY_ATTEMPTS: u32 = 5;
@@ -176,6 +177,7 @@ impl Call {
         let until = self.deadline.map_or(waits, |d| d.min(waits));
         let planned = crate::deadline::rounded(until.saturating_duration_since(started));
         let mut transparent = false;
+        let mut delayed = false;
         for _ in 0..MAX_ATTEMPTS {
             let pool = match picked.take() {
                 Some(pool) if pool.is_ready() => pool,
@@ -188,7 +190,10 @@ impl Call {
                         .clone();
                     // Boxed: waiting is rare, and its future is large.
                     match boxed(self.shared.wait_pick(until, self.fail_fast, &tried)).await {
-                        Ok(pool) => pool,
+                        Ok((pool, waited)) => {
+                            delayed |= waited;
+                            pool
+                        }
                         Err(status) => return Outcome::Failed(self.waited(status), None),
                     }
                 }
@@ -218,7 +223,12 @@ impl Call {
                     return Outcome::Failed(self.waited(status), None);
                 }
             };
-            let sent = slot.send(&self.replay, previous, self.linger, transparent);
+            let attempt = Attempt {
+                previous,
+                transparent,
+                delayed,
+            };
+            let sent = slot.send(&self.replay, attempt, self.linger);
             match sent.await {
                 Sent::Response(response, attempt) => return Outcome::Response(response, attempt),
                 Sent::Failed(status, attempt) => return Outcome::Failed(status, attempt),

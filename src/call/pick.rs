@@ -36,13 +36,14 @@ pub(crate) struct Calls {
 
 impl Calls {
     /// A serving endpoint, not one of `tried` if another can take the
-    /// call, waiting until `until` for one unless `fail_fast`.
+    /// call, waiting until `until` for one unless `fail_fast`; and whether
+    /// the pick had to wait.
     pub(crate) async fn wait_pick(
         &self,
         until: Instant,
         fail_fast: bool,
         tried: &[Arc<Pool>],
-    ) -> Result<Arc<Pool>, Status> {
+    ) -> Result<(Arc<Pool>, bool), Status> {
         let mut published = self.picker.subscribe();
         let started = Instant::now();
         let limit = crate::deadline::rounded(until.saturating_duration_since(started));
@@ -52,7 +53,7 @@ impl Calls {
                 if waited {
                     crate::metrics::pick_wait(&self.target, started.elapsed());
                 }
-                return Ok(conn);
+                return Ok((conn, waited));
             }
             if let Some(why) = self.picker.stopped() {
                 return Err(self.stopped(why));

@@ -19,7 +19,7 @@ use crate::connection::{refused_unprocessed, reset_by_client, transport_status};
 use crate::metrics::GrpcFrames;
 use crate::subchannel::Ended;
 use crate::subchannel::Slot;
-use crate::telemetry::{AttemptTelemetry, Outbound, TraceHeaders};
+use crate::telemetry::{Attempt, AttemptTelemetry, Outbound, TraceHeaders};
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -40,19 +40,12 @@ pub(crate) enum Sent {
 
 impl Slot {
     /// Sends another attempt of a caller's request on this slot's
-    /// connection, after `previous` counted attempts. An attempt that ends
-    /// without a response is retired here. With `linger` (a hedge), an
-    /// attempt dropped before its answer keeps its stream until [`LINGER`]
-    /// after it was sent, and only then is cancelled.
-    /// `transparent` when the attempt before it in the same call never left
-    /// the client (for telemetry).
-    pub(crate) async fn send(
-        self,
-        replay: &Replay,
-        previous: u32,
-        linger: bool,
-        transparent: bool,
-    ) -> Sent {
+    /// connection, after `attempt.previous` counted attempts. An attempt
+    /// that ends without a response is retired here. With `linger` (a
+    /// hedge), an attempt dropped before its answer keeps its stream until
+    /// [`LINGER`] after it was sent, and only then is cancelled.
+    pub(crate) async fn send(self, replay: &Replay, attempt: Attempt, linger: bool) -> Sent {
+        let previous = attempt.previous;
         let conn = self.conn.clone();
         #[cfg(test)]
         tests::before_send(&conn).await;
@@ -63,10 +56,9 @@ impl Slot {
         };
         let endpoint = self.endpoint.clone();
         let stats = &endpoint;
-        let mut telemetry =
-            stats
-                .telemetry
-                .attempt(replay.path(), conn.addr, previous, transparent, replay);
+        let mut telemetry = stats
+            .telemetry
+            .attempt(replay.path(), conn.addr, attempt, replay);
         let trace = telemetry
             .as_ref()
             .map(|t| (t.trace_headers(), t.outbound()));

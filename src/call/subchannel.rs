@@ -15,6 +15,7 @@ use crate::deadline::{deadline_in, grpc_timeout, rounded};
 use crate::subchannel::Subchannel;
 use crate::subchannel::{NoSlot, Pool, Slot};
 use crate::subchannel::{SubchannelState, SubchannelStatus};
+use crate::telemetry::Attempt;
 
 /// A stream slot on `pool` once `status` shows the endpoint serving,
 /// waiting until `until`, `waited` after the call began.
@@ -79,42 +80,54 @@ impl tower::Service<Request<Body>> for Subchannel {
             limit,
             at: deadline_in(limit),
         });
-        ResponseFuture::new(
-            async move {
-                let addr = pool.addr();
-                let at = deadline.map(|d| d.at);
-                let replay = Replay::new(request, retry_buffer, at);
-                for _ in 0..MAX_ATTEMPTS {
-                    let waits = deadline_in(ready_timeout);
-                    let until = at.map_or(waits, |at| at.min(waits));
-                    let waited = rounded(until.saturating_duration_since(Instant::now()));
-                    let slot = serving_slot(&mut status, &pool, until, waited)
-                        .await
-                        .map_err(|status| match at {
-                            // The call's deadline ended the wait, as it ends the call.
-                            Some(at) if at <= Instant::now() => Status::deadline_exceeded(format!(
-                                "the call's deadline passed while it waited: {}",
-                                status.message()
-                            )),
-                            _ => status,
-                        })?;
-                    match slot.send(&replay, 0, false, false).await {
-                        Sent::Response(response, attempt) => {
-                            replay.commit(attempt);
-                            return Ok(response);
-                        }
-                        Sent::Failed(status, _) => return Err(status),
-                        // The connection closed before the call left: wait for
-                        // the next one.
-                        Sent::Unsent => {}
+        let at = deadline.map(|d| d.at);
+        // A call span and A66's call metrics, as for a call through the
+        // channel: tower's balancers call here directly.
+        let telemetry = self.counters().telemetry.call(request.uri().path(), at);
+        let replay = Replay::new(request, retry_buffer, at);
+        if let Some(telemetry) = &telemetry {
+            telemetry.attach(&replay);
+        }
+        let run = async move {
+            let addr = pool.addr();
+            let mut transparent = false;
+            for _ in 0..MAX_ATTEMPTS {
+                let waits = deadline_in(ready_timeout);
+                let until = at.map_or(waits, |at| at.min(waits));
+                let waited = rounded(until.saturating_duration_since(Instant::now()));
+                let slot = serving_slot(&mut status, &pool, until, waited)
+                    .await
+                    .map_err(|status| match at {
+                        // The call's deadline ended the wait, as it ends the call.
+                        Some(at) if at <= Instant::now() => Status::deadline_exceeded(format!(
+                            "the call's deadline passed while it waited: {}",
+                            status.message()
+                        )),
+                        _ => status,
+                    })?;
+                let attempt = Attempt {
+                    transparent,
+                    ..Attempt::default()
+                };
+                match slot.send(&replay, attempt, false).await {
+                    Sent::Response(response, attempt) => {
+                        replay.commit(attempt);
+                        return Ok(response);
                     }
+                    Sent::Failed(status, _) => return Err(status),
+                    // The connection closed before the call left: wait for
+                    // the next one.
+                    Sent::Unsent => transparent = true,
                 }
-                Err(Status::unavailable(format!(
-                    "{addr} closed {MAX_ATTEMPTS} connections in a row before the call could be sent"
-                )))
-            },
-            deadline,
-        )
+            }
+            Err(Status::unavailable(format!(
+                "{addr} closed {MAX_ATTEMPTS} connections in a row before the call could be sent"
+            )))
+        };
+        match telemetry {
+            None => ResponseFuture::new(run, deadline),
+            Some(telemetry) => ResponseFuture::new(super::observed(run, telemetry), deadline),
+        }
     }
 }
 

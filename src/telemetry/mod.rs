@@ -51,6 +51,17 @@ pub enum TraceContext {
     Both,
 }
 
+/// What an attempt's span says of it besides its endpoint (gRFC A72).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attempt {
+    /// Counted attempts before it.
+    pub(crate) previous: u32,
+    /// The attempt before it in the same call never left the client.
+    pub(crate) transparent: bool,
+    /// It waited for the picker: "Delayed LB pick complete".
+    pub(crate) delayed: bool,
+}
+
 /// The trace-context headers one attempt carries.
 #[derive(Debug, Default)]
 pub(crate) struct TraceHeaders {
@@ -140,44 +151,46 @@ impl Telemetry {
         }
     }
 
-    /// A call to `method` begins.
+    /// A call to `method` begins; it must end by `deadline`, if it has one.
     #[inline]
-    pub(crate) fn call(&self, method: &str) -> Option<CallTelemetry> {
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Option<CallTelemetry> {
         #[cfg(feature = "opentelemetry")]
         {
             self.inner
                 .as_ref()
-                .map(|i| CallTelemetry::start(i.clone(), method))
+                .map(|i| CallTelemetry::start(i.clone(), method, deadline))
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
-            let _ = method;
+            let _ = (method, deadline);
             None
         }
     }
 
-    /// An attempt of a call to `method` leaves for `endpoint` in `zone`,
-    /// after `previous` counted attempts; `transparent` when the one before
-    /// it never left the client.
+    /// An attempt of `replay`'s call to `method` leaves for `endpoint`.
     #[inline]
     pub(crate) fn attempt(
         &self,
         method: &str,
         endpoint: std::net::SocketAddr,
-        previous: u32,
-        transparent: bool,
+        attempt: Attempt,
         replay: &crate::call::Replay,
     ) -> Option<AttemptTelemetry> {
         #[cfg(feature = "opentelemetry")]
         {
             self.inner.as_ref().map(|i| {
                 let parent = replay.span();
-                AttemptTelemetry::start(i.clone(), method, endpoint, previous, transparent, parent)
+                let deadline = replay.deadline();
+                AttemptTelemetry::start(i.clone(), method, endpoint, attempt, parent, deadline)
             })
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
-            let _ = (method, endpoint, previous, transparent, replay);
+            let _ = (method, endpoint, attempt, replay);
             None
         }
     }

@@ -280,17 +280,45 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// The status of a call or attempt dropped before it had one: the client's
+/// deadline ended it if that has passed, else the caller gave up.
+fn dropped(deadline: Option<tokio::time::Instant>) -> Code {
+    match deadline {
+        Some(at) if at <= tokio::time::Instant::now() => Code::DeadlineExceeded,
+        _ => Code::Cancelled,
+    }
+}
+
+/// Records a call's or attempt's end on its span: `grpc.status`, and the
+/// span status A72 asks for, Ok or Error with the code.
+fn record_status(span: &tracing::Span, code: Code) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("grpc.status", code_name(code));
+    match code {
+        Code::Ok => span.record("otel.status_code", "OK"),
+        other => span.record("otel.status_description", code_name(other)),
+    };
+}
+
 /// A call, from `LbChannel::call` to its status.
 pub(crate) struct CallTelemetry {
     instruments: Arc<Instruments>,
     method: KeyValue,
     started: Instant,
     span: tracing::Span,
+    /// The call's deadline: a call dropped past it ended there.
+    deadline: Option<tokio::time::Instant>,
     done: bool,
 }
 
 impl CallTelemetry {
-    pub(crate) fn start(instruments: Arc<Instruments>, path: &str) -> Self {
+    pub(crate) fn start(
+        instruments: Arc<Instruments>,
+        path: &str,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
         // No span without a subscriber: with tracing's `log` feature on
         // (kube turns it on), even a disabled span formats log records.
         let span = if !tracing::dispatcher::has_been_set() {
@@ -304,6 +332,8 @@ impl CallTelemetry {
                 rpc.method = path,
                 grpc.target = %instruments.target.value,
                 grpc.status = Empty,
+                otel.status_code = Empty,
+                otel.status_description = Empty,
             )
         };
         Self {
@@ -311,6 +341,7 @@ impl CallTelemetry {
             instruments,
             started: Instant::now(),
             span,
+            deadline,
             done: false,
         }
     }
@@ -332,16 +363,15 @@ impl CallTelemetry {
         self.instruments
             .call_duration
             .record(self.started.elapsed().as_secs_f64(), &labels);
-        if !self.span.is_disabled() {
-            self.span.record("grpc.status", code_name(code));
-        }
+        record_status(&self.span, code);
     }
 }
 
 impl Drop for CallTelemetry {
     fn drop(&mut self) {
-        // Dropped before its status: the caller gave up on it.
-        self.end(Code::Cancelled);
+        // Dropped before its status: its deadline ended it, or the caller
+        // gave up on it.
+        self.end(dropped(self.deadline));
     }
 }
 
@@ -351,6 +381,8 @@ pub(crate) struct AttemptTelemetry {
     method: KeyValue,
     started: Instant,
     span: tracing::Span,
+    /// The call's deadline: an attempt dropped past it ended there.
+    deadline: Option<tokio::time::Instant>,
     received: Messages,
     /// Request message bytes the attempt's body handed to the connection.
     sent: Arc<AtomicU64>,
@@ -424,10 +456,15 @@ impl AttemptTelemetry {
         instruments: Arc<Instruments>,
         path: &str,
         endpoint: SocketAddr,
-        previous: u32,
-        transparent: bool,
+        attempt: crate::telemetry::Attempt,
         parent: Option<&tracing::Span>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Self {
+        let crate::telemetry::Attempt {
+            previous,
+            transparent,
+            delayed,
+        } = attempt;
         let method = instruments.method(path);
         instruments
             .attempt_started
@@ -435,22 +472,39 @@ impl AttemptTelemetry {
         let span = if parent.is_none() && !tracing::dispatcher::has_been_set() {
             tracing::Span::none()
         } else {
-            tracing::info_span!(
-                parent: parent.and_then(tracing::Span::id),
-                "grpc.attempt",
-                otel.name = %format_args!("Attempt.{}", span_method(path)),
-                otel.kind = "client",
-                "previous-rpc-attempts" = previous,
-                "transparent-retry" = transparent,
-                net.peer.name = %endpoint,
-                grpc.status = Empty,
-            )
+            macro_rules! attempt_span {
+                ($($parent:tt)*) => {
+                    tracing::info_span!(
+                        $($parent)*
+                        "grpc.attempt",
+                        otel.name = %format_args!("Attempt.{}", span_method(path)),
+                        otel.kind = "client",
+                        "previous-rpc-attempts" = previous,
+                        "transparent-retry" = transparent,
+                        net.peer.name = %endpoint,
+                        grpc.status = Empty,
+                        otel.status_code = Empty,
+                        otel.status_description = Empty,
+                    )
+                };
+            }
+            match parent {
+                Some(parent) => attempt_span!(parent: parent,),
+                // No call span (a call through `discover()` made without
+                // one): the caller's current span is the parent, so the
+                // attempt stays in the caller's trace.
+                None => attempt_span!(),
+            }
         };
+        if delayed && !span.is_disabled() {
+            tracing::debug!(parent: &span, "Delayed LB pick complete");
+        }
         Self {
             instruments,
             method,
             started: Instant::now(),
             span,
+            deadline,
             received: Messages::default(),
             sent: Arc::default(),
             done: false,
@@ -525,16 +579,15 @@ impl AttemptTelemetry {
             .record(self.sent.load(Ordering::Relaxed), &labels);
         i.attempt_rcvd
             .record(self.received.frames.payload(), &labels);
-        if !self.span.is_disabled() {
-            self.span.record("grpc.status", code_name(code));
-        }
+        record_status(&self.span, code);
     }
 }
 
 impl Drop for AttemptTelemetry {
     fn drop(&mut self) {
-        // Dropped before its status: the caller gave up, or it lost a race.
-        self.end(Code::Cancelled);
+        // Dropped before its status: the call's deadline ended it, or the
+        // caller gave up, or it lost a race.
+        self.end(dropped(self.deadline));
     }
 }
 

@@ -119,6 +119,11 @@ impl Replay {
         }
     }
 
+    /// The call's deadline, if it has one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.inner.deadline
+    }
+
     /// The request's path.
     pub(crate) fn path(&self) -> &str {
         self.inner.uri.path()
