@@ -305,8 +305,9 @@ impl Builder {
         self
     }
 
-    /// How long [`connect`](Self::connect) waits for a SERVING endpoint.
-    /// Default: [`defaults::CONNECT_DEADLINE`].
+    /// How long [`connect`](Self::connect) waits for a SERVING endpoint;
+    /// above zero ([`build`](Self::build) refuses zero, as it does every
+    /// duration). Default: [`defaults::CONNECT_DEADLINE`].
     pub fn connect_deadline(mut self, d: Duration) -> Self {
         self.connect_deadline = d;
         self
@@ -427,6 +428,11 @@ impl Builder {
         }
         if self.timeout.is_some_and(|d| d.is_zero()) {
             return Err(Error::invalid_config("timeout must be above zero"));
+        }
+        if self.connect_deadline.is_zero() {
+            return Err(Error::invalid_config(
+                "connect_deadline must be above zero; use build() not to wait",
+            ));
         }
         self.subchannel.validate()?;
         self.policy.validate()?;

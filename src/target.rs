@@ -40,6 +40,9 @@ const UNSUPPORTED_SCHEMES: &[&str] = &[
     "grpc",
 ];
 
+/// What an unsupported scheme's error lists.
+const SUPPORTED: &str = "healthlb resolves dns:, srv:, ipv4:, ipv6:, kubernetes: (feature \"kubernetes\") and http:// or https:// targets, and host:port (as dns:)";
+
 /// A parsed target.
 ///
 /// ```
@@ -312,8 +315,9 @@ fn parse_kind(input: &str, default_port: Option<u16>) -> Result<TargetKind, Stri
         _ if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => {
             parse_host_port(input, default_port)
         }
-        other if UNSUPPORTED_SCHEMES.contains(&other) => Err(format!(
-            "the scheme \"{other}:\" is not supported; use dns:, srv:, ipv4: or ipv6:"
+        // gRPC's other schemes, and any `scheme://`: a scheme, not a host.
+        other if UNSUPPORTED_SCHEMES.contains(&other) || rest.starts_with("//") => Err(format!(
+            "the scheme \"{other}:\" is not supported; {SUPPORTED}"
         )),
         // `localhost:50051` has the shape of `scheme:rest`; like gRPC, an
         // unknown scheme means the whole string is a host and port.

@@ -302,3 +302,65 @@ fn an_ipv6_address_under_ipv4_names_the_scheme_to_use() {
     let message = err.to_string();
     assert!(message.contains("ipv6:[::1]:50051"), "{message}");
 }
+
+#[tokio::test]
+async fn a_zero_duration_is_refused_at_build_whatever_the_setting() {
+    // One rule: a duration must be above zero; a setting that can be off
+    // takes `None` instead.
+    let zero = Duration::ZERO;
+    let target = "ipv4:127.0.0.1:1";
+    let cases: Vec<(healthlb::Builder, &str)> = vec![
+        (
+            LbChannel::builder(target).ready_timeout(zero),
+            "ready_timeout",
+        ),
+        (LbChannel::builder(target).timeout(zero), "timeout"),
+        (
+            LbChannel::builder(target).connect_deadline(zero),
+            "connect_deadline",
+        ),
+        (
+            LbChannel::builder(target).connect_timeout(zero),
+            "connect_timeout",
+        ),
+        (
+            LbChannel::builder(target).keep_alive_timeout(zero),
+            "keep_alive_timeout",
+        ),
+        (
+            LbChannel::builder(target).tcp_keepalive(Some(zero)),
+            "tcp_keepalive",
+        ),
+        (
+            LbChannel::builder(target).subchannels(|s| s.max_connection_age_grace(zero)),
+            "max_connection_age_grace",
+        ),
+        (
+            LbChannel::builder(target).subchannels(|s| s.max_connection_age(zero)),
+            "max_connection_age",
+        ),
+        (
+            LbChannel::builder(target).subchannels(|s| s.liveness_timeout(zero)),
+            "liveness_timeout",
+        ),
+        (
+            LbChannel::builder(target).subchannels(|s| s.extra_connection_idle_timeout(zero)),
+            "extra_connection_idle_timeout",
+        ),
+        (
+            LbChannel::builder(target).resolution(|r| r.min_refresh(zero)),
+            "min_refresh",
+        ),
+        (
+            LbChannel::builder(target).resolution(|r| r.dns_timeout(zero)),
+            "dns_timeout",
+        ),
+    ];
+    for (builder, name) in cases {
+        let message = refused(builder);
+        assert!(
+            message.contains(&format!("{name} must be above zero")),
+            "{name}: {message}"
+        );
+    }
+}

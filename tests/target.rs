@@ -24,6 +24,15 @@ fn fixed(addrs: &[&str]) -> TargetKind {
     }
 }
 
+/// The error of a scheme healthlb doesn't resolve: it names the scheme and
+/// every scheme that works.
+fn unsupported(scheme: &str) -> &'static str {
+    // Leaked: the table of cases holds `&str`s, for the length of a test.
+    String::leak(format!(
+        "the scheme \"{scheme}:\" is not supported; healthlb resolves dns:, srv:, ipv4:, ipv6:, kubernetes: (feature \"kubernetes\") and http:// or https:// targets, and host:port (as dns:)"
+    ))
+}
+
 fn srv(server: Option<&str>, name: &str) -> TargetKind {
     TargetKind::Srv {
         server: server.map(addr),
@@ -186,10 +195,7 @@ fn bad_targets_say_what_is_wrong() {
             "dns://1.2.3.4:0/svc:80".into(),
             "the DNS server \"1.2.3.4:0\" has port 0",
         ),
-        (
-            "unix:///tmp/grpc.sock".into(),
-            "the scheme \"unix:\" is not supported; use dns:, srv:, ipv4: or ipv6:",
-        ),
+        ("unix:///tmp/grpc.sock".into(), unsupported("unix")),
         (
             "http:svc:80".into(),
             "a http: target is a URL: http://host:port",
@@ -202,10 +208,11 @@ fn bad_targets_say_what_is_wrong() {
             "http://user@svc:80".into(),
             "a URL target takes no user info; remove the \"user@\"",
         ),
-        (
-            "xds:///svc".into(),
-            "the scheme \"xds:\" is not supported; use dns:, srv:, ipv4: or ipv6:",
-        ),
+        ("xds:///svc".into(), unsupported("xds")),
+        ("foo://bar:1".into(), unsupported("foo")),
+        ("tcp://echo:1".into(), unsupported("tcp")),
+        ("grpcs://echo:1".into(), unsupported("grpcs")),
+        ("grpc:echo:1".into(), unsupported("grpc")),
         (
             "::1:80".into(),
             "an IPv6 address needs brackets: [addr]:port",

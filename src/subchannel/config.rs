@@ -187,7 +187,8 @@ impl SubchannelConfig {
     }
 
     /// TCP keepalive idle time, a kernel-level backstop that no server
-    /// counts. `None` turns it off. Default: [`defaults::TCP_KEEPALIVE`] (tonic: off).
+    /// counts. `None` turns it off; zero is refused, as every zero
+    /// duration is. Default: [`defaults::TCP_KEEPALIVE`] (tonic: off).
     pub fn tcp_keepalive(mut self, d: Option<Duration>) -> Self {
         self.tcp_keepalive = d;
         self
@@ -270,7 +271,7 @@ impl SubchannelConfig {
     }
 
     /// How long calls on a replaced connection may run before it is closed
-    /// under them. Default: [`defaults::MAX_CONNECTION_AGE_GRACE`].
+    /// under them; above zero. Default: [`defaults::MAX_CONNECTION_AGE_GRACE`].
     pub fn max_connection_age_grace(mut self, d: Duration) -> Self {
         self.max_connection_age_grace = d;
         self
@@ -367,6 +368,8 @@ impl SubchannelConfig {
                 "extra_connection_idle_timeout",
                 self.extra_connection_idle_timeout,
             ),
+            ("max_connection_age_grace", self.max_connection_age_grace),
+            ("tcp_keepalive", self.tcp_keepalive.unwrap_or(Duration::MAX)),
         ];
         for (name, d) in positive {
             if d.is_zero() {
