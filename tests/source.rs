@@ -225,3 +225,29 @@ async fn a_source_that_panics_is_treated_as_one_that_fails() {
     all_serving(&channel, 2).await;
     assert_eq!(answered_by(&channel, 20).await, names(&[&b[0], &b[1]]));
 }
+
+#[tokio::test]
+async fn a_source_that_ends_before_its_first_set_says_it_ended() {
+    let (tx, channel) = channel_over_stream(|b| b);
+    drop(tx);
+    let mut client = EchoClient::new(channel.clone());
+    let mut last = String::new();
+    // The end reaches the channel at once; a call then says so.
+    for _ in 0..50 {
+        let call = client.unary(EchoRequest {
+            message: "x".into(),
+        });
+        let err = within(Duration::from_secs(5), "a call", call)
+            .await
+            .expect_err("no endpoint");
+        last = err.message().to_owned();
+        if !last.contains("has not finished") {
+            break;
+        }
+    }
+    assert!(
+        last.contains("registry:echo")
+            && last.contains("the endpoint source ended before giving any endpoints"),
+        "{last}"
+    );
+}

@@ -353,6 +353,9 @@ impl Balancer {
         });
         let note = match self.resolver.status() {
             ResolveStatus::Pending => Some("the first resolution has not finished".to_owned()),
+            ResolveStatus::Ended {
+                gave_a_set: false, ..
+            } => Some("the endpoint source ended before giving any endpoints".to_owned()),
             ResolveStatus::Failing { error, .. } => Some(format!("resolution is failing: {error}")),
             _ if subchannels.is_empty() => Some("the resolver found no address".to_owned()),
             _ => None,

@@ -72,6 +72,10 @@ impl Driver {
                 Some(Err(error)) => self.failed(&error),
                 None => {
                     debug!(target = %self.target, "the endpoint source ended; its last set stays");
+                    self.publisher.status.send_replace(ResolveStatus::Ended {
+                        at: Instant::now(),
+                        gave_a_set: self.published,
+                    });
                     return std::future::pending().await;
                 }
             }

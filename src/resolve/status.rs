@@ -15,6 +15,14 @@ pub enum ResolveStatus {
         /// When that answer arrived.
         at: Instant,
     },
+    /// The source said it has no more to say: the last set it gave stays
+    /// for the channel's life (none, if it ended before its first).
+    Ended {
+        /// When it ended.
+        at: Instant,
+        /// Whether it gave a set before it ended.
+        gave_a_set: bool,
+    },
     /// Lookups are failing; the last good set is still published.
     Failing {
         /// When the first of the failed lookups ran.
