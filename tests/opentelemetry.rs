@@ -819,3 +819,60 @@ async fn an_attempt_that_waited_for_a_pick_says_so() {
         .collect();
     assert_eq!(delayed.iter().filter(|d| **d).count(), 1, "{delayed:?}");
 }
+
+#[tokio::test]
+async fn the_zone_gauge_shows_the_share_really_kept() {
+    use healthlb::resolve::{Endpoint, SourceError, from_stream};
+    let pods = backends(234, 6, free_port()).await;
+    let (provider, exporter) = meters();
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<Endpoint>, SourceError>>();
+    let channel = LbChannel::from_source("echo-zones", from_stream(rx))
+        .zone("a")
+        .meter_provider(provider.clone())
+        .build()
+        .unwrap();
+    let publish = |up: &[usize]| {
+        let set = up
+            .iter()
+            .map(|&i| Endpoint::new(pods[i].addr).with_zone(if i < 3 { "a" } else { "b" }))
+            .collect();
+        tx.unbounded_send(Ok(set)).unwrap();
+    };
+    let share = |expected| zone_share(expected, &provider, &exporter);
+    // 6 pods, 3 in zone a: routing on, every call stays.
+    publish(&[0, 1, 2, 3, 4, 5]);
+    assert_eq!(share(1.0).await, 1.0, "{:?}", support::states(&channel));
+    // 3 pods, 1 in zone a: below 6, routing is off and calls spread: a third
+    // stays.
+    publish(&[0, 3, 4]);
+    let kept = share(1.0 / 3.0).await;
+    assert!((kept - 1.0 / 3.0).abs() < 1e-9, "{kept}");
+    // Zone a lost its pods: nothing stays.
+    publish(&[3, 4, 5]);
+    assert_eq!(share(0.0).await, 0.0);
+    drop(channel);
+}
+
+/// `grpc.lb.zone.local_share` once it reads `expected` (within 1e-9), or
+/// its last value after 10 s: it is recorded when the balancer publishes,
+/// which follows the endpoints' health by a moment.
+async fn zone_share(
+    expected: f64,
+    provider: &SdkMeterProvider,
+    exporter: &InMemoryMetricExporter,
+) -> f64 {
+    let read = || {
+        let m = collect(provider, exporter);
+        m.get("grpc.lb.zone.local_share")
+            .and_then(|(_, points)| points.first())
+            .map_or(f64::NAN, |p| p.value)
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let value = read();
+        if (value - expected).abs() < 1e-9 || started.elapsed() > Duration::from_secs(10) {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -369,13 +369,13 @@ impl Balancer {
                 target = %self.target,
                 zone = zone.unwrap_or_default(),
                 routing = %built.zones,
-                local_share = built.zones.local_share().unwrap_or(1.0),
+                local_share = built.local_share.unwrap_or(1.0),
                 "zone-aware routing changed"
             );
             *last = built.zones.clone();
         }
-        crate::metrics::zone_local_share(&self.target, built.zones.local_share());
-        self.telemetry.zone_local_share(built.zones.local_share());
+        crate::metrics::zone_local_share(&self.target, built.local_share);
+        self.telemetry.zone_local_share(built.local_share);
         self.telemetry.ejected(built.ejected, built.panic);
         drop(zones);
         if built.panic {

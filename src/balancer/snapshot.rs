@@ -50,6 +50,9 @@ pub(crate) struct Built<T> {
     pub(crate) ramp_end: Option<Instant>,
     /// What zone-aware routing chose.
     pub(crate) zones: Decision,
+    /// The share of calls that lands in the client's zone; `None` without
+    /// a client zone.
+    pub(crate) local_share: Option<f64>,
 }
 
 /// The endpoints calls may go to, kept apart for the ejected ones.
@@ -133,8 +136,15 @@ pub(crate) fn build<T>(
     let panic = kept.ready.is_empty() && !ejected.ready.is_empty();
     let mut rotation = if panic { ejected } else { kept };
     // Panic mode spreads over every endpoint, zones or not.
-    let zone = zone.filter(|_| !panic);
-    let route = zones::route(zone, &rotation.placed, spanned.iter().map(|z| &**z));
+    let route = zones::route(
+        zone.filter(|_| !panic),
+        &rotation.placed,
+        spanned.iter().map(|z| &**z),
+    );
+    let local_share = match panic {
+        true => zone.map(|z| zones::share_in(z, &rotation.placed, 0..rotation.placed.len())),
+        false => route.local_share,
+    };
     let groups = if route.groups.is_empty() {
         Vec::new()
     } else {
@@ -158,6 +168,7 @@ pub(crate) fn build<T>(
         panic,
         ramp_end,
         zones: route.decision,
+        local_share,
     }
 }
 

@@ -46,14 +46,34 @@ pub(crate) enum Decision {
 }
 
 impl Decision {
-    /// The share of calls that stays in the client's zone.
-    pub(crate) fn local_share(&self) -> Option<f64> {
+    /// The share of calls spill-over routing keeps in the client's zone;
+    /// `None` where it doesn't route.
+    fn kept(&self) -> Option<f64> {
         match self {
-            Decision::Off | Decision::HintsMissing => None,
-            Decision::Hints | Decision::Local => Some(1.0),
+            Decision::Off | Decision::HintsMissing | Decision::Hints => None,
+            Decision::Local => Some(1.0),
             Decision::Spill { local } => Some(*local),
             Decision::NoLocal => Some(0.0),
         }
+    }
+}
+
+/// The share of calls that lands in `client`'s zone when they spread
+/// evenly over `ready[i]` for each `i` of `among`: what the client's zone
+/// really gets while routing is off, under hints, or in panic mode. 0 when
+/// there is nothing to call.
+pub(crate) fn share_in(
+    client: &str,
+    ready: &[Placed],
+    among: impl ExactSizeIterator<Item = usize>,
+) -> f64 {
+    let n = among.len();
+    let local = among
+        .filter(|&i| ready[i].zone.as_deref() == Some(client))
+        .count();
+    match n {
+        0 => 0.0,
+        n => local as f64 / n as f64,
     }
 }
 
@@ -79,14 +99,19 @@ pub(crate) struct Route {
     pub(crate) order: Vec<usize>,
     pub(crate) groups: Vec<Group>,
     pub(crate) decision: Decision,
+    /// The share of calls that lands in the client's zone, whatever the
+    /// decision; `None` without a client zone.
+    pub(crate) local_share: Option<f64>,
 }
 
 impl Route {
-    fn all(n: usize, decision: Decision) -> Self {
+    /// Every endpoint alike: the client's zone gets its endpoints' share.
+    fn all(client: Option<&str>, ready: &[Placed], decision: Decision) -> Self {
         Self {
-            order: (0..n).collect(),
+            order: (0..ready.len()).collect(),
             groups: Vec::new(),
             decision,
+            local_share: client.map(|c| share_in(c, ready, 0..ready.len())),
         }
     }
 }
@@ -99,7 +124,7 @@ pub(crate) fn route<'a>(
     zones: impl IntoIterator<Item = &'a str>,
 ) -> Route {
     let Some(client) = client else {
-        return Route::all(ready.len(), Decision::Off);
+        return Route::all(None, ready, Decision::Off);
     };
     if !ready.is_empty()
         && ready
@@ -113,10 +138,12 @@ pub(crate) fn route<'a>(
             })
             .collect();
         if hinted.is_empty() {
-            return Route::all(ready.len(), Decision::HintsMissing);
+            return Route::all(Some(client), ready, Decision::HintsMissing);
         }
         let n = hinted.len();
+        let local_share = Some(share_in(client, ready, hinted.iter().copied()));
         return Route {
+            local_share,
             order: hinted,
             groups: vec![Group {
                 start: 0,
@@ -127,7 +154,7 @@ pub(crate) fn route<'a>(
         };
     }
     if ready.len() < MIN_CLUSTER_SIZE || ready.iter().all(|p| p.zone.is_none()) {
-        return Route::all(ready.len(), Decision::Off);
+        return Route::all(Some(client), ready, Decision::Off);
     }
     // The zones of the ready endpoints, in order of first appearance.
     let zone_of = |p: &Placed| p.zone.as_deref().unwrap_or("").to_owned();
@@ -159,7 +186,7 @@ pub(crate) fn route<'a>(
     };
     // Local first, then the others; each zone one run.
     names.sort_by_key(|z| (z != client, z.clone()));
-    let stay = decision.local_share().unwrap_or(1.0);
+    let stay = decision.kept().unwrap_or(1.0);
     let others: Vec<&String> = names.iter().filter(|z| *z != client).collect();
     let room = |z: &str| (count(z) as f64 / total - share).max(0.0);
     let room_total: f64 = others.iter().map(|z| room(z)).sum();
@@ -211,6 +238,7 @@ pub(crate) fn route<'a>(
     Route {
         order: kept,
         groups: moved,
+        local_share: Some(stay),
         decision,
     }
 }
@@ -330,5 +358,31 @@ mod tests {
         let mut partial = ready.clone();
         partial[3].hints = None;
         assert_ne!(route(Some("b"), &partial, []).decision, Decision::Hints);
+    }
+
+    #[test]
+    fn the_local_share_is_what_the_zone_really_gets_whatever_the_decision() {
+        let zones = ["a", "b", "c"];
+        // Below six endpoints routing is off: a, b, b spread evenly.
+        let r = route(Some("a"), &placed(&["a", "b", "b"]), zones);
+        assert_eq!(r.decision, Decision::Off);
+        assert!((r.local_share.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        // The zone lost its endpoints.
+        let r = route(Some("a"), &placed(&["b", "b", "c"]), zones);
+        assert_eq!(r.local_share, Some(0.0));
+        let r = route(Some("a"), &placed(&["b", "b", "c", "c", "b", "c"]), zones);
+        assert_eq!(
+            (r.decision.clone(), r.local_share),
+            (Decision::NoLocal, Some(0.0))
+        );
+        // Routing keeps all in zone.
+        let r = route(Some("a"), &placed(&["a", "a", "b", "b", "c", "c"]), zones);
+        assert_eq!(
+            (r.decision.clone(), r.local_share),
+            (Decision::Local, Some(1.0))
+        );
+        // No client zone: no share to speak of; nothing ready: none kept.
+        assert_eq!(route(None, &placed(&["a"]), zones).local_share, None);
+        assert_eq!(route(Some("a"), &[], zones).local_share, Some(0.0));
     }
 }

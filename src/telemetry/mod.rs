@@ -53,6 +53,7 @@ pub enum TraceContext {
 
 /// What an attempt's span says of it besides its endpoint (gRFC A72).
 #[derive(Debug, Clone, Copy, Default)]
+#[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
 pub(crate) struct Attempt {
     /// Counted attempts before it.
     pub(crate) previous: u32,

@@ -120,6 +120,7 @@ impl Replay {
     }
 
     /// The call's deadline, if it has one.
+    #[cfg(feature = "opentelemetry")]
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.inner.deadline
     }
