@@ -1,4 +1,5 @@
-//! TLS to the backends, with rustls and the ring provider (feature `tls`).
+//! TLS to the backends, with rustls (feature `tls`): on the crypto provider the
+//! application installed for the process, else *ring*.
 //!
 //! The server name is the target's hostname, not the pod IP: a headless
 //! Service's certificate names the service, and every pod behind it presents
@@ -44,7 +45,9 @@ use crate::Error;
 /// the target's hostname (for `dns:///echo.prod.svc:443`,
 /// `echo.prod.svc`); ALPN offers `h2` only, as gRPC requires. The system's
 /// roots are read on the first connect, on the blocking pool, never on a
-/// Tokio worker.
+/// Tokio worker. The crypto is the rustls `CryptoProvider` the application
+/// installed for the process (`CryptoProvider::install_default`), such as
+/// aws-lc-rs for post-quantum key exchange; without one, *ring*'s.
 #[derive(Clone, Default)]
 pub struct TlsConfig {
     roots: Vec<CertificateDer<'static>>,
@@ -186,8 +189,7 @@ impl TlsConfig {
                 ));
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::invalid_config(format!("TLS: {e}")))?
             .with_root_certificates(roots);
@@ -271,4 +273,20 @@ impl fmt::Debug for TlsConfig {
             .field("rustls", &self.rustls.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// The crypto the client's TLS runs on: the process's default rustls
+/// `CryptoProvider` when the application installed one (rustls's rule for
+/// libraries: the application chooses, e.g. aws-lc-rs for post-quantum key
+/// exchange), else *ring*'s, which healthlb's `tls` feature builds.
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    if let Some(installed) = rustls::crypto::CryptoProvider::get_default() {
+        return installed.clone();
+    }
+    // rustls 0.23.48 deprecates ring's constructor ("no support for
+    // post-quantum algorithms") and offers no other: ring's signature
+    // algorithms are private. Scoped here, so no other deprecation hides.
+    #[allow(deprecated)]
+    let ring = rustls::crypto::ring::default_provider();
+    Arc::new(ring)
 }
