@@ -11,6 +11,8 @@
 //! `Option` check per call and per attempt.
 
 #[cfg(feature = "opentelemetry")]
+mod events;
+#[cfg(feature = "opentelemetry")]
 mod otel;
 
 #[cfg(feature = "opentelemetry")]
@@ -32,7 +34,9 @@ impl std::fmt::Debug for Telemetry {
 }
 
 #[cfg(feature = "opentelemetry")]
-pub(crate) use self::otel::{AttemptTelemetry, CallTelemetry, Outbound};
+pub(crate) use self::events::Outbound;
+#[cfg(feature = "opentelemetry")]
+pub(crate) use self::otel::{AttemptTelemetry, CallTelemetry};
 
 /// Which headers carry each attempt's trace context to the server (gRFC
 /// A72's propagators). Set with
