@@ -23,6 +23,7 @@
 mod attempt;
 mod config;
 mod hedge;
+mod linger;
 mod observed;
 mod pick;
 mod plan;
@@ -32,6 +33,7 @@ mod retry;
 mod send;
 mod subchannel;
 mod throttle;
+mod tracked;
 
 pub(crate) use self::attempt::run;
 pub(crate) use self::config::AppliedConfig;

@@ -1,25 +1,26 @@
-//! Sending one call on one connection: the request path's only work here.
+//! Sending one attempt on one connection, from the caller's own task: the
+//! stream is opened and a whole request queued in this turn
+//! (`connection::Opening`), the rest of the request fed while the response
+//! headers are awaited, and the outcome told apart: answered, never sent
+//! (so it can go elsewhere), cut off by the client, or failed in transport.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::replay::{AttemptId, BodyFailure, Counting, Replay, SentFrames};
-use crate::connection::{Conn, grpc_status, prepare};
-use crate::connection::{refused_unprocessed, reset_by_client, transport_status};
+use super::linger::{LINGER, Lingering};
+use super::replay::{AttemptId, Counting, Replay, SentFrames};
+use super::tracked::{ResponseCounting, TrackedBody};
+use crate::connection::{Answered, Incoming, Link, NotOpened, Opening, Stopped};
+use crate::connection::{Conn, finish_request, grpc_status, prepare};
+use crate::connection::{refused_unprocessed, reset_by_client};
 use crate::metrics::GrpcFrames;
 use crate::subchannel::Ended;
 use crate::subchannel::Slot;
-use crate::telemetry::{Attempt, AttemptTelemetry, Outbound, TraceHeaders};
+use crate::telemetry::{Attempt, Outbound, TraceHeaders};
 
 /// What became of a call handed to a connection.
 #[derive(Debug)]
@@ -31,8 +32,8 @@ pub(crate) enum Sent {
     /// or the server refused it unprocessed (GOAWAY, REFUSED_STREAM). It is
     /// safe to send it elsewhere.
     Unsent,
-    /// The call failed in transport, after it may have reached the server,
-    /// on this attempt if it was sent.
+    /// The call failed, after it may have reached the server, on this
+    /// attempt if it was sent.
     Failed(Status, Option<AttemptId>),
 }
 
@@ -51,7 +52,7 @@ impl Slot {
         tests::before_send(&conn).await;
         // The connection's task has ended since the slot was taken: the
         // request never left, so the call goes elsewhere.
-        let Some(send) = conn.sender() else {
+        let Some(mut send) = conn.sender() else {
             return Sent::Unsent;
         };
         let endpoint = self.endpoint.clone();
@@ -71,8 +72,9 @@ impl Slot {
         });
         let sent_at = std::time::Instant::now();
         let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
-        let dispatched = dispatch(&conn, send, replay, counting, previous, linger_until, trace);
-        let Some((attempt, response)) = dispatched else {
+        let Some((attempt, request)) =
+            request(&conn, replay, counting, previous, linger_until, trace)
+        else {
             return Sent::Failed(
                 Status::unavailable(format!(
                     "the call to {} cannot be sent again: its request was not kept whole",
@@ -81,24 +83,52 @@ impl Slot {
                 None,
             );
         };
+        let opened = Opening {
+            send: &mut send,
+            request: Some(request),
+        }
+        .await;
+        // Nothing a waiting call holds may keep the connection's sending
+        // side alive (`Conn::send`).
+        drop(send);
+        let exchange = match opened {
+            Ok(exchange) => exchange,
+            Err(why) => {
+                replay.retire(attempt);
+                let code = match &why {
+                    NotOpened::Body(status) => status.code(),
+                    NotOpened::Refused(_) => tonic::Code::Unavailable,
+                };
+                if let Some(mut t) = telemetry.take() {
+                    t.end(code);
+                }
+                return not_opened(&conn, why, attempt);
+            }
+        };
         let mut started = Started {
             stats,
             method: method.as_deref(),
             waiting: true,
         };
-        let (sent, slot) = if let Some(until) = linger_until {
-            Lingering {
-                response: Some(Box::pin(response)),
-                slot: Some(self),
-                until,
+        let (answered, slot) = match linger_until {
+            Some(until) => {
+                Lingering {
+                    response: Some(Box::pin(exchange)),
+                    slot: Some(self),
+                    until,
+                }
+                .await
             }
-            .await
-        } else {
-            (response.await, self)
+            None => (exchange.await, self),
         };
-        started.waiting = false;
-        match sent {
+        let Answered {
+            response,
+            rest,
+            stopped,
+        } = answered;
+        match response {
             Ok(response) => {
+                started.waiting = false;
                 drop(started);
                 stats.latency.observe(sent_at);
                 let mut counting = method.map(|method| ResponseCounting {
@@ -118,53 +148,57 @@ impl Slot {
                         counting.done = true;
                     }
                 }
-                let response = response.map(|body| {
+                // A request still open (a bidi stream) goes on in a task of
+                // its own: the caller polls only the response from now on.
+                let link = rest.map(|rest| {
+                    let link = Arc::new(Link::default());
+                    tokio::spawn(finish_request(rest, link.clone()));
+                    link
+                });
+                let request = link.is_none().then(|| replay.body_failure());
+                let response = response.map(|recv| {
                     Body::new(TrackedBody {
-                        body,
+                        body: Incoming::new(recv, link),
                         counting,
                         judged: status.is_some(),
                         slot,
                         telemetry,
-                        request: replay.body_failure(),
+                        request,
                     })
                 });
                 Sent::Response(response, attempt)
             }
-            Err(mut e) => {
+            Err(err) => {
                 replay.retire(attempt);
-                // Never sent: the recorded body is untouched.
-                let never_sent = e.take_message().is_some();
-                let err = e.into_error();
-                if never_sent || (refused_unprocessed(&err) && replay.can_retry()) {
-                    if !never_sent {
+                let failed = failure(&conn, replay, &err, stopped);
+                let status = match failed {
+                    Failure::Unprocessed => {
                         tracing::debug!(endpoint = %conn.addr, error = %err, "the server refused the call unprocessed; sending it again");
+                        // It never reached the server: not counted.
+                        std::mem::forget(started);
+                        if let Some(mut t) = telemetry.take() {
+                            t.end(tonic::Code::Unavailable);
+                        }
+                        return Sent::Unsent;
                     }
-                    // It never reached the server: not counted.
-                    std::mem::forget(started);
-                    if let Some(mut t) = telemetry.take() {
-                        t.end(tonic::Code::Unavailable);
-                    }
-                    return Sent::Unsent;
-                }
-                if reset_by_client(&err) {
                     // The client cut it off: counted as cancelled, as a call
                     // dropped unanswered is, and the caller hears why.
-                    started.waiting = true;
-                    drop(started);
-                    let status = client_reset(conn.addr, &err, &replay.body_failure());
-                    if let Some(mut t) = telemetry.take() {
-                        t.end(status.code());
+                    Failure::ByClient(status) => {
+                        drop(started);
+                        status
                     }
-                    return Sent::Failed(status, Some(attempt));
-                }
-                drop(started);
-                let status = transport_status(conn.addr, &err);
+                    Failure::Transport(status) => {
+                        started.waiting = false;
+                        drop(started);
+                        stats.ended(Ended::Transport(&status));
+                        if let Some(method) = &method {
+                            stats.metrics.request_done(status.code(), method);
+                        }
+                        status
+                    }
+                };
                 if let Some(mut t) = telemetry.take() {
                     t.end(status.code());
-                }
-                stats.ended(Ended::Transport(&status));
-                if let Some(method) = &method {
-                    stats.metrics.request_done(status.code(), method);
                 }
                 Sent::Failed(status, Some(attempt))
             }
@@ -172,32 +206,74 @@ impl Slot {
     }
 }
 
-/// The status of an attempt the client reset itself: the request body's
-/// own error when it failed (a message over the caller's size limit), else
-/// CANCELLED (a hedge the call no longer needs).
-fn client_reset(addr: std::net::SocketAddr, err: &hyper::Error, body: &BodyFailure) -> Status {
-    body.get().unwrap_or_else(|| {
-        Status::cancelled(format!(
-            "the client cut off the call to {addr}: {}",
-            crate::connection::chain(err)
-        ))
-    })
+/// What an attempt that got no response came to.
+enum Failure {
+    /// The server refused it unprocessed, and the call can go again.
+    Unprocessed,
+    /// The client reset it: its request body failed, or a hedge lost.
+    ByClient(Status),
+    Transport(Status),
 }
 
-/// What hyper answers a request with.
-type Answer = Result<Response<Incoming>, TrySendError<Request<Body>>>;
+/// Tells apart why an attempt got no response: `err`, and whether its
+/// request had `stopped`.
+fn failure(conn: &Conn, replay: &Replay, err: &h2::Error, stopped: Option<Stopped>) -> Failure {
+    match stopped {
+        Some(Stopped::Body(status)) => return Failure::ByClient(status),
+        Some(Stopped::Reset(reason)) => {
+            tracing::debug!(endpoint = %conn.addr, ?reason, "the server reset the request before it ended");
+        }
+        Some(Stopped::Failed(e)) => {
+            tracing::debug!(endpoint = %conn.addr, error = %e, "the request failed before it ended");
+        }
+        None => {}
+    }
+    if refused_unprocessed(err) && replay.can_retry() {
+        return Failure::Unprocessed;
+    }
+    if reset_by_client(err) {
+        let status = replay.body_failure().get().unwrap_or_else(|| {
+            Status::cancelled(format!(
+                "the client cut off the call to {}: {}",
+                conn.addr,
+                crate::connection::chain(err)
+            ))
+        });
+        return Failure::ByClient(status);
+    }
+    Failure::Transport(conn.status_of(err))
+}
 
-/// Hands the next attempt of `replay` to `conn`; its response to come.
+/// An attempt whose stream did not open: nothing of it left the client.
+fn not_opened(conn: &Conn, why: NotOpened, attempt: AttemptId) -> Sent {
+    match why {
+        // The caller's own body failed (a message over its size limit):
+        // the caller hears it, and the endpoint is not charged.
+        NotOpened::Body(status) => Sent::Failed(status, Some(attempt)),
+        // Closed or going away since the slot was taken: another
+        // connection takes it.
+        NotOpened::Refused(e) if e.is_io() || e.is_go_away() || !conn.is_ready() => Sent::Unsent,
+        // h2 refused the request itself: no connection would take it.
+        NotOpened::Refused(e) => Sent::Failed(
+            Status::internal(format!(
+                "the request to {} could not be sent: {e}",
+                conn.addr
+            )),
+            Some(attempt),
+        ),
+    }
+}
+
+/// The next attempt of `replay` for `conn`, as a head and a body.
 /// A plain function, so the request isn't kept in the caller's future.
-fn dispatch(
+fn request(
     conn: &Conn,
-    mut send: hyper::client::conn::http2::SendRequest<Body>,
     replay: &Replay,
     counting: Option<Counting>,
     previous: u32,
     linger_until: Option<tokio::time::Instant>,
     trace: Option<(TraceHeaders, Outbound)>,
-) -> Option<(AttemptId, impl Future<Output = Answer> + Send + 'static)> {
+) -> Option<(AttemptId, (Request<()>, Body))> {
     let (headers, outbound) = trace.unzip();
     let outbound =
         outbound.map(|mut sent| Box::new(move |data: &[u8]| sent.sent(data)) as SentFrames);
@@ -206,84 +282,14 @@ fn dispatch(
     if let Some(headers) = headers {
         headers.insert_into(req.headers_mut());
     }
-    // The clone goes before the wait: nothing a waiting call holds may
-    // keep the dispatch channel alive (`Conn::send` says why).
-    let answer = send.try_send_request(req);
-    drop(send);
-    Some((attempt, answer))
-}
-
-/// How long after it was sent a hedge that lost keeps its stream: 20 ms.
-///
-/// A stream cancelled before the server has taken it from its accept queue
-/// looks like the rapid-reset attack (CVE-2023-44487): hyper's and so
-/// tonic's servers close the connection, GOAWAY ENHANCE_YOUR_CALM, once 20
-/// such streams are pending. A busy server reads a hedge and its cancel in
-/// one go when they are close together; 20 ms apart, it has taken the
-/// stream first. A loser that answers meanwhile costs no cancel at all.
-pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// An attempt's wait for its response that, dropped before [`LINGER`] has
-/// passed since it was sent, hands the stream and its slot to a task that
-/// cancels it only then.
-struct Lingering<F>
-where
-    F: Future + Send + 'static,
-    F::Output: Send,
-{
-    response: Option<Pin<Box<F>>>,
-    slot: Option<Slot>,
-    until: tokio::time::Instant,
-}
-
-impl<F> Future for Lingering<F>
-where
-    F: Future + Send + 'static,
-    F::Output: Send,
-{
-    type Output = (F::Output, Slot);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(response) = self.response.as_mut() else {
-            return Poll::Pending;
-        };
-        let output = std::task::ready!(response.as_mut().poll(cx));
-        self.response = None;
-        match self.slot.take() {
-            Some(slot) => Poll::Ready((output, slot)),
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl<F> Drop for Lingering<F>
-where
-    F: Future + Send + 'static,
-    F::Output: Send,
-{
-    fn drop(&mut self) {
-        let (Some(response), Some(slot)) = (self.response.take(), self.slot.take()) else {
-            return;
-        };
-        let until = self.until;
-        if until <= tokio::time::Instant::now() {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                // An answer in time is dropped whole; otherwise the
-                // stream is cancelled now.
-                let _ = tokio::time::timeout_at(until, response).await;
-                drop(slot);
-            });
-        }
-    }
+    let (head, body) = req.into_parts();
+    Some((attempt, (Request::from_parts(head, ()), body)))
 }
 
 /// Counts an attempt as started however its wait for response headers
 /// ends, unless it went unsent: answered, failed, or dropped (a hedge that
 /// lost, a caller that gave up), since its request may have reached the
-/// server. A drop is recorded as CANCELLED.
+/// server. A drop while waiting is recorded as CANCELLED.
 struct Started<'a> {
     stats: &'a crate::subchannel::Stats,
     method: Option<&'a str>,
@@ -301,149 +307,6 @@ impl Drop for Started<'_> {
                     .request_done(tonic::Code::Cancelled, method);
             }
         }
-    }
-}
-
-/// A response body that keeps its call counted until it ends or is dropped,
-/// and, with metrics on, counts its messages and records its status.
-struct TrackedBody {
-    body: Incoming,
-    counting: Option<ResponseCounting>,
-    /// The call's status went to the endpoint's outcomes.
-    judged: bool,
-    slot: Slot,
-    /// The attempt's telemetry.
-    telemetry: Option<AttemptTelemetry>,
-    /// How the request body failed, if it did.
-    request: BodyFailure,
-}
-
-struct ResponseCounting {
-    method: Arc<str>,
-    frames: GrpcFrames,
-    /// The status was recorded.
-    done: bool,
-}
-
-impl Drop for TrackedBody {
-    fn drop(&mut self) {
-        if !self.judged {
-            // Dropped before its status: the caller gave up on it.
-            self.slot.endpoint.ended(Ended::Cancelled);
-        }
-        if let Some(counting) = &self.counting
-            && !counting.done
-        {
-            // Dropped before its status: the caller gave up on it.
-            let metrics = &self.slot.endpoint.metrics;
-            metrics.request_done(tonic::Code::Cancelled, &counting.method);
-        }
-    }
-}
-
-impl HttpBody for TrackedBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    /// Frames as they come; a transport failure becomes the gRPC status it
-    /// means, naming the endpoint.
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        let addr = this.slot.conn.addr;
-        let mut by_client = false;
-        let polled = Pin::new(&mut this.body).poll_frame(cx).map(|frame| {
-            frame.map(|f| {
-                f.map_err(|e| match reset_by_client(&e) {
-                    true => {
-                        by_client = true;
-                        client_reset(addr, &e, &this.request)
-                    }
-                    false => transport_status(addr, &e),
-                })
-            })
-        });
-        if !this.judged
-            && let Poll::Ready(result) = &polled
-        {
-            let stats = &this.slot.endpoint;
-            match result {
-                // The client cut its own stream off: nothing of the endpoint.
-                Some(Err(_)) if by_client => {
-                    stats.ended(Ended::Cancelled);
-                    this.judged = true;
-                }
-                Some(Ok(frame)) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        // Trailers without a status break the protocol.
-                        let code = grpc_status(trailers).unwrap_or(tonic::Code::Internal);
-                        stats.ended(Ended::Status(code, Some(trailers)));
-                        this.judged = true;
-                    }
-                }
-                Some(Err(status)) => {
-                    stats.ended(Ended::Transport(status));
-                    this.judged = true;
-                }
-                // The stream ended without trailers: no status at all.
-                None => {
-                    stats.ended(Ended::Status(tonic::Code::Internal, None));
-                    this.judged = true;
-                }
-            }
-        }
-        if let (Some(t), Poll::Ready(result)) = (this.telemetry.as_mut(), &polled) {
-            let code = match result {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        t.received(data);
-                    }
-                    frame
-                        .trailers_ref()
-                        .map(|tr| grpc_status(tr).unwrap_or(tonic::Code::Internal))
-                }
-                Some(Err(status)) => Some(status.code()),
-                None => Some(tonic::Code::Internal),
-            };
-            if let Some(code) = code {
-                t.end(code);
-                this.telemetry = None;
-            }
-        }
-        if let (Some(counting), Poll::Ready(result)) = (this.counting.as_mut(), &polled) {
-            let metrics = &this.slot.endpoint.metrics;
-            match result {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        let n = counting.frames.feed(data);
-                        if n > 0 {
-                            metrics.messages_received(n, &counting.method);
-                        }
-                    } else if let Some(code) = frame.trailers_ref().and_then(grpc_status)
-                        && !counting.done
-                    {
-                        metrics.request_done(code, &counting.method);
-                        counting.done = true;
-                    }
-                }
-                Some(Err(status)) if !counting.done => {
-                    metrics.request_done(status.code(), &counting.method);
-                    counting.done = true;
-                }
-                _ => {}
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -8,17 +8,19 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::HeaderValue;
 use http::header::USER_AGENT;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::client::conn::http2;
 use tokio::sync::Notify;
 use tonic::Status;
 use tonic::body::Body;
 
 use super::frames::GoAway;
 use super::io::Signals;
+use super::stream::{Incoming, NotOpened, Opening};
 use super::transport_errors::transport_status;
 
 /// Who calls are addressed to.
@@ -64,13 +66,12 @@ impl Slots {
 /// request path.
 pub(crate) struct Conn {
     pub(crate) addr: SocketAddr,
-    /// Hands requests to the connection's task; `None` once that task has
-    /// ended. It must not outlive the task: a request handed over just as
-    /// the task ends can be left in hyper's dispatch channel, neither taken
-    /// nor dropped, until the channel's last sender goes. Dropped with the
-    /// task, the request comes back unsent and is sent elsewhere; kept
-    /// alive by a call that holds the connection, it would wait for itself.
-    pub(super) send: ArcSwapOption<http2::SendRequest<Body>>,
+    /// Opens streams on the connection; `None` once its task has ended.
+    /// It must not outlive the task: nothing a waiting call holds may keep
+    /// a connection's sending side alive (hyper's dispatch channel once
+    /// stranded a request that way, and the call waited for itself). A
+    /// call that finds it gone goes elsewhere.
+    pub(super) send: ArcSwapOption<SendRequest<Bytes>>,
     pub(crate) origin: Arc<Origin>,
     pub(crate) established: Instant,
     pub(crate) role: Role,
@@ -99,16 +100,13 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     /// Whether the connection may take a new call: open, and no GOAWAY seen.
     pub(crate) fn is_ready(&self) -> bool {
-        self.send
-            .load()
-            .as_ref()
-            .is_some_and(|send| !send.is_closed())
+        self.send.load().is_some()
             && !self.signals.going_away.load(Ordering::Acquire)
             && !self.draining.load(Ordering::Acquire)
     }
 
-    /// A handle that sends requests on the connection, while its task runs.
-    pub(crate) fn sender(&self) -> Option<http2::SendRequest<Body>> {
+    /// A handle that opens streams on the connection, while its task runs.
+    pub(crate) fn sender(&self) -> Option<SendRequest<Bytes>> {
         self.send.load().as_deref().cloned()
     }
 
@@ -122,6 +120,20 @@ impl Conn {
     /// `why`.
     pub(crate) fn kill(&self, why: impl std::fmt::Display) {
         self.signals.kill(why.to_string());
+    }
+
+    /// The status of a call this connection failed with `err`. When
+    /// healthlb closed the connection itself (a silent peer, a grace period
+    /// over), that is the reason, whichever of h2's errors reached the
+    /// call first.
+    pub(crate) fn status_of(&self, err: &h2::Error) -> Status {
+        match self.signals.kill_reason() {
+            Some(why) if !err.is_reset() => Status::unavailable(format!(
+                "the connection to {} failed under the call: healthlb closed the connection: {why}",
+                self.addr
+            )),
+            _ => transport_status(self.addr, err),
+        }
     }
 
     /// The server's first GOAWAY, once it arrived.
@@ -262,22 +274,37 @@ pub(crate) enum Internal {
 
 impl Conn {
     /// Sends the balancer's own request (health, liveness): not counted, and
-    /// not waited for when draining.
+    /// not waited for when draining. Its body is whole (one message).
     pub(crate) async fn send_internal(&self, mut req: Request<Body>) -> Internal {
         prepare(&mut req, &self.origin);
         let Some(mut send) = self.sender() else {
             return Internal::Unsent;
         };
-        // The clone is dropped before the wait: nothing waiting for an
-        // answer may keep the dispatch channel alive (see `send`).
-        let answer = send.try_send_request(req);
+        let (head, body) = req.into_parts();
+        let opened = Opening {
+            send: &mut send,
+            request: Some((Request::from_parts(head, ()), body)),
+        }
+        .await;
+        // Nothing a waiting request holds may keep the sender alive.
         drop(send);
-        match answer.await {
-            Ok(response) => Internal::Response(response.map(Body::new)),
-            Err(mut e) => match e.take_message() {
-                Some(_) => Internal::Unsent,
-                None => Internal::Failed(transport_status(self.addr, &e.into_error())),
-            },
+        let exchange = match opened {
+            Ok(exchange) => exchange,
+            Err(NotOpened::Body(status)) => return Internal::Failed(status),
+            Err(NotOpened::Refused(_)) => return Internal::Unsent,
+        };
+        let answered = exchange.await;
+        match answered.response {
+            Ok(response) => {
+                let addr = self.addr;
+                Internal::Response(response.map(|recv| {
+                    let body = Incoming::new(recv, None);
+                    Body::new(http_body_util::BodyExt::map_err(body, move |e| {
+                        transport_status(addr, &e)
+                    }))
+                }))
+            }
+            Err(e) => Internal::Failed(self.status_of(&e)),
         }
     }
 }

@@ -1,10 +1,13 @@
-//! Making one HTTP/2 connection to one endpoint.
+//! Making one HTTP/2 connection to one endpoint: TCP, TLS when
+//! configured, h2's handshake, and the task that drives the connection (h2's
+//! own, and the PINGs of `ping.rs`).
 //!
-//! healthlb drives hyper's HTTP/2 client itself rather than a tonic
-//! `Channel`, because the balancer must see what a `Channel` hides: why the
-//! connection ended (a GOAWAY and its code, such as `too_many_pings`), and
-//! which requests never left the client, so they can go to another
-//! endpoint.
+//! healthlb drives h2 itself rather than a tonic `Channel` (or hyper's
+//! client under it), because the balancer must see what a `Channel` hides:
+//! why the connection ended (a GOAWAY and its code, such as
+//! `too_many_pings`), and which requests never left the client, so they can
+//! go to another endpoint; and because a call queued from its own task costs
+//! a third less than one handed to a dispatch task (`stream.rs`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,8 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -23,6 +25,7 @@ use super::conn::{Conn, Origin, Role, Slots};
 use super::frames::FrameSniffer;
 pub(crate) use super::frames::GoAway;
 use super::io::{Io, Signals, WatchedIo};
+use super::ping::{KeepAliveSettings, Pinger, Ponged};
 use crate::Error;
 
 /// The future that drives a connection's request dispatch. It ends when the
@@ -32,6 +35,19 @@ pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), Ended>> + Send>>
 /// Reset streams a connection remembers for h2's 1 s, so that their late
 /// frames are dropped quietly: 1,024 cancels a second (h2's default is 50).
 const RESET_STREAMS_REMEMBERED: usize = 1024;
+
+/// hyper's defaults, kept from when healthlb drove hyper: the spec's 64 KiB
+/// windows are too small for most gRPC traffic.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The windows the adaptive window starts from: HTTP/2's own.
+const SPEC_WINDOW: u32 = 65_535;
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams opened before the server's SETTINGS say how many it takes: the
+/// least RFC 9113 recommends a server allow.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// Frames for streams a connection has forgotten that it answers (each with
 /// a RST_STREAM it must queue) before it closes the connection with GOAWAY
@@ -102,20 +118,35 @@ impl Dialer {
 
         let established = Instant::now();
         let signals = Arc::new(Signals::new());
-        let io = TokioIo::new(WatchedIo {
+        let io = WatchedIo {
             io,
             epoch: established,
             signals: signals.clone(),
             frames: FrameSniffer::default(),
             yielded: false,
-        });
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        };
+        // A window given turns the adaptive one off, as in hyper.
+        let adaptive = settings.adaptive_window
+            && settings.initial_stream_window_size.is_none()
+            && settings.initial_connection_window_size.is_none();
+        let (stream_window, connection_window) = match adaptive {
+            true => (SPEC_WINDOW, SPEC_WINDOW),
+            false => (
+                settings.initial_stream_window_size.unwrap_or(STREAM_WINDOW),
+                settings
+                    .initial_connection_window_size
+                    .unwrap_or(CONNECTION_WINDOW),
+            ),
+        };
+        let mut builder = h2::client::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(settings.keep_alive_interval)
-            .keep_alive_timeout(settings.keep_alive_timeout)
-            .keep_alive_while_idle(settings.keep_alive_while_idle)
-            .adaptive_window(settings.adaptive_window)
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .initial_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
             // A cancelled call (a hedge that lost, a deadline) may still
             // have frames on the way. h2 remembers only 50 reset streams,
             // and each frame for a forgotten one counts against a limit of
@@ -125,43 +156,90 @@ impl Dialer {
             // cap for a server that sends frames on old ids on purpose.
             .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
             .max_local_error_reset_streams(Some(FORGOTTEN_STREAM_FRAMES));
-        // Set only when given: setting a window turns the adaptive one off.
-        if let Some(size) = settings.initial_stream_window_size {
-            builder.initial_stream_window_size(size);
-        }
-        if let Some(size) = settings.initial_connection_window_size {
-            builder.initial_connection_window_size(size);
-        }
-        let (send, driver) = builder.handshake(io).await.map_err(|e| {
+        let (send, mut connection) = builder.handshake::<_, Bytes>(io).await.map_err(|e| {
             Error::connect(
                 "HTTP/2 handshake failed",
                 format!("the HTTP/2 handshake with {addr} failed: {e}"),
                 Some(e.into()),
             )
         })?;
+        let keep_alive = settings
+            .keep_alive_interval
+            .map(|interval| KeepAliveSettings {
+                interval,
+                timeout: settings.keep_alive_timeout,
+                while_idle: settings.keep_alive_while_idle,
+            });
         let conn = Arc::new(Conn {
             addr,
             send: arc_swap::ArcSwapOption::from_pointee(send),
             origin: self.origin.clone(),
             established,
             role,
-            signals,
+            signals: signals.clone(),
             slots: self.slots.clone(),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
             idle_since: AtomicU64::new(0),
         });
-        // The connection runs in a task of its own, as in tonic, so a call's
-        // dispatch wakes only it, not the subchannel's health and probe work.
+        let pinger = match (keep_alive.is_some() || adaptive, connection.ping_pong()) {
+            (true, Some(pong)) => Some(Pinger::new(
+                pong,
+                keep_alive,
+                adaptive.then_some(stream_window),
+                signals,
+                established,
+                Arc::downgrade(&conn),
+            )),
+            _ => None,
+        };
+        // The connection runs in a task of its own, as in tonic, so a call
+        // wakes only it, not the subchannel's health and probe work.
         // Dropping the driver aborts it, which closes the connection. The
         // connection's sender goes with the task, however it ends.
         let ended = TaskEnded(Arc::downgrade(&conn));
         let task = AbortOnDrop(tokio::spawn(async move {
             let _ended = ended;
-            driver.await
+            ConnTask { connection, pinger }.await
         }));
         Ok((conn, Box::pin(task)))
+    }
+}
+
+/// h2's connection and its PINGs, polled by the connection's task.
+struct ConnTask {
+    connection: h2::client::Connection<WatchedIo, Bytes>,
+    pinger: Option<Pinger>,
+}
+
+impl Future for ConnTask {
+    type Output = Result<(), Ended>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.connection)
+            .poll(cx)
+            .map_err(Ended::Http2);
+        if polled.is_ready() {
+            return polled;
+        }
+        // After h2's turn, which read what arrived: the PINGs see it.
+        while let Some(Poll::Ready(ponged)) = this.pinger.as_mut().map(|p| p.poll(cx)) {
+            match ponged {
+                Ponged::TimedOut => {
+                    this.pinger = None;
+                    return Poll::Ready(Err(Ended::KeepAliveTimedOut));
+                }
+                Ponged::Window(size) => {
+                    this.connection.set_target_window_size(size);
+                    if let Err(e) = this.connection.set_initial_window_size(size) {
+                        return Poll::Ready(Err(Ended::Http2(e)));
+                    }
+                }
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -180,24 +258,23 @@ impl Drop for TaskEnded {
 /// How a connection's driver ended, when not cleanly.
 #[derive(Debug)]
 pub(crate) enum Ended {
-    /// hyper reported an HTTP/2 or IO failure.
-    Http2(hyper::Error),
+    /// h2 reported an HTTP/2 or IO failure.
+    Http2(h2::Error),
+    /// A keepalive PING went unanswered (gRFC A8).
+    KeepAliveTimedOut,
     /// The connection's task panicked: a bug, reported with its message.
     Panicked(String),
 }
 
 /// A spawned connection that stops when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<(), T>>);
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), Ended>>);
 
-impl<T> Future for AbortOnDrop<T>
-where
-    T: Into<Ended>,
-{
+impl Future for AbortOnDrop {
     type Output = Result<(), Ended>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0).poll(cx).map(|joined| match joined {
-            Ok(result) => result.map_err(Into::into),
+            Ok(result) => result,
             Err(e) if e.is_panic() => Err(Ended::Panicked(crate::error::panic_message(
                 e.into_panic().as_ref(),
             ))),
@@ -207,15 +284,9 @@ where
     }
 }
 
-impl<T> Drop for AbortOnDrop<T> {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-impl From<hyper::Error> for Ended {
-    fn from(e: hyper::Error) -> Self {
-        Ended::Http2(e)
     }
 }
 
@@ -229,7 +300,7 @@ mod tests {
             if true {
                 panic!("boom in the connection");
             }
-            Ok::<(), hyper::Error>(())
+            Ok::<(), Ended>(())
         });
         match AbortOnDrop(task).await {
             Err(Ended::Panicked(message)) => assert_eq!(message, "boom in the connection"),

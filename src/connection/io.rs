@@ -34,6 +34,8 @@ pub(crate) struct Signals {
     pub(super) settings_waker: AtomicWaker,
     /// When anything was last read, in ns since the connection began.
     pub(super) last_read: AtomicU64,
+    /// Bytes read so far, for the adaptive window's samples.
+    pub(super) bytes_read: AtomicU64,
 }
 
 impl Signals {
@@ -49,6 +51,7 @@ impl Signals {
             settings: AtomicBool::new(false),
             settings_waker: AtomicWaker::new(),
             last_read: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
         }
     }
 
@@ -87,6 +90,14 @@ impl Signals {
             self.going_away.store(true, Ordering::Release);
             self.goaway_waker.wake();
         }
+    }
+
+    /// Why healthlb closed the connection, if it did.
+    pub(super) fn kill_reason(&self) -> Option<String> {
+        if !self.killed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.kill_reason.lock().ok().and_then(|r| r.clone())
     }
 
     fn killed(&self) -> io::Error {
@@ -139,9 +150,8 @@ pub(crate) struct WatchedIo {
 impl WatchedIo {
     /// Lets every task that is ready run before the connection writes, once
     /// per burst of writes. h2 writes what it has each time the connection's
-    /// task runs, and healthlb's callers hand it their calls one by one, each
-    /// from its own task (a call's DATA even takes another turn after its
-    /// HEADERS). One turn of the scheduler lets the calls that are ready add
+    /// task runs, and callers queue their calls one by one, each from its
+    /// own task. One turn of the scheduler lets the calls that are ready add
     /// their frames first, so one write carries many calls. Every write is a
     /// system call, and on loopback it also wakes the server's thread: at 16
     /// callers this halved the writes per call and cut the client's CPU per
@@ -172,6 +182,9 @@ impl AsyncRead for WatchedIo {
             if !read.is_empty() {
                 let ns = this.epoch.elapsed().as_nanos() as u64;
                 this.signals.last_read.store(ns, Ordering::Release);
+                this.signals
+                    .bytes_read
+                    .fetch_add(read.len() as u64, Ordering::Relaxed);
                 this.signals.saw(this.frames.feed(read));
             }
         }

@@ -14,57 +14,40 @@ use std::net::SocketAddr;
 
 use tonic::{Code, Status};
 
-/// The h2 error behind a hyper error, if any.
-pub(crate) fn h2_error(err: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = e.source();
-    }
-    None
-}
-
 /// Whether a failed call is known not to have been processed by the server:
 /// a stream past a GOAWAY's last stream id, or REFUSED_STREAM.
-pub(crate) fn refused_unprocessed(err: &hyper::Error) -> bool {
-    h2_error(err).is_some_and(|h2| {
-        h2.is_remote()
-            && (h2.is_go_away()
-                || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
-    })
+pub(crate) fn refused_unprocessed(err: &h2::Error) -> bool {
+    err.is_remote()
+        && (err.is_go_away()
+            || (err.is_reset() && err.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// Whether the client itself ended the stream: its request body failed (a
 /// message over the caller's size limit, a stream the caller broke), or
 /// healthlb cut off a hedge the call no longer needs. Nothing the server or
 /// the network did: it says nothing of the endpoint.
-pub(crate) fn reset_by_client(err: &hyper::Error) -> bool {
-    h2_error(err)
-        .is_some_and(|h2| (h2.is_reset() || h2.is_go_away()) && !h2.is_remote() && !h2.is_library())
+pub(crate) fn reset_by_client(err: &h2::Error) -> bool {
+    (err.is_reset() || err.is_go_away()) && !err.is_remote() && !err.is_library()
 }
 
 /// The status of a call that failed in transport on `addr`'s connection.
-pub(crate) fn transport_status(addr: SocketAddr, err: &hyper::Error) -> Status {
-    match h2_error(err) {
-        Some(h2) if h2.is_reset() => {
-            let code = reset_code(h2.reason());
-            let who = if h2.is_remote() {
-                "the server"
-            } else {
-                "the client"
-            };
-            Status::new(
-                code,
-                format!("{who} reset the call to {addr}: {}", chain(err)),
-            )
-        }
-        _ => Status::unavailable(format!(
-            "the connection to {addr} failed under the call: {}",
-            chain(err)
-        )),
+pub(crate) fn transport_status(addr: SocketAddr, err: &h2::Error) -> Status {
+    if err.is_reset() {
+        let code = reset_code(err.reason());
+        let who = if err.is_remote() {
+            "the server"
+        } else {
+            "the client"
+        };
+        return Status::new(
+            code,
+            format!("{who} reset the call to {addr}: {}", chain(err)),
+        );
     }
+    Status::unavailable(format!(
+        "the connection to {addr} failed under the call: {}",
+        chain(err)
+    ))
 }
 
 /// gRPC's status for an RST_STREAM reason.

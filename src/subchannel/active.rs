@@ -11,10 +11,10 @@ use super::config::SubchannelConfig;
 use super::shared::Shared;
 use crate::Error;
 use crate::connection::HealthStatus;
+use crate::connection::chain;
 use crate::connection::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
 use crate::connection::{HealthEvent, HealthWatch};
 use crate::connection::{Liveness, Probe, ProbeRate, probe};
-use crate::connection::{chain, h2_error};
 use crate::deadline::capped;
 
 /// What a subchannel's connections are made with.
@@ -28,7 +28,7 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     fn http2_settings(&self) -> Http2Settings {
-        // hyper adds these to an Instant itself.
+        // Added to an Instant: capped, so no sum overflows.
         Http2Settings {
             keep_alive_interval: self.shared.keep_alive().map(capped),
             keep_alive_timeout: capped(self.config.keep_alive_timeout),
@@ -157,7 +157,7 @@ async fn within<T>(
 /// Why a connection ended.
 #[derive(Debug)]
 pub(crate) enum Lost {
-    /// hyper ended the connection without an error: the server's GOAWAY
+    /// h2 ended the connection without an error: the server's GOAWAY
     /// NO_ERROR took effect before the sniffer reported it, or the
     /// connection closed in order.
     Closed,
@@ -199,26 +199,21 @@ impl Lost {
                     "the connection's task panicked, a bug in healthlb: {message}"
                 ));
             }
+            Err(Ended::KeepAliveTimedOut) => {
+                return Lost::Failed("an HTTP/2 keepalive PING went unanswered".to_owned());
+            }
             Err(Ended::Http2(err)) => err,
         };
-        if err.is_timeout() {
-            return Lost::Failed(format!(
-                "an HTTP/2 keepalive PING went unanswered: {}",
-                chain(&err)
-            ));
+        if err.is_go_away() && err.is_remote() {
+            let message = err.to_string();
+            return Lost::GoAway {
+                too_many_pings: err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                    && message.contains("too_many_pings"),
+                graceful: err.reason() == Some(h2::Reason::NO_ERROR),
+                message,
+            };
         }
-        match h2_error(&err) {
-            Some(h2) if h2.is_go_away() && h2.is_remote() => {
-                let message = h2.to_string();
-                Lost::GoAway {
-                    too_many_pings: h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
-                        && message.contains("too_many_pings"),
-                    graceful: h2.reason() == Some(h2::Reason::NO_ERROR),
-                    message,
-                }
-            }
-            _ => Lost::Failed(chain(&err)),
-        }
+        Lost::Failed(chain(&err))
     }
 
     pub(crate) fn error(&self, addr: std::net::SocketAddr) -> Error {
