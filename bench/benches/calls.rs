@@ -1,6 +1,7 @@
 //! Per-call costs that noise can't move, side by side: the client's
-//! user-space instructions per call, counted by callgrind, and its syscalls
-//! per call, counted by strace, for each contender at each concurrency.
+//! user-space instructions per call, counted by callgrind, its syscalls
+//! per call, counted by strace, and its heap allocations per call, counted
+//! by valgrind's dhat, for each contender at each concurrency.
 //!
 //! Each figure comes from the contender alone in a child process (this
 //! binary again), making unary echo calls to 4 backends in another child
@@ -44,7 +45,7 @@ fn main() {
     let chosen = std::env::var("HEALTHLB_CALLS_CONTENDERS").unwrap_or_default();
     let contenders: Vec<&str> = peers::STANDARD
         .into_iter()
-        .chain([peers::OTEL])
+        .chain([peers::ANCHOR, peers::ANCHOR_RR, peers::OTEL])
         .filter(|c| chosen.is_empty() || chosen.split(',').any(|x| x.trim() == *c))
         .collect();
     if !full {
@@ -68,30 +69,31 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| concurrency | contender | instructions per call | vs healthlb | syscalls per call | vs healthlb |"
+        "| concurrency | contender | instructions per call | vs healthlb | syscalls per call | vs healthlb | mallocs per call |"
     );
-    let _ = writeln!(table, "| ---: | --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(table, "| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
     for &c in &concurrencies {
-        let rows: Vec<(&str, f64, f64)> = contenders
+        let rows: Vec<(&str, f64, f64, f64)> = contenders
             .iter()
             .map(|name| {
                 let spec = |n: usize| format!("{name}:{c}:{n}:{}", backends.port);
                 let instr = per_call(|n| instructions(&spec(n)));
                 let sys = per_call(|n| syscalls(&spec(n)));
+                let mallocs = per_call(|n| mallocs(&spec(n)));
                 eprintln!(
-                    "calls: {name} at c={c}: {instr:.0} instructions, {sys:.2} syscalls per call"
+                    "calls: {name} at c={c}: {instr:.0} instructions, {sys:.2} syscalls, {mallocs:.1} mallocs per call"
                 );
-                (*name, instr, sys)
+                (*name, instr, sys, mallocs)
             })
             .collect();
         let ours = rows.iter().find(|r| r.0 == "healthlb").copied();
-        for (name, instr, sys) in &rows {
+        for (name, instr, sys, mallocs) in &rows {
             let vs = |mine: f64, theirs: Option<f64>| {
                 theirs.map_or(String::new(), |t| format!("{:.2}×", mine / t))
             };
             let _ = writeln!(
                 table,
-                "| {c} | {name} | {instr:.0} | {} | {sys:.2} | {} |",
+                "| {c} | {name} | {instr:.0} | {} | {sys:.2} | {} | {mallocs:.1} |",
                 vs(*instr, ours.map(|o| o.1)),
                 vs(*sys, ours.map(|o| o.2)),
             );
@@ -131,6 +133,31 @@ fn instructions(spec: &str) -> u64 {
         })
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no instruction count from callgrind: {stderr}"))
+}
+
+/// Heap blocks the child allocated, every thread, by valgrind's dhat.
+fn mallocs(spec: &str) -> u64 {
+    let out = std::env::temp_dir().join(format!("healthlb-dhat-{}", std::process::id()));
+    let output = Command::new("valgrind")
+        .arg("--tool=dhat")
+        .arg(format!("--dhat-out-file={}", out.display()))
+        .arg(std::env::current_exe().expect("this binary"))
+        .env("HEALTHLB_CALLS", spec)
+        .output()
+        .expect("valgrind runs");
+    let _ = std::fs::remove_file(&out);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{spec} under dhat: {stderr}");
+    // "==123== Total:     4,567 bytes in 89 blocks"
+    stderr
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once("Total:")?;
+            let (_, blocks) = rest.split_once(" in ")?;
+            blocks.split_whitespace().next().map(|n| n.replace(',', ""))
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no block count from dhat: {stderr}"))
 }
 
 /// Syscalls the child made, every thread, by strace.

@@ -4,5 +4,6 @@
 //! --bench NAME`. Under `cargo test -p healthlb-bench --benches` each makes
 //! one short pass that checks it works.
 
+pub mod anchor;
 pub mod peers;
 pub mod servers;

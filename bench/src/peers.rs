@@ -62,6 +62,9 @@ pub enum Contender {
     /// healthlb with a policy other than the default, by name.
     HealthlbPolicy(&'static str, EchoClient<LbChannel>),
     WarmChannels(EchoClient<WarmChannel>),
+    /// tonic's codec over h2 driven directly: the anchor of the per-call
+    /// benches ([`crate::anchor`]).
+    TonicOverH2(&'static str, EchoClient<crate::anchor::H2Channel>),
 }
 
 impl Contender {
@@ -75,6 +78,7 @@ impl Contender {
             Contender::HealthlbOtel(_) => OTEL,
             Contender::HealthlbPolicy(name, _) => name,
             Contender::WarmChannels(_) => "warm_channels",
+            Contender::TonicOverH2(name, _) => name,
         }
     }
 
@@ -98,6 +102,11 @@ impl Contender {
                 .map_err(|s| s.to_string()),
             Contender::Ginepro(grpc) => ginepro_unary(grpc, request).await,
             Contender::WarmChannels(client) => client
+                .unary(request)
+                .await
+                .map(drop)
+                .map_err(|s| s.to_string()),
+            Contender::TonicOverH2(_, client) => client
                 .unary(request)
                 .await
                 .map(drop)
@@ -384,6 +393,14 @@ pub fn env_or(name: &str, default: f64) -> f64 {
 /// feature `opentelemetry`, measured beside plain healthlb.
 pub const OTEL: &str = "healthlb + opentelemetry";
 
+/// tonic's codec over h2 driven directly, to the first address: not a
+/// peer, the least a tonic call over HTTP/2 costs ([`crate::anchor`]).
+pub const ANCHOR: &str = "tonic over h2";
+
+/// The anchor over one connection per address, round robin: the least a
+/// balancer's call costs.
+pub const ANCHOR_RR: &str = "tonic over h2 (4 conns)";
+
 /// The standard contenders, by name, in the order [`standard`] builds them.
 pub const STANDARD: [&str; 5] = [
     "direct Channel",
@@ -418,6 +435,24 @@ pub async fn build(name: &str, addrs: &[SocketAddr]) -> Option<Contender> {
             format!("http://{}", addrs[0]).parse().expect("uri"),
         )),
         "healthlb" => Contender::Healthlb(EchoClient::new(healthlb_over(addrs).await)),
+        ANCHOR => Contender::TonicOverH2(
+            ANCHOR,
+            EchoClient::with_origin(
+                crate::anchor::H2Channel::connect(addrs[0])
+                    .await
+                    .expect("h2 connects"),
+                format!("http://{}", addrs[0]).parse().expect("uri"),
+            ),
+        ),
+        ANCHOR_RR => Contender::TonicOverH2(
+            ANCHOR_RR,
+            EchoClient::with_origin(
+                crate::anchor::H2Channel::connect_all(addrs)
+                    .await
+                    .expect("h2 connects"),
+                format!("http://{}", addrs[0]).parse().expect("uri"),
+            ),
+        ),
         OTEL => {
             // The SDK's reader, exporting to memory every 60 s (its default).
             let exporter = opentelemetry_sdk::metrics::InMemoryMetricExporter::default();

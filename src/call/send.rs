@@ -158,7 +158,7 @@ impl Slot {
                 let request = link.is_none().then(|| replay.body_failure());
                 let response = response.map(|recv| {
                     Body::new(TrackedBody {
-                        body: Incoming::new(recv, link),
+                        body: Incoming::new(recv, link, Some(conn.released.clone())),
                         counting,
                         judged: status.is_some(),
                         slot,

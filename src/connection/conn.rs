@@ -83,6 +83,8 @@ pub(crate) struct Conn {
     pub(super) idle: Notify,
     /// When the last call ended, in ns since `established`.
     pub(super) idle_since: AtomicU64,
+    /// Finished streams, released by the connection's task.
+    pub(crate) released: Arc<super::stream::Released>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -298,7 +300,7 @@ impl Conn {
             Ok(response) => {
                 let addr = self.addr;
                 Internal::Response(response.map(|recv| {
-                    let body = Incoming::new(recv, None);
+                    let body = Incoming::new(recv, None, None);
                     Body::new(http_body_util::BodyExt::map_err(body, move |e| {
                         transport_status(addr, &e)
                     }))

@@ -26,6 +26,7 @@ use super::frames::FrameSniffer;
 pub(crate) use super::frames::GoAway;
 use super::io::{Io, Signals, WatchedIo};
 use super::ping::{KeepAliveSettings, Pinger, Ponged};
+use super::stream::Released;
 use crate::Error;
 
 /// The future that drives a connection's request dispatch. It ends when the
@@ -123,7 +124,6 @@ impl Dialer {
             epoch: established,
             signals: signals.clone(),
             frames: FrameSniffer::default(),
-            yielded: false,
         };
         // A window given turns the adaptive one off, as in hyper.
         let adaptive = settings.adaptive_window
@@ -182,6 +182,7 @@ impl Dialer {
             draining: AtomicBool::new(false),
             idle: Notify::new(),
             idle_since: AtomicU64::new(0),
+            released: Arc::default(),
         });
         let pinger = match (keep_alive.is_some() || adaptive, connection.ping_pong()) {
             (true, Some(pong)) => Some(Pinger::new(
@@ -199,9 +200,15 @@ impl Dialer {
         // Dropping the driver aborts it, which closes the connection. The
         // connection's sender goes with the task, however it ends.
         let ended = TaskEnded(Arc::downgrade(&conn));
+        let released = conn.released.clone();
         let task = AbortOnDrop(tokio::spawn(async move {
             let _ended = ended;
-            ConnTask { connection, pinger }.await
+            ConnTask {
+                connection,
+                pinger,
+                released,
+            }
+            .await
         }));
         Ok((conn, Box::pin(task)))
     }
@@ -211,6 +218,8 @@ impl Dialer {
 struct ConnTask {
     connection: h2::client::Connection<WatchedIo, Bytes>,
     pinger: Option<Pinger>,
+    /// Finished streams the callers handed back, released here.
+    released: Arc<Released>,
 }
 
 impl Future for ConnTask {
@@ -218,6 +227,7 @@ impl Future for ConnTask {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        this.released.release();
         let polled = Pin::new(&mut this.connection)
             .poll(cx)
             .map_err(Ended::Http2);

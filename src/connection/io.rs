@@ -143,27 +143,6 @@ pub(crate) struct WatchedIo {
     pub(super) epoch: Instant,
     pub(super) signals: Arc<Signals>,
     pub(super) frames: FrameSniffer,
-    /// Whether this burst of writes has already yielded once.
-    pub(super) yielded: bool,
-}
-
-impl WatchedIo {
-    /// Lets every task that is ready run before the connection writes, once
-    /// per burst of writes. h2 writes what it has each time the connection's
-    /// task runs, and callers queue their calls one by one, each from its
-    /// own task. One turn of the scheduler lets the calls that are ready add
-    /// their frames first, so one write carries many calls. Every write is a
-    /// system call, and on loopback it also wakes the server's thread: at 16
-    /// callers this halved the writes per call and cut the client's CPU per
-    /// call by a seventh (BENCHMARKS.md section 2).
-    fn yield_once(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.yielded {
-            return false;
-        }
-        self.yielded = true;
-        cx.waker().wake_by_ref();
-        true
-    }
 }
 
 impl AsyncRead for WatchedIo {
@@ -199,9 +178,6 @@ impl AsyncWrite for WatchedIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.yield_once(cx) {
-            return Poll::Pending;
-        }
         this.signals
             .guard(cx, |cx| Pin::new(&mut this.io).poll_write(cx, buf))
     }
@@ -212,9 +188,6 @@ impl AsyncWrite for WatchedIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.yield_once(cx) {
-            return Poll::Pending;
-        }
         this.signals.guard(cx, |cx| {
             Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
         })
@@ -226,14 +199,8 @@ impl AsyncWrite for WatchedIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let flushed = this
-            .signals
-            .guard(cx, |cx| Pin::new(&mut this.io).poll_flush(cx));
-        if flushed.is_ready() {
-            // The burst is out; the next one yields again.
-            this.yielded = false;
-        }
-        flushed
+        this.signals
+            .guard(cx, |cx| Pin::new(&mut this.io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -102,13 +102,16 @@ where
                 if let Err(e) = stream.send_data(data, end) {
                     return Ok(Exchange::failed(response, Stopped::Failed(e)));
                 }
-                let rest = (!end).then(|| Outgoing {
+                if end {
+                    return Ok(Exchange::holding(response, stream));
+                }
+                let rest = Outgoing {
                     stream,
                     body,
                     waiting: None,
                     peeked,
-                });
-                return Ok(Exchange::answered_by(response, rest));
+                };
+                return Ok(Exchange::answered_by(response, Some(rest)));
             }
             Err(frame) => {
                 let (response, mut stream) =
@@ -257,6 +260,10 @@ pub(crate) struct Exchange<B> {
     response: ResponseFuture,
     outgoing: Option<Outgoing<B>>,
     stopped: Option<Stopped>,
+    /// The sending side of a request sent whole, kept until the answer:
+    /// dropped at once, it would wake the connection's task a second time
+    /// in the caller's turn.
+    _sent: Option<SendStream<Bytes>>,
 }
 
 /// What an [`Exchange`] came to.
@@ -274,6 +281,16 @@ impl<B> Exchange<B> {
             response,
             outgoing,
             stopped: None,
+            _sent: None,
+        }
+    }
+
+    fn holding(response: ResponseFuture, sent: SendStream<Bytes>) -> Self {
+        Self {
+            response,
+            outgoing: None,
+            stopped: None,
+            _sent: Some(sent),
         }
     }
 
@@ -282,6 +299,7 @@ impl<B> Exchange<B> {
             response,
             outgoing: None,
             stopped: Some(stopped),
+            _sent: None,
         }
     }
 }
@@ -362,23 +380,68 @@ where
     }
 }
 
+/// Streams whose response ended, handed to their connection's task to
+/// release at its next turn. h2 wakes that task when a finished stream's
+/// last handle drops; dropped in the caller's turn, just as the caller
+/// opens its next stream on another endpoint's connection, two tasks would
+/// wake at once, and the runtime wakes an idle worker (two futex calls per
+/// call) to take the second.
+#[derive(Default)]
+pub(crate) struct Released {
+    streams: Mutex<Vec<RecvStream>>,
+    any: std::sync::atomic::AtomicBool,
+}
+
+impl Released {
+    fn keep(&self, recv: RecvStream) {
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        streams.push(recv);
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Releases the streams kept: the connection's task, at each turn.
+    pub(crate) fn release(&self) {
+        if !self.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let streams = std::mem::take(
+            &mut *self
+                .streams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        drop(streams);
+    }
+}
+
 /// A response body as it arrives on its stream: data, then trailers.
 pub(crate) struct Incoming {
-    recv: RecvStream,
+    /// `None` once handed to `released`.
+    recv: Option<RecvStream>,
     data_done: bool,
     done: bool,
     /// The request still being sent, if it is.
     link: Option<Arc<Link>>,
+    /// Where the stream goes once it has ended.
+    released: Option<Arc<Released>>,
 }
 
 impl Incoming {
-    pub(crate) fn new(recv: RecvStream, link: Option<Arc<Link>>) -> Self {
+    pub(crate) fn new(
+        recv: RecvStream,
+        link: Option<Arc<Link>>,
+        released: Option<Arc<Released>>,
+    ) -> Self {
         let done = recv.is_end_stream();
         Self {
-            recv,
+            recv: Some(recv),
             data_done: done,
             done,
             link,
+            released,
         }
     }
 
@@ -391,10 +454,15 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if !self.done
-            && let Some(link) = &self.link
-        {
-            link.cancel();
+        if !self.done {
+            // Unfinished: dropped here, which cancels the stream at once.
+            if let Some(link) = &self.link {
+                link.cancel();
+            }
+            return;
+        }
+        if let (Some(recv), Some(released)) = (self.recv.take(), &self.released) {
+            released.keep(recv);
         }
     }
 }
@@ -408,14 +476,14 @@ impl HttpBody for Incoming {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = &mut *self;
-        if this.done {
+        let Some(recv) = this.recv.as_mut().filter(|_| !this.done) else {
             return Poll::Ready(None);
-        }
+        };
         if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
+            match ready!(recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     // The window opens again as the caller takes the data.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => {
@@ -425,7 +493,7 @@ impl HttpBody for Incoming {
                 None => this.data_done = true,
             }
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
+        let trailers = ready!(recv.poll_trailers(cx));
         this.done = true;
         Poll::Ready(match trailers {
             Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
