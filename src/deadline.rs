@@ -63,8 +63,11 @@ pub(crate) fn encode_grpc_timeout(d: Duration) -> http::HeaderValue {
 }
 
 /// The `grpc-timeout` header: up to 8 digits and a unit.
+/// `grpc-timeout`, named once: a lookup by `&str` parses the name each time.
+pub(crate) static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let value = headers.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

@@ -14,6 +14,7 @@
 //! trailers say later.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use http::Response;
 use tokio::time::Instant;
@@ -171,11 +172,17 @@ impl Call {
         let target = &self.shared.target;
         // Each attempt may wait the ready timeout for an endpoint or a
         // slot, however long the ones before it took; never past the call's
-        // deadline.
-        let started = Instant::now();
-        let waits = deadline_in(self.shared.ready_timeout);
-        let until = self.deadline.map_or(waits, |d| d.min(waits));
-        let planned = crate::deadline::rounded(until.saturating_duration_since(started));
+        // deadline. Worked out only when it waits: most attempts don't.
+        let mut waits: Option<(Instant, Duration)> = None;
+        let mut bounds = || {
+            *waits.get_or_insert_with(|| {
+                let started = Instant::now();
+                let waits = deadline_in(self.shared.ready_timeout);
+                let until = self.deadline.map_or(waits, |d| d.min(waits));
+                let planned = crate::deadline::rounded(until.saturating_duration_since(started));
+                (until, planned)
+            })
+        };
         let mut transparent = false;
         let mut delayed = false;
         for _ in 0..MAX_ATTEMPTS {
@@ -188,6 +195,7 @@ impl Call {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone();
+                    let (until, _) = bounds();
                     // Boxed: waiting is rare, and its future is large.
                     match boxed(self.shared.wait_pick(until, self.fail_fast, &tried)).await {
                         Ok((pool, waited)) => {
@@ -207,7 +215,7 @@ impl Call {
             let acquired = match pool.try_acquire() {
                 // Boxed: waiting for a slot is rare, and its future large.
                 Err(NoSlot::Full | NoSlot::Limited | NoSlot::RateLimited(_)) => {
-                    boxed(pool.acquire(until)).await
+                    boxed(pool.acquire(bounds().0)).await
                 }
                 done => done,
             };
@@ -217,8 +225,9 @@ impl Call {
                 Err(NoSlot::Closed) => continue,
                 Err(why) => {
                     let status = Status::unavailable(format!(
-                        "{target}: {}, after waiting {planned:?}",
+                        "{target}: {}, after waiting {:?}",
                         pool.refusal(why),
+                        bounds().1,
                     ));
                     return Outcome::Failed(self.waited(status), None);
                 }

@@ -12,7 +12,7 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::linger::{LINGER, Lingering};
-use super::replay::{AttemptId, Counting, Replay, SentFrames};
+use super::replay::{AttemptId, Counting, Replay, ReplayBody, SentFrames};
 use super::tracked::{ResponseCounting, TrackedBody};
 use crate::connection::{Answered, Incoming, Link, NotOpened, Opening, Stopped};
 use crate::connection::{Conn, finish_request, grpc_status, prepare};
@@ -273,7 +273,7 @@ fn request(
     previous: u32,
     linger_until: Option<tokio::time::Instant>,
     trace: Option<(TraceHeaders, Outbound)>,
-) -> Option<(AttemptId, (Request<()>, Body))> {
+) -> Option<(AttemptId, (Request<()>, ReplayBody))> {
     let (headers, outbound) = trace.unzip();
     let outbound =
         outbound.map(|mut sent| Box::new(move |data: &[u8]| sent.sent(data)) as SentFrames);

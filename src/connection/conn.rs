@@ -313,7 +313,7 @@ impl Conn {
 
 /// Addresses the request to the origin: tonic's generated clients send a
 /// path only.
-pub(crate) fn prepare(req: &mut Request<Body>, origin: &Origin) {
+pub(crate) fn prepare<B>(req: &mut Request<B>, origin: &Origin) {
     let uri = req.uri();
     if uri.scheme().is_none() || uri.authority().is_none() {
         let mut parts = uri.clone().into_parts();
@@ -331,10 +331,13 @@ pub(crate) fn prepare(req: &mut Request<Body>, origin: &Origin) {
         .or_insert_with(|| origin.user_agent.clone());
 }
 
+/// `grpc-status`, named once: a lookup by `&str` parses the name each time.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` of a header or trailer map.
 pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .parse::<i32>()

@@ -124,6 +124,7 @@ impl Dialer {
             epoch: established,
             signals: signals.clone(),
             frames: FrameSniffer::default(),
+            registered: None,
         };
         // A window given turns the adaptive one off, as in hyper.
         let adaptive = settings.adaptive_window
@@ -207,6 +208,7 @@ impl Dialer {
                 connection,
                 pinger,
                 released,
+                spare: Vec::new(),
             }
             .await
         }));
@@ -220,6 +222,7 @@ struct ConnTask {
     pinger: Option<Pinger>,
     /// Finished streams the callers handed back, released here.
     released: Arc<Released>,
+    spare: Vec<h2::RecvStream>,
 }
 
 impl Future for ConnTask {
@@ -227,7 +230,7 @@ impl Future for ConnTask {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        this.released.release();
+        this.released.release(&mut this.spare);
         let polled = Pin::new(&mut this.connection)
             .poll(cx)
             .map_err(Ended::Http2);

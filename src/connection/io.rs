@@ -114,10 +114,12 @@ impl Signals {
     }
 
     /// Runs one IO poll unless killed; a poll that waits also waits for the
-    /// kill switch.
+    /// kill switch. `registered`: the waker the switch last had, so that
+    /// the connection's task, whose waker doesn't change, registers once.
     fn guard<T>(
         &self,
         cx: &mut Context<'_>,
+        registered: &mut Option<std::task::Waker>,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if self.killed.load(Ordering::Acquire) {
@@ -125,7 +127,10 @@ impl Signals {
         }
         match poll(cx) {
             Poll::Pending => {
-                self.kill_waker.register(cx.waker());
+                if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    self.kill_waker.register(cx.waker());
+                    *registered = Some(cx.waker().clone());
+                }
                 if self.killed.load(Ordering::Acquire) {
                     return Poll::Ready(Err(self.killed()));
                 }
@@ -143,6 +148,8 @@ pub(crate) struct WatchedIo {
     pub(super) epoch: Instant,
     pub(super) signals: Arc<Signals>,
     pub(super) frames: FrameSniffer,
+    /// The waker the kill switch has.
+    pub(super) registered: Option<std::task::Waker>,
 }
 
 impl AsyncRead for WatchedIo {
@@ -153,9 +160,9 @@ impl AsyncRead for WatchedIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = this
-            .signals
-            .guard(cx, |cx| Pin::new(&mut this.io).poll_read(cx, buf));
+        let polled = this.signals.guard(cx, &mut this.registered, |cx| {
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        });
         if let Poll::Ready(Ok(())) = polled {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
@@ -178,8 +185,9 @@ impl AsyncWrite for WatchedIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.signals
-            .guard(cx, |cx| Pin::new(&mut this.io).poll_write(cx, buf))
+        this.signals.guard(cx, &mut this.registered, |cx| {
+            Pin::new(&mut this.io).poll_write(cx, buf)
+        })
     }
 
     fn poll_write_vectored(
@@ -188,7 +196,7 @@ impl AsyncWrite for WatchedIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.signals.guard(cx, |cx| {
+        this.signals.guard(cx, &mut this.registered, |cx| {
             Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
         })
     }
@@ -199,8 +207,9 @@ impl AsyncWrite for WatchedIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.signals
-            .guard(cx, |cx| Pin::new(&mut this.io).poll_flush(cx))
+        this.signals.guard(cx, &mut this.registered, |cx| {
+            Pin::new(&mut this.io).poll_flush(cx)
+        })
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

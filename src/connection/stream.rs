@@ -97,18 +97,22 @@ where
                 };
                 let (response, mut stream) =
                     send.send_request(head, false).map_err(NotOpened::Refused)?;
-                // A first chunk needs no wait: h2 queues it, sending as the
-                // window allows.
-                if let Err(e) = stream.send_data(data, end) {
-                    return Ok(Exchange::failed(response, Stopped::Failed(e)));
-                }
                 if end {
+                    // Whole: no wait for capacity, h2 queues it and sends as
+                    // the window allows.
+                    if let Err(e) = stream.send_data(data, true) {
+                        return Ok(Exchange::failed(response, Stopped::Failed(e)));
+                    }
                     return Ok(Exchange::holding(response, stream));
                 }
+                // A stream's chunks wait for capacity, each before the next
+                // is read: an attempt the server doesn't read from reads no
+                // further (a hedge's shared recording depends on it).
+                stream.reserve_capacity(1);
                 let rest = Outgoing {
                     stream,
                     body,
-                    waiting: None,
+                    waiting: Some((data, false)),
                     peeked,
                 };
                 return Ok(Exchange::answered_by(response, Some(rest)));
@@ -403,17 +407,21 @@ impl Released {
     }
 
     /// Releases the streams kept: the connection's task, at each turn.
-    pub(crate) fn release(&self) {
+    /// `spare` is the task's own list, swapped in so that neither list
+    /// allocates again once grown.
+    pub(crate) fn release(&self, spare: &mut Vec<RecvStream>) {
         if !self.any.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let streams = std::mem::take(
+        std::mem::swap(
             &mut *self
                 .streams
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
+            spare,
         );
-        drop(streams);
+        // Outside the lock: each drop takes h2's.
+        spare.clear();
     }
 }
 

@@ -13,7 +13,7 @@ use super::recording::{Mode, Recorded};
 use super::{ReplayInner, SentFrames, lock};
 
 /// One attempt's request body: replays what was recorded, then reads on.
-pub(super) struct ReplayBody {
+pub(crate) struct ReplayBody {
     pub(super) replay: Arc<ReplayInner>,
     pub(super) generation: u64,
     /// Until when a superseded body waits before it fails.

@@ -29,18 +29,18 @@ mod recording;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tokio::time::Instant;
 use tonic::body::Body;
 
-use self::body::ReplayBody;
+pub(crate) use self::body::ReplayBody;
 pub(crate) use self::buffer::RetryBuffer;
 pub(crate) use self::recording::Counting;
-use self::recording::{Mode, Recording};
+use self::recording::{Frames, Mode, Recording};
 use crate::deadline::encode_grpc_timeout;
+use smallvec::SmallVec;
 
 /// Sees each data frame an attempt's body hands to the connection (for
 /// telemetry's message events).
@@ -70,7 +70,10 @@ struct ReplayInner {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    /// The request's headers, for attempts after the first, which takes
+    /// the caller's map itself. Inline: names and values clone by reference
+    /// count, so the common call allocates nothing for its headers.
+    headers: SmallVec<[(HeaderName, HeaderValue); 8]>,
     /// The call's deadline: each attempt tells the server the time left.
     deadline: Option<Instant>,
     recording: Mutex<Recording>,
@@ -91,12 +94,17 @@ impl Replay {
         deadline: Option<Instant>,
     ) -> Self {
         let (parts, body) = request.into_parts();
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         Self {
             inner: Arc::new(ReplayInner {
                 method: parts.method,
                 uri: parts.uri,
                 version: parts.version,
-                headers: parts.headers,
+                headers,
                 deadline,
                 #[cfg(feature = "opentelemetry")]
                 span: std::sync::OnceLock::new(),
@@ -105,15 +113,16 @@ impl Replay {
                     peeked: None,
                     failed: None,
                     counting: None,
-                    frames: VecDeque::new(),
+                    frames: Frames::default(),
                     base: 0,
-                    readers: Vec::new(),
+                    readers: SmallVec::new(),
                     attempts: 0,
                     held: 0,
                     buffer,
                     mode: Mode::Recording,
                     waiters: None,
                     parked: None,
+                    first_headers: Some(parts.headers),
                 }),
             }),
         }
@@ -155,8 +164,8 @@ impl Replay {
         previous: u32,
         linger_until: Option<tokio::time::Instant>,
         outbound: Option<SentFrames>,
-    ) -> Option<(AttemptId, Request<Body>)> {
-        let generation = {
+    ) -> Option<(AttemptId, Request<ReplayBody>)> {
+        let (generation, first_headers) = {
             let mut rec = lock(&self.inner.recording);
             if rec.mode != Mode::Recording {
                 return None;
@@ -168,25 +177,31 @@ impl Replay {
             if counting.is_some() && rec.counting.is_none() {
                 rec.counting = counting;
             }
-            generation
+            (generation, rec.first_headers.take())
         };
-        let mut request = Request::new(Body::new(ReplayBody {
+        let mut request = Request::new(ReplayBody {
             replay: self.inner.clone(),
             generation,
             linger_until,
             lingering: None,
             outbound,
-        }));
+        });
         *request.method_mut() = self.inner.method.clone();
         *request.uri_mut() = self.inner.uri.clone();
         *request.version_mut() = self.inner.version;
-        *request.headers_mut() = self.inner.headers.clone();
+        *request.headers_mut() = first_headers.unwrap_or_else(|| {
+            let mut headers = HeaderMap::with_capacity(self.inner.headers.len());
+            for (name, value) in &self.inner.headers {
+                headers.append(name.clone(), value.clone());
+            }
+            headers
+        });
         if let Some(deadline) = self.inner.deadline {
             // gRFC A6: each attempt carries the time left, not the call's.
             let left = deadline.saturating_duration_since(Instant::now());
             request
                 .headers_mut()
-                .insert("grpc-timeout", encode_grpc_timeout(left));
+                .insert(&crate::deadline::GRPC_TIMEOUT, encode_grpc_timeout(left));
         }
         if previous > 0 {
             request

@@ -3,6 +3,8 @@
 //! caller's body.
 
 use std::collections::VecDeque;
+
+use smallvec::SmallVec;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
@@ -29,11 +31,12 @@ pub(super) struct Recording {
     /// Messages counted for metrics, as they are first read.
     pub(super) counting: Option<Counting>,
     /// Frames read so far that an attempt may still need.
-    pub(super) frames: VecDeque<Recorded>,
+    pub(super) frames: Frames,
     /// The index, counted from the body's start, of `frames[0]`.
     pub(super) base: usize,
-    /// The attempts whose bodies may read, and the next frame of each.
-    pub(super) readers: Vec<(u64, usize)>,
+    /// The attempts whose bodies may read, and the next frame of each:
+    /// inline for a call's first two, so most calls allocate nothing here.
+    pub(super) readers: SmallVec<[(u64, usize); 2]>,
     /// Attempts started so far.
     pub(super) attempts: u64,
     /// Bytes held in `buffer`.
@@ -46,6 +49,8 @@ pub(super) struct Recording {
     /// The waker of the one attempt that waits on the caller's body alone,
     /// handed to `waiters` when another attempt joins.
     pub(super) parked: Option<Waker>,
+    /// The caller's own header map, until the first attempt takes it.
+    pub(super) first_headers: Option<HeaderMap>,
 }
 
 /// Every attempt waiting on the caller's body. A body keeps only the last
@@ -93,6 +98,44 @@ pub(crate) struct Counting {
     pub(crate) frames: crate::metrics::GrpcFrames,
 }
 
+/// The frames kept, the first one inline: a unary request's only frame
+/// costs no allocation.
+#[derive(Default)]
+pub(super) struct Frames {
+    first: Option<Recorded>,
+    rest: VecDeque<Recorded>,
+}
+
+impl Frames {
+    pub(super) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    pub(super) fn get(&self, i: usize) -> Option<&Recorded> {
+        match i {
+            0 => self.first.as_ref(),
+            i => self.rest.get(i - 1),
+        }
+    }
+
+    pub(super) fn push_back(&mut self, frame: Recorded) {
+        match self.first {
+            None => self.first = Some(frame),
+            Some(_) => self.rest.push_back(frame),
+        }
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Recorded> {
+        let front = self.first.take()?;
+        self.first = self.rest.pop_front();
+        Some(front)
+    }
+}
+
 pub(super) enum Recorded {
     Data(Bytes),
     Trailers(HeaderMap),
@@ -129,7 +172,7 @@ impl Recording {
             self.base += 1;
         }
         if self.frames.is_empty() {
-            self.frames = VecDeque::new();
+            self.frames = Frames::default();
             self.base = sent.max(self.base);
         }
         self.buffer.release(std::mem::take(&mut self.held));

@@ -31,12 +31,14 @@ fn replay(request: Request<Body>) -> (Replay, Arc<RetryBuffer>) {
     (Replay::new(request, buffer.clone(), None), buffer)
 }
 
-fn attempt(replay: &Replay) -> (AttemptId, Body) {
+fn attempt(replay: &Replay) -> (AttemptId, ReplayBody) {
     let (id, request) = replay.attempt(None, 0, None, None).expect("not committed");
     (id, request.into_body())
 }
 
-async fn next(body: &mut Body) -> Option<Result<Bytes, Status>> {
+async fn next(
+    body: &mut (impl HttpBody<Data = Bytes, Error = Status> + Unpin),
+) -> Option<Result<Bytes, Status>> {
     let frame = body.frame().await?;
     Some(frame.map(|f| f.into_data().unwrap_or_default()))
 }
@@ -90,9 +92,9 @@ async fn hedged_attempts_waiting_on_the_callers_body_are_all_woken() {
     let (replay, _) = replay(request);
     let (_, first) = attempt(&replay);
     let (_, second) = attempt(&replay);
-    // Each waits on the body from its own task, as each attempt's
-    // stream does in hyper.
-    let reader = |mut body: Body| {
+    // Each waits on the body from its own task, as a bidi stream's pump
+    // does.
+    let reader = |mut body: ReplayBody| {
         tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(frame) = next(&mut body).await {
