@@ -201,8 +201,11 @@ impl tower::Service<Request<Body>> for LbChannel {
     /// Picks the endpoint for the next call, and is always ready at once.
     /// With none SERVING, the call itself waits, up to the ready timeout or
     /// its deadline, whichever ends first: only the call knows its deadline.
+    /// The call checks its pick's connections first thing, and picks again
+    /// if they closed meanwhile: checking here too would read another
+    /// endpoint's cold state on every call of a large channel.
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if !self.picked.as_ref().is_some_and(|c| c.is_ready()) {
+        if self.picked.is_none() {
             self.picked = self.calls.picker.pick();
         }
         Poll::Ready(Ok(()))

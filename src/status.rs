@@ -77,8 +77,10 @@ pub struct EndpointStatus {
     /// Failures in a row, by the outlier detector's codes, up to the last
     /// success.
     pub consecutive_failures: u32,
-    /// The peak-EWMA of its time to response headers, decayed to now;
-    /// `None` before its first answer.
+    /// The peak-EWMA of its time to response headers, decayed to now,
+    /// with the `peak_ewma` policy (the one that reads it; other policies
+    /// don't measure it); `None` before its first answer, and with other
+    /// policies.
     pub latency_ewma: Option<Duration>,
     /// The last connection failure: connecting, TLS, the health stream.
     pub last_error: Option<Error>,

@@ -12,6 +12,13 @@
 //! runtime, and any task or thread a contender keeps (warm_channels' and
 //! ginepro's discovery, healthlb's health and liveness).
 //!
+//! This bench links kube, whose manifest turns on tracing's `log`
+//! feature: with no tracing subscriber set, every span of h2's (and the
+//! others') then goes through the `log` path, some 8–12k instructions per
+//! call for every contender alike. An application with any global tracing
+//! subscriber skips that path; `HEALTHLB_CALLS_SUBSCRIBER=1` measures that
+//! case, each child setting a global subscriber that records nothing.
+//!
 //! `cargo bench --bench calls` (needs `valgrind` and `strace` on the PATH;
 //! without them it says so and measures nothing). `HEALTHLB_BENCH_CONCURRENCY`
 //! sets the concurrencies (default `1,16`); `HEALTHLB_CALLS_CONTENDERS` a
@@ -194,6 +201,9 @@ fn run_calls(spec: &str) {
         .expect("CONCURRENCY");
     let name = parts.next().expect("NAME").to_owned();
     let addrs: Vec<SocketAddr> = (0..4).map(|i| servers::addr(i, port)).collect();
+    if std::env::var("HEALTHLB_CALLS_SUBSCRIBER").is_ok_and(|v| v == "1") {
+        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::new());
+    }
     let runtime = peers::client_runtime();
     runtime.block_on(async move {
         let mut contender = peers::build(&name, &addrs)

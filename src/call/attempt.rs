@@ -189,7 +189,10 @@ impl Call {
             let pool = match picked.take() {
                 Some(pool) if pool.is_ready() => pool,
                 // Closed since it was picked: take the next one.
-                _ => {
+                picked => {
+                    if let Some(stale) = picked {
+                        stale.hint_was_stale();
+                    }
                     let tried = self
                         .tried
                         .lock()
@@ -222,7 +225,10 @@ impl Call {
             let slot = match acquired {
                 Ok(slot) => slot,
                 // Its connections closed meanwhile: pick again.
-                Err(NoSlot::Closed) => continue,
+                Err(NoSlot::Closed) => {
+                    pool.hint_was_stale();
+                    continue;
+                }
                 Err(why) => {
                     let status = Status::unavailable(format!(
                         "{target}: {}, after waiting {:?}",

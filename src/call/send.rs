@@ -70,8 +70,12 @@ impl Slot {
             method,
             frames: GrpcFrames::default(),
         });
-        let sent_at = std::time::Instant::now();
-        let linger_until = linger.then(|| tokio::time::Instant::from_std(sent_at + LINGER));
+        // The clock only where it is read: latency for peak EWMA, a hedge's
+        // linger.
+        let sent_at = (stats.measure_latency || linger).then(std::time::Instant::now);
+        let linger_until = sent_at
+            .filter(|_| linger)
+            .map(|at| tokio::time::Instant::from_std(at + LINGER));
         let Some((attempt, request)) =
             request(&conn, replay, counting, previous, linger_until, trace)
         else {
@@ -130,7 +134,9 @@ impl Slot {
             Ok(response) => {
                 started.waiting = false;
                 drop(started);
-                stats.latency.observe(sent_at);
+                if let Some(at) = sent_at.filter(|_| stats.measure_latency) {
+                    stats.latency.observe(at);
+                }
                 let mut counting = method.map(|method| ResponseCounting {
                     method,
                     frames: GrpcFrames::default(),

@@ -32,8 +32,19 @@ use super::stats::Stats;
 use crate::connection::{Conn, Slots};
 
 /// The open connections of one endpoint that may take calls.
+///
+/// `repr(C)` keeps `hint` first, in the cache line of the pool's reference
+/// count, which every pick touches anyway.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Pool {
+    /// Whether a call may come, for the picker: `serving` and some
+    /// connection ready, as of the last change the subchannel published,
+    /// in the low bit; the count of those changes above it. The picker
+    /// reads only this, as the exact check reads every connection, cold on
+    /// a large channel. A call checks exactly before it sends; one that
+    /// finds the hint stale clears it, unless a change came since.
+    hint: AtomicU64,
     addr: SocketAddr,
     /// The endpoint's counters: calls in flight and outcomes, for policies.
     stats: Arc<Stats>,
@@ -143,7 +154,7 @@ impl RateLimit {
 
 impl crate::load::Candidate for Arc<Pool> {
     fn can_take_call(&self) -> bool {
-        self.is_ready()
+        self.hint.load(Ordering::Acquire) & 1 == 1
     }
 
     fn in_flight(&self) -> usize {
@@ -165,6 +176,7 @@ impl Pool {
         stats: Arc<Stats>,
     ) -> Self {
         Self {
+            hint: AtomicU64::new(0),
             addr,
             stats,
             max_connections: config.max_connections_per_endpoint,
@@ -193,9 +205,32 @@ impl Pool {
     /// Records whether the endpoint is SERVING.
     pub(crate) fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Ordering::SeqCst);
+        self.refresh_hint();
         if !serving {
             // Waiting calls go elsewhere.
             self.slots.released();
+        }
+    }
+
+    /// Works the picker's hint out again: after every change.
+    fn refresh_hint(&self) {
+        let usable = u64::from(self.is_ready());
+        let _ = self
+            .hint
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                Some(((h >> 1).wrapping_add(1) << 1) | usable)
+            });
+    }
+
+    /// A call found the endpoint unable to take it, though the picker's
+    /// hint said it could: the hint is cleared, unless a change was
+    /// published since (which worked it out afresh).
+    pub(crate) fn hint_was_stale(&self) {
+        let seen = self.hint.load(Ordering::Acquire);
+        if seen & 1 == 1 && !self.is_ready() {
+            let _ =
+                self.hint
+                    .compare_exchange(seen, seen & !1, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
@@ -214,6 +249,7 @@ impl Pool {
     /// Replaces the connection list; waiting calls look again.
     pub(crate) fn publish(&self, conns: Vec<Arc<Conn>>) {
         self.conns.store(Arc::new(conns));
+        self.refresh_hint();
         self.slots.released();
     }
 

@@ -27,6 +27,9 @@ pub(crate) struct Stats {
     pub(crate) outcomes: crate::outlier::Outcomes,
     /// Their time to response headers, for peak EWMA.
     pub(crate) latency: crate::load::Ewma,
+    /// Whether calls measure it: only the policy that reads it pays for
+    /// the clock.
+    pub(crate) measure_latency: bool,
     /// Whether the picker's last snapshot holds it: set by the balancer
     /// after each publish.
     pub(crate) in_rotation: AtomicBool,
