@@ -26,10 +26,10 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use tokio::time::{Sleep, sleep};
 use tonic::body::Body;
-use tonic::codec::Streaming;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, Streaming};
 use tonic::{Code, Status};
-use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_prost::ProstCodec;
 
 use super::conn::Conn;
 use super::conn::Internal;
@@ -49,6 +49,13 @@ pub(crate) enum HealthEvent {
 /// The largest Watch message accepted. A `HealthCheckResponse` is 2 bytes;
 /// a server sending more is broken, and its stream ends with an error.
 const MAX_HEALTH_MESSAGE: usize = 4 * 1024;
+
+/// The Watch's method, as tonic-health's generated client names it.
+const WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// The Watch's decode buffer: its answers are a few bytes, and every
+/// endpoint keeps one stream for its life; tonic's default is 8 KiB.
+const WATCH_BUFFER: usize = 64;
 
 /// One connection's Watch stream, retried as gRFC A17 says. Polled, not
 /// awaited, so the subchannel can drop it at any point.
@@ -83,14 +90,22 @@ impl HealthWatch {
     }
 
     fn open(&mut self) {
-        let mut client = HealthClient::new(InternalService(self.conn.clone()))
+        // tonic's own client for the generated messages, with a small
+        // decode buffer (`SmallBuffer`).
+        let mut client = tonic::client::Grpc::new(InternalService(self.conn.clone()))
             .max_decoding_message_size(MAX_HEALTH_MESSAGE);
-        let request = HealthCheckRequest {
+        let request = tonic::Request::new(HealthCheckRequest {
             service: self.service.clone(),
-        };
+        });
         self.delivered = false;
         self.state = WatchState::Starting(Box::pin(async move {
-            client.watch(request).await.map(tonic::Response::into_inner)
+            let codec =
+                SmallBuffer(ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default());
+            let path = http::uri::PathAndQuery::from_static(WATCH);
+            client
+                .server_streaming(request, path, codec)
+                .await
+                .map(tonic::Response::into_inner)
         }));
     }
 
@@ -151,7 +166,41 @@ impl HealthWatch {
     }
 }
 
-/// The connection as a tower service for tonic's generated health client.
+/// A codec whose decoder starts with a small buffer.
+struct SmallBuffer<C>(C);
+
+impl<C: Codec> Codec for SmallBuffer<C> {
+    type Encode = C::Encode;
+    type Decode = C::Decode;
+    type Encoder = C::Encoder;
+    type Decoder = SmallDecoder<C::Decoder>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SmallDecoder(self.0.decoder())
+    }
+}
+
+struct SmallDecoder<D>(D);
+
+impl<D: Decoder> Decoder for SmallDecoder<D> {
+    type Item = D::Item;
+    type Error = D::Error;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D::Item>, D::Error> {
+        self.0.decode(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // tonic's yield threshold, which `BufferSettings` doesn't expose.
+        BufferSettings::new(WATCH_BUFFER, 32 * 1024)
+    }
+}
+
+/// The connection as a tower service for tonic's health messages.
 #[derive(Clone)]
 struct InternalService(Arc<Conn>);
 
