@@ -75,10 +75,17 @@ impl Outcome {
         replay: &Replay,
         throttle: Option<&Arc<Throttle>>,
     ) -> Result<Response<Body>, Status> {
+        if let Outcome::Response(_, attempt) = &self {
+            let ours = replay.commit(*attempt);
+            debug_assert!(ours, "an attempt answered a call committed to another");
+        }
+        self.answer(throttle)
+    }
+
+    /// The call's result, committed already or by the replay's drop.
+    pub(super) fn answer(self, throttle: Option<&Arc<Throttle>>) -> Result<Response<Body>, Status> {
         match self {
-            Outcome::Response(response, attempt) => {
-                let ours = replay.commit(attempt);
-                debug_assert!(ours, "an attempt answered a call committed to another");
+            Outcome::Response(response, _) => {
                 let Some(throttle) = throttle else {
                     return Ok(response);
                 };
@@ -145,8 +152,9 @@ pub(crate) async fn run(
     match (retry, hedge) {
         (Some(policy), _) => boxed(call.retry(picked, policy, throttle)).await,
         (None, Some(policy)) => boxed(call.hedge(picked, policy, throttle)).await,
-        // No policy: the call still refills the bucket when it ends OK.
-        (None, None) => call.attempt(picked, 0).await.finish(&call.replay, throttle),
+        // No policy: the call still refills the bucket when it ends OK. Its
+        // one live attempt is the latest, which the replay's drop commits to.
+        (None, None) => call.attempt(picked, 0).await.answer(throttle),
     }
 }
 

@@ -73,10 +73,7 @@ pub(crate) fn open<B>(
 where
     B: HttpBody<Data = Bytes, Error = Status> + Unpin,
 {
-    let first = match body.is_end_stream() {
-        true => Poll::Ready(None),
-        false => Pin::new(&mut body).poll_frame(cx),
-    };
+    let first = Pin::new(&mut body).poll_frame(cx);
     let (response, stream, rest) = match first {
         Poll::Ready(Some(Err(status))) => return Err(NotOpened::Body(status)),
         Poll::Ready(None) => {
