@@ -479,6 +479,8 @@ impl Builder {
         let service_config = Arc::new(ArcSwapOption::new(
             self.service_config.clone().map(AppliedConfig::new),
         ));
+        let resolution = resolver.status_receiver();
+        let resolve_now = resolver.resolve_now_handle();
         let running = Balancer::spawn(
             Spec {
                 target: name.clone(),
@@ -506,17 +508,27 @@ impl Builder {
                 service_config,
                 retry_buffer,
                 telemetry,
+                resolution,
+                resolve_now,
             },
         ))
     }
 
-    /// Starts the channel and waits until an endpoint is SERVING, for at
-    /// most `connect_deadline`. The error names the target and every
-    /// endpoint's state.
+    /// Starts the channel and waits, for at most `connect_deadline`, until
+    /// its first set has settled: every endpoint of it has given its first
+    /// health answer or failed to connect, so the first calls already
+    /// spread over every SERVING one. It fails unless one is SERVING then;
+    /// the error names the target and every endpoint's state.
     pub async fn connect(self) -> Result<LbChannel, Error> {
         let deadline = self.connect_deadline;
         let channel = self.build()?;
-        channel.wait_for_serving(deadline).await?;
+        let until = crate::deadline::deadline_in(deadline);
+        channel.settled(until).await;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        channel
+            .wait_for_serving(left.max(std::time::Duration::from_millis(1)))
+            .await
+            .map_err(|_| channel.not_serving(deadline))?;
         Ok(channel)
     }
 }

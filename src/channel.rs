@@ -16,6 +16,7 @@ use crate::deadline::deadline_in;
 use crate::discover::Discover;
 use crate::error::{Error, ErrorKind};
 use crate::outlier::Ejections;
+use crate::resolve::Resolution;
 use crate::service_config::ServiceConfig;
 use crate::status::EndpointStatus;
 use crate::subchannel::Pool;
@@ -55,6 +56,11 @@ pub struct LbChannel {
     _stop: Arc<oneshot::Sender<()>>,
     /// The endpoint `poll_ready` picked for the next `call`.
     picked: Option<Arc<Pool>>,
+    /// How resolution is going, as the resolver's task publishes it. A
+    /// receiver doesn't keep that task running.
+    resolution: watch::Receiver<Resolution>,
+    /// Asks the resolver to look again.
+    resolve_now: Arc<tokio::sync::Notify>,
 }
 
 /// How the channel treats each call.
@@ -65,6 +71,8 @@ pub(crate) struct CallSettings {
     pub(crate) service_config: Arc<arc_swap::ArcSwapOption<crate::call::AppliedConfig>>,
     pub(crate) retry_buffer: Arc<crate::call::RetryBuffer>,
     pub(crate) telemetry: crate::telemetry::Telemetry,
+    pub(crate) resolution: watch::Receiver<Resolution>,
+    pub(crate) resolve_now: Arc<tokio::sync::Notify>,
 }
 
 impl Clone for LbChannel {
@@ -76,6 +84,8 @@ impl Clone for LbChannel {
             ejections: self.ejections.clone(),
             _stop: self._stop.clone(),
             picked: None,
+            resolution: self.resolution.clone(),
+            resolve_now: self.resolve_now.clone(),
         }
     }
 }
@@ -85,7 +95,30 @@ impl fmt::Debug for LbChannel {
         f.debug_struct("LbChannel")
             .field("target", &self.calls.target)
             .field("endpoints", &self.calls.picker.summary())
+            .field("resolution", &self.resolution.borrow().to_string())
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for LbChannel {
+    /// One line: the endpoints by state, then how resolution is going.
+    ///
+    /// ```text
+    /// dns:///echo.prod.svc.cluster.local:50051: 3 endpoints: 3 SERVING; resolved 1.2s ago, 3 endpoints, the set last changed 40.0s ago
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let resolution = self.resolution.borrow();
+        let how = resolution.to_string();
+        // The resolution's line starts with the target too.
+        let how = how
+            .strip_prefix(&format!("{}: ", resolution.target))
+            .unwrap_or(&how);
+        write!(
+            f,
+            "{}: {}; {how}",
+            self.calls.target,
+            self.calls.picker.summary()
+        )
     }
 }
 
@@ -101,6 +134,8 @@ impl LbChannel {
             service_config,
             retry_buffer,
             telemetry,
+            resolution,
+            resolve_now,
         } = settings;
         let Running {
             picker,
@@ -125,6 +160,8 @@ impl LbChannel {
             ejections,
             _stop: Arc::new(stop),
             picked: None,
+            resolution,
+            resolve_now,
         }
     }
 
@@ -157,6 +194,26 @@ impl LbChannel {
             .collect()
     }
 
+    /// How resolution is going: its state (pending, resolved, failing,
+    /// ended), the endpoint count, when the set last changed, and the last
+    /// failure and when. It reads what the resolver's task publishes.
+    ///
+    /// With resolution failing and no endpoint to offer, the channel is in
+    /// gRPC's TRANSIENT_FAILURE: a call fails at once with the resolver's
+    /// error, unless its method is wait-for-ready (`waitForReady` in the
+    /// service config).
+    pub fn resolution(&self) -> Resolution {
+        self.resolution.borrow().clone()
+    }
+
+    /// Asks the resolver to look again now rather than at its next
+    /// refresh, at most once per `min_refresh` (1 s by default). DNS and
+    /// SRV targets honour it; a fixed list has nothing to ask, and a
+    /// source of your own (`from_source`) decides when it answers.
+    pub fn resolve_now(&self) {
+        self.resolve_now.notify_one();
+    }
+
     /// A [`tower::discover::Discover`] of the SERVING endpoints, keyed by
     /// address, for tower's own balancers such as `p2c::Balance`.
     pub fn discover(&self) -> Discover {
@@ -169,25 +226,59 @@ impl LbChannel {
     /// Not named `ready`, so it doesn't hide `tower::ServiceExt::ready`.
     pub async fn wait_for_serving(&self, limit: Duration) -> Result<(), Error> {
         let until = deadline_in(limit);
-        match self.calls.wait_pick(until, self.calls.fail_fast, &[]).await {
+        let wait = crate::call::Wait {
+            until,
+            fail_fast: self.calls.fail_fast,
+            wait_for_ready: true,
+        };
+        match self.calls.wait_pick(wait, &[]).await {
             Ok(_) => Ok(()),
-            Err(_) => {
-                let mut states: Vec<String> = self
-                    .endpoints()
-                    .iter()
-                    .map(|e| format!("{} {}", e.addr, e.state))
-                    .collect();
-                if states.is_empty() {
-                    states.push(self.calls.picker.summary());
+            Err(_) => Err(self.not_serving(limit)),
+        }
+    }
+
+    /// The error of a wait for a SERVING endpoint that lasted `limit`.
+    pub(crate) fn not_serving(&self, limit: Duration) -> Error {
+        let mut states: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("{} {}", e.addr, e.state))
+            .collect();
+        if states.is_empty() {
+            states.push(self.calls.picker.summary());
+        }
+        states.push(format!("resolution: {}", *self.resolution.borrow()));
+        Error::new(
+            ErrorKind::Unavailable,
+            Some(self.calls.target.clone()),
+            format!(
+                "no endpoint became SERVING within {limit:?}: {}",
+                states.join("; ")
+            ),
+        )
+    }
+
+    /// Waits, until `until` at most, for the first set to settle: resolved,
+    /// and no endpoint of it still connecting. A source that ended without
+    /// a set won't settle; this returns at once then.
+    pub(crate) async fn settled(&self, until: tokio::time::Instant) {
+        let mut published = self.calls.picker.subscribe();
+        loop {
+            let ended_empty = matches!(
+                self.resolution.borrow().status,
+                crate::resolve::ResolveStatus::Ended {
+                    gave_a_set: false,
+                    ..
                 }
-                Err(Error::new(
-                    ErrorKind::Unavailable,
-                    Some(self.calls.target.clone()),
-                    format!(
-                        "no endpoint became SERVING within {limit:?}: {}",
-                        states.join("; ")
-                    ),
-                ))
+            );
+            if self.calls.picker.settled() || ended_empty || self.calls.picker.stopped().is_some() {
+                return;
+            }
+            if tokio::time::timeout_at(until, published.changed())
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     }

@@ -653,3 +653,56 @@ async fn a_call_with_a_deadline_built_outside_the_runtime_runs_inside_it() {
         backend.stop().await;
     }
 }
+
+#[tokio::test]
+async fn connect_returns_once_the_whole_first_set_has_answered() {
+    let port = free_port();
+    let backends = backends(50, 3, port).await;
+    // A fourth pod answers its first health check 300 ms late, through a
+    // proxy that holds its bytes back meanwhile.
+    let late = Backend::start("late", loopback(54, port)).await;
+    let proxy = Proxy::start(loopback(55, port), late.addr).await;
+    proxy.go_silent(true);
+    let dns = TestDns::start().await;
+    let mut addrs = ips(&backends);
+    addrs.push(Ipv4Addr::new(127, 0, 0, 55));
+    // And one address with no server: connect refused.
+    addrs.push(Ipv4Addr::new(127, 0, 0, 53));
+    dns.zone().set_a(HOST, &addrs, 1);
+    let unsilence = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.go_silent(false);
+        proxy
+    });
+    let channel = within(
+        Duration::from_secs(10),
+        "connect",
+        LbChannel::builder(dns.target(HOST, port)).connect(),
+    )
+    .await
+    .expect("it connects");
+    // At once: the four answered SERVING and are in rotation, the late one
+    // included, and the fifth failed to connect.
+    let eps = channel.endpoints();
+    assert_eq!(
+        eps.iter()
+            .filter(|e| e.state.is_serving() && e.in_rotation)
+            .count(),
+        4,
+        "{eps:?}"
+    );
+    assert!(
+        eps.iter()
+            .any(|e| matches!(e.state, SubchannelState::TransientFailure(_))),
+        "{eps:?}"
+    );
+    // So the first calls already spread over every SERVING pod.
+    let mut client = EchoClient::new(channel.clone());
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for _ in 0..40 {
+        *seen.entry(unary(&mut client).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen.values().all(|&n| n == 10), "{seen:?}");
+    drop(unsilence.await);
+}

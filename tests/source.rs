@@ -251,3 +251,107 @@ async fn a_source_that_ends_before_its_first_set_says_it_ended() {
         "{last}"
     );
 }
+
+#[tokio::test]
+async fn the_channel_says_how_resolution_is_going_and_fails_calls_at_once_in_transient_failure() {
+    use healthlb::resolve::ResolveStatus;
+    let port = free_port();
+    let b = backends(160, 1, port).await;
+    let (tx, rx) = mpsc::unbounded();
+    // Unary may wait for ready; the other methods may not.
+    let config = r#"{"methodConfig": [{"name": [{"service": "echo.Echo", "method": "Unary"}],
+        "waitForReady": true}]}"#;
+    let channel = LbChannel::from_source("registry:echo", from_stream(rx))
+        .ready_timeout(Duration::from_secs(5))
+        .default_service_config(config)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert!(matches!(
+        channel.resolution().status,
+        ResolveStatus::Pending
+    ));
+    tx.unbounded_send(Err("the registry answered 503".into()))
+        .unwrap();
+    let failing = wait_for(Duration::from_secs(5), || {
+        matches!(channel.resolution().status, ResolveStatus::Failing { .. })
+    })
+    .await;
+    assert!(failing.is_some(), "{}", channel.resolution());
+    let resolution = channel.resolution();
+    assert_eq!(resolution.endpoints, 0);
+    assert!(resolution.is_failing_empty());
+    let (error, _) = resolution.last_error.as_ref().expect("the failure");
+    assert!(
+        error.to_string().contains("the registry answered 503"),
+        "{error}"
+    );
+    let line = channel.to_string();
+    assert!(
+        line.starts_with("registry:echo: ")
+            && line.contains("failing for")
+            && line.contains("the registry answered 503"),
+        "{line}"
+    );
+
+    // TRANSIENT_FAILURE: a call that isn't wait-for-ready fails at once
+    // with the resolver's error, not after the 5 s ready timeout.
+    let mut client = EchoClient::new(channel.clone());
+    let started = std::time::Instant::now();
+    let request = support::echo::pb::StreamRequest {
+        message: "s".into(),
+        count: 1,
+        interval_ms: 0,
+    };
+    let status = within(
+        Duration::from_secs(4),
+        "a fail-fast call",
+        client.server_stream(request),
+    )
+    .await
+    .expect_err("nothing to call");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("registry:echo")
+            && status.message().contains("the registry answered 503"),
+        "{status:?}"
+    );
+    // A wait-for-ready call waits, up to its deadline.
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "x".into(),
+    });
+    request.set_timeout(Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    let status = within(
+        Duration::from_secs(4),
+        "a wait-for-ready call",
+        client.unary(request),
+    )
+    .await
+    .expect_err("still nothing");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(650), "it waited");
+
+    // Recovered: resolved, one endpoint, the last failure kept.
+    channel.resolve_now();
+    tx.unbounded_send(set(&[&b[0]])).unwrap();
+    all_serving(&channel, 1).await;
+    let resolution = channel.resolution();
+    assert!(
+        matches!(resolution.status, ResolveStatus::Resolved { .. }),
+        "{resolution}"
+    );
+    assert_eq!(resolution.endpoints, 1);
+    assert!(resolution.last_change.is_some() && resolution.last_error.is_some());
+    let line = resolution.to_string();
+    assert!(
+        line.contains("resolved") && line.contains("last failure"),
+        "{line}"
+    );
+    assert_eq!(answered_by(&channel, 3).await, names(&[&b[0]]));
+}

@@ -260,7 +260,11 @@ impl Balancer {
                     if result.is_err() {
                         return Some("its resolver task stopped".to_owned());
                     }
-                    // Only the error summary depends on it.
+                    let failing =
+                        matches!(status.borrow_and_update().status, ResolveStatus::Failing { .. });
+                    crate::metrics::resolution_failing(&self.target, failing);
+                    self.telemetry.resolution_failing(failing);
+                    // The summary and the channel's state depend on it.
                 }
             }
             #[cfg(test)]
@@ -351,7 +355,8 @@ impl Balancer {
                 placed: placed.get(addr).cloned().unwrap_or_default(),
             }
         });
-        let note = match self.resolver.status() {
+        let resolution = self.resolver.resolution();
+        let note = match resolution.status.clone() {
             ResolveStatus::Pending => Some("the first resolution has not finished".to_owned()),
             ResolveStatus::Ended {
                 gave_a_set: false, ..
@@ -383,7 +388,13 @@ impl Balancer {
         }
         crate::metrics::ejected(&self.target, built.ejected, built.panic);
         crate::metrics::endpoints(&self.target, built.states);
-        self.outputs.picker.publish(built.snapshot);
+        let mut snapshot = built.snapshot;
+        snapshot.failing = failing(&resolution).map(Arc::from);
+        snapshot.settled = !matches!(resolution.status, ResolveStatus::Pending)
+            && subchannels
+                .values()
+                .all(|sub| !matches!(sub.state(), crate::subchannel::SubchannelState::Connecting));
+        self.outputs.picker.publish(snapshot);
         // After the snapshot: "not in rotation" means no new pick finds it.
         for (addr, sub) in subchannels {
             sub.set_in_rotation(built.in_rotation.binary_search(addr).is_ok());
@@ -412,6 +423,24 @@ impl Balancer {
         });
         built.ramp_end.map(Instant::from_std)
     }
+}
+
+/// Why the channel is in TRANSIENT_FAILURE, if it is: resolution failed
+/// with nothing to offer (gRPC's channel state, in which a call that isn't
+/// wait-for-ready fails at once).
+fn failing(resolution: &crate::resolve::Resolution) -> Option<String> {
+    if !resolution.is_failing_empty() {
+        return None;
+    }
+    let target = &resolution.target;
+    Some(match &resolution.status {
+        ResolveStatus::Failing { error, .. } => {
+            format!("{target}: no endpoint to call, resolution is failing: {error}")
+        }
+        _ => format!(
+            "{target}: no endpoint to call: the endpoint source ended before giving any endpoints"
+        ),
+    })
 }
 
 /// Each endpoint's outcomes, for the ejector.

@@ -160,6 +160,8 @@ pub(crate) fn build<T>(
             since: rotation.since,
             groups,
             summary: Snapshot::summarize(labels.iter().map(String::as_str), note),
+            failing: None,
+            settled: false,
         },
         in_rotation: rotation.in_rotation,
         serving: rotation.serving,

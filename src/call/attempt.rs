@@ -143,6 +143,7 @@ pub(crate) async fn run(
         shared,
         replay,
         fail_fast: plan.fail_fast,
+        wait_for_ready: plan.wait_for_ready,
         tried: Mutex::new(Vec::new()),
         track: plan.policy.is_some(),
         linger: hedge.is_some(),
@@ -162,6 +163,8 @@ pub(super) struct Call {
     pub(super) shared: Arc<Calls>,
     pub(super) replay: Replay,
     pub(super) fail_fast: bool,
+    /// Waits even in TRANSIENT_FAILURE.
+    pub(super) wait_for_ready: bool,
     /// The call's deadline: no attempt waits past it.
     pub(super) deadline: Option<Instant>,
     /// The endpoints this call's attempts went to.
@@ -208,7 +211,12 @@ impl Call {
                         .clone();
                     let (until, _) = bounds();
                     // Boxed: waiting is rare, and its future is large.
-                    match boxed(self.shared.wait_pick(until, self.fail_fast, &tried)).await {
+                    let wait = super::pick::Wait {
+                        until,
+                        fail_fast: self.fail_fast,
+                        wait_for_ready: self.wait_for_ready,
+                    };
+                    match boxed(self.shared.wait_pick(wait, &tried)).await {
                         Ok((pool, waited)) => {
                             delayed |= waited;
                             pool

@@ -38,7 +38,7 @@ mod tracked;
 pub(crate) use self::attempt::run;
 pub(crate) use self::config::AppliedConfig;
 pub(crate) use self::observed::observed;
-pub(crate) use self::pick::Calls;
+pub(crate) use self::pick::{Calls, Wait};
 pub(crate) use self::replay::{Replay, RetryBuffer};
 pub(crate) use self::response::BoxError;
 pub use self::response::ResponseFuture;

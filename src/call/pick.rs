@@ -13,6 +13,17 @@ use super::replay::RetryBuffer;
 use crate::picker::Picker;
 use crate::subchannel::{Pool, Subchannel};
 
+/// How a call waits for an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wait {
+    /// Not past then.
+    pub(crate) until: Instant,
+    /// Not at all: no endpoint SERVING fails the call at once.
+    pub(crate) fail_fast: bool,
+    /// Even while the channel is in TRANSIENT_FAILURE.
+    pub(crate) wait_for_ready: bool,
+}
+
 /// The request path's part of a channel, shared by its clones.
 pub(crate) struct Calls {
     pub(crate) target: Arc<str>,
@@ -36,14 +47,22 @@ pub(crate) struct Calls {
 
 impl Calls {
     /// A serving endpoint, not one of `tried` if another can take the
-    /// call, waiting until `until` for one unless `fail_fast`; and whether
-    /// the pick had to wait.
+    /// call, waiting as `wait` says; and whether the pick had to wait.
+    ///
+    /// As gRPC's channel: a call waits while the channel is connecting,
+    /// but in TRANSIENT_FAILURE (resolution failed with nothing to offer)
+    /// it fails at once with the reason, unless its method is
+    /// wait-for-ready.
     pub(crate) async fn wait_pick(
         &self,
-        until: Instant,
-        fail_fast: bool,
+        wait: Wait,
         tried: &[Arc<Pool>],
     ) -> Result<(Arc<Pool>, bool), Status> {
+        let Wait {
+            until,
+            fail_fast,
+            wait_for_ready,
+        } = wait;
         let mut published = self.picker.subscribe();
         let started = Instant::now();
         let limit = crate::deadline::rounded(until.saturating_duration_since(started));
@@ -57,6 +76,9 @@ impl Calls {
             }
             if let Some(why) = self.picker.stopped() {
                 return Err(self.stopped(why));
+            }
+            if !wait_for_ready && let Some(why) = self.picker.failing() {
+                return Err(Status::unavailable(why.to_string()));
             }
             waited = true;
             if fail_fast {

@@ -18,6 +18,9 @@ use tokio::time::Instant;
 /// and by which retry or hedging policy.
 pub(crate) struct Plan {
     pub(crate) fail_fast: bool,
+    /// The method's `waitForReady`: it waits even while the channel is in
+    /// TRANSIENT_FAILURE (resolution failed with nothing to offer).
+    pub(crate) wait_for_ready: bool,
     /// The call's deadline: no attempt waits past it.
     pub(crate) deadline: Option<Instant>,
     /// The service config in force when the call was made, and the index
@@ -53,6 +56,7 @@ impl Calls {
             fail_fast: entry
                 .and_then(|m| m.wait_for_ready)
                 .map_or(self.fail_fast, |wait| !wait),
+            wait_for_ready: entry.and_then(|m| m.wait_for_ready) == Some(true),
             throttle: applied.as_ref().and_then(|a| a.throttle.clone()),
             policy: method
                 .filter(|(a, i)| {

@@ -131,7 +131,14 @@ pub(crate) const METRICS: &[Described] = &[
         "gauge",
         "",
         "target",
-        "With a client zone set: the share of calls zone-aware routing keeps in the zone (1 all, 0 none: all spill).",
+        "With a client zone set: the share of calls that lands in the client's zone, with zone-aware routing on or off (1 all, 0 none).",
+    ),
+    described(
+        "healthlb_resolution_failing",
+        "gauge",
+        "",
+        "target",
+        "1 while resolution fails (the last good set is kept; with none, calls that aren't wait-for-ready fail at once).",
     ),
     described(
         "healthlb_call_attempts",

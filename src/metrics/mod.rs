@@ -71,6 +71,15 @@ pub(crate) fn zone_local_share(target: &str, share: Option<f64>) {
     let _ = (target, share);
 }
 
+/// Whether resolution is failing now.
+pub(crate) fn resolution_failing(target: &str, failing: bool) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("healthlb_resolution_failing", "target" => target.to_owned())
+        .set(f64::from(u8::from(failing)));
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, failing);
+}
+
 /// A call under a retry or hedging policy ended after `attempts`.
 pub(crate) fn call_attempts(target: &str, kind: &'static str, attempts: u32) {
     #[cfg(feature = "metrics")]

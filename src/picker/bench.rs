@@ -43,6 +43,8 @@ impl<S: Clone> Picked<S> {
             since: Vec::new(),
             groups: Vec::new(),
             summary: String::new(),
+            failing: None,
+            settled: false,
         });
         Some(Self {
             picker: Arc::new(picker),

@@ -105,6 +105,8 @@ impl<T: Candidate> Picker<T> {
                 since: Vec::new(),
                 groups: Vec::new(),
                 summary,
+                failing: None,
+                settled: false,
             }),
             published: watch::channel(0).0,
             chooser,
@@ -124,12 +126,24 @@ impl<T: Candidate> Picker<T> {
             since: Vec::new(),
             groups: Vec::new(),
             summary,
+            failing: None,
+            settled: false,
         });
     }
 
     /// Why the balancer stopped for good, if it did.
     pub(crate) fn stopped(&self) -> Option<&str> {
         self.stopped.get().map(String::as_str)
+    }
+
+    /// Why the channel is in TRANSIENT_FAILURE, if it is.
+    pub(crate) fn failing(&self) -> Option<Arc<str>> {
+        self.snapshot.load().failing.clone()
+    }
+
+    /// Whether the first set has settled (see [`Snapshot::settled`]).
+    pub(crate) fn settled(&self) -> bool {
+        self.snapshot.load().settled
     }
 
     /// Whether the picker wants to know when each endpoint became SERVING.

@@ -21,6 +21,13 @@ pub(crate) struct Snapshot<T = Arc<Pool>> {
     pub(crate) groups: Vec<Group>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
+    /// Why the channel is in TRANSIENT_FAILURE, if it is: resolution
+    /// failed with nothing to offer. A call that is not wait-for-ready
+    /// fails at once with it.
+    pub(crate) failing: Option<Arc<str>>,
+    /// The first set has settled: resolved, and no endpoint of it still
+    /// connecting (each SERVING, not serving, or failed to connect).
+    pub(crate) settled: bool,
 }
 
 /// A run of a snapshot's `ready`, and the share of calls up to its end.

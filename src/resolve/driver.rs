@@ -11,13 +11,13 @@ use tracing::{debug, info, warn};
 use super::config::ResolveConfig;
 use super::endpoint::{Endpoint, Endpoints};
 use super::source::{DynSource, SourceError};
-use super::status::ResolveStatus;
+use super::status::{Resolution, ResolveStatus};
 use crate::{Error, ErrorKind};
 
 /// Where the task publishes.
 pub(crate) struct Publisher {
     pub(crate) endpoints: watch::Sender<Endpoints>,
-    pub(crate) status: watch::Sender<ResolveStatus>,
+    pub(crate) status: watch::Sender<Resolution>,
 }
 
 /// An ongoing run of failures.
@@ -72,9 +72,12 @@ impl Driver {
                 Some(Err(error)) => self.failed(&error),
                 None => {
                     debug!(target = %self.target, "the endpoint source ended; its last set stays");
-                    self.publisher.status.send_replace(ResolveStatus::Ended {
-                        at: Instant::now(),
-                        gave_a_set: self.published,
+                    let gave_a_set = self.published;
+                    self.publisher.status.send_modify(|r| {
+                        r.status = ResolveStatus::Ended {
+                            at: Instant::now(),
+                            gave_a_set,
+                        };
                     });
                     return std::future::pending().await;
                 }
@@ -93,20 +96,29 @@ impl Driver {
                 "resolution recovered"
             );
         }
-        self.publisher
-            .status
-            .send_replace(ResolveStatus::Resolved { at: Instant::now() });
+        let endpoints = self.publisher.endpoints.borrow().len();
+        self.publisher.status.send_modify(|r| {
+            r.status = ResolveStatus::Resolved { at: Instant::now() };
+            r.endpoints = endpoints;
+        });
     }
 
     fn failed(&mut self, why: &SourceError) {
         let target = &self.target;
         let outage = self.outage.get_or_insert_with(|| {
-            warn!(
-                target = %target,
-                error = %why,
-                kept_endpoints = self.publisher.endpoints.borrow().len(),
-                "resolution failing; keeping the last good endpoints"
-            );
+            match self.publisher.endpoints.borrow().len() {
+                0 => warn!(
+                    target = %target,
+                    error = %why,
+                    "resolution failing, with no endpoint to keep: calls fail at once unless wait-for-ready"
+                ),
+                kept => warn!(
+                    target = %target,
+                    error = %why,
+                    kept_endpoints = kept,
+                    "resolution failing; keeping the last good endpoints"
+                ),
+            }
             Outage {
                 since: Instant::now(),
                 attempts: 0,
@@ -118,10 +130,14 @@ impl Driver {
             Some(target.clone()),
             format!("resolving {:?} failed: {why}", &**target),
         );
-        self.publisher.status.send_replace(ResolveStatus::Failing {
-            since: outage.since,
-            attempts: outage.attempts,
-            error,
+        let (since, attempts) = (outage.since, outage.attempts);
+        self.publisher.status.send_modify(|r| {
+            r.last_error = Some((error.clone(), Instant::now()));
+            r.status = ResolveStatus::Failing {
+                since,
+                attempts,
+                error,
+            };
         });
     }
 
@@ -144,7 +160,7 @@ impl Driver {
         let first = !self.published;
         self.published = true;
         let target = &self.target;
-        self.publisher.endpoints.send_if_modified(|current| {
+        let changed = self.publisher.endpoints.send_if_modified(|current| {
             if !first && *current == set {
                 return false;
             }
@@ -158,5 +174,12 @@ impl Driver {
             *current = set;
             true
         });
+        if changed {
+            let endpoints = self.publisher.endpoints.borrow().len();
+            self.publisher.status.send_modify(|r| {
+                r.endpoints = endpoints;
+                r.last_change = Some(Instant::now());
+            });
+        }
     }
 }

@@ -75,4 +75,4 @@ pub use self::endpoint::{Endpoint, Endpoints};
 pub use self::resolver::Resolver;
 pub(crate) use self::source::DynSource;
 pub use self::source::{EndpointSource, SourceError, from_stream};
-pub use self::status::ResolveStatus;
+pub use self::status::{Resolution, ResolveStatus};

@@ -9,7 +9,7 @@ use super::dns_source::{DnsSource, Query};
 use super::driver;
 use super::endpoint::{Endpoint, Endpoints};
 use super::source::{DynSource, EndpointSource, Fixed, Paced};
-use super::status::ResolveStatus;
+use super::status::{Resolution, ResolveStatus};
 use crate::Error;
 use crate::service_config::ServiceConfig;
 use crate::target::{Target, TargetKind};
@@ -22,7 +22,7 @@ use crate::target::{Target, TargetKind};
 pub struct Resolver {
     target: Arc<str>,
     endpoints: watch::Receiver<Endpoints>,
-    status: watch::Receiver<ResolveStatus>,
+    status: watch::Receiver<Resolution>,
     now: Arc<Notify>,
     /// The service config from DNS, when asked for.
     service_config: Option<watch::Receiver<Option<Arc<ServiceConfig>>>>,
@@ -123,7 +123,7 @@ impl Resolver {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::no_runtime("Resolver::spawn"))?;
         let (etx, endpoints) = watch::channel(Endpoints::default());
-        let (stx, status) = watch::channel(ResolveStatus::Pending);
+        let (stx, status) = watch::channel(Resolution::new(name.clone()));
         let publisher = driver::Publisher {
             endpoints: etx,
             status: stx,
@@ -163,6 +163,12 @@ impl Resolver {
 
     /// How resolution is going.
     pub fn status(&self) -> ResolveStatus {
+        self.status.borrow().status.clone()
+    }
+
+    /// How resolution is going, with the endpoint count, the last change
+    /// and the last failure.
+    pub fn resolution(&self) -> Resolution {
         self.status.borrow().clone()
     }
 
@@ -175,7 +181,7 @@ impl Resolver {
     }
 
     /// A receiver of every status change.
-    pub(crate) fn status_receiver(&self) -> watch::Receiver<ResolveStatus> {
+    pub(crate) fn status_receiver(&self) -> watch::Receiver<Resolution> {
         self.status.clone()
     }
 

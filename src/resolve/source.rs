@@ -157,11 +157,15 @@ impl EndpointSource for Paced {
     }
 }
 
-/// A fixed list: said once, never changed.
+/// A fixed list: said once, never changed. It doesn't end, so its status
+/// stays "resolved".
 pub(crate) struct Fixed(pub(crate) Option<Vec<Endpoint>>);
 
 impl EndpointSource for Fixed {
     async fn next(&mut self) -> Option<Result<Vec<Endpoint>, SourceError>> {
-        self.0.take().map(Ok)
+        match self.0.take() {
+            Some(list) => Some(Ok(list)),
+            None => std::future::pending().await,
+        }
     }
 }

@@ -258,6 +258,16 @@ impl Telemetry {
         }
     }
 
+    /// healthlb's own: whether resolution is failing now.
+    pub(crate) fn resolution_failing(&self, failing: bool) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.inner {
+            i.resolution_failing(failing);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = failing;
+    }
+
     /// healthlb's own: the share of calls that stays in the client's zone.
     pub(crate) fn zone_local_share(&self, share: Option<f64>) {
         #[cfg(feature = "opentelemetry")]

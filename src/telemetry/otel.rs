@@ -69,6 +69,7 @@ pub(crate) struct Instruments {
     panic: Gauge<u64>,
     throttled: Counter<u64>,
     zone_local: Gauge<f64>,
+    resolution_failing: Gauge<u64>,
 }
 
 impl Instruments {
@@ -166,10 +167,15 @@ impl Instruments {
                 "{attempt}",
                 "healthlb: retries and hedges the retry token bucket refused.",
             ),
+            resolution_failing: meter
+                .u64_gauge("grpc.lb.resolution.failing")
+                .with_unit("1")
+                .with_description("healthlb: 1 while resolution fails; the last good set is kept.")
+                .build(),
             zone_local: meter
                 .f64_gauge("grpc.lb.zone.local_share")
                 .with_unit("1")
-                .with_description("healthlb: the share of calls zone-aware routing keeps in the client's zone.")
+                .with_description("healthlb: the share of calls that lands in the client's zone, with zone-aware routing on or off.")
                 .build(),
         }
     }
@@ -245,6 +251,11 @@ impl Instruments {
 
     pub(crate) fn retry_throttled(&self) {
         self.throttled.add(1, std::slice::from_ref(&self.target));
+    }
+
+    pub(crate) fn resolution_failing(&self, failing: bool) {
+        self.resolution_failing
+            .record(u64::from(failing), std::slice::from_ref(&self.target));
     }
 
     pub(crate) fn zone_local_share(&self, share: f64) {
