@@ -464,13 +464,15 @@ impl Builder {
             }
         };
         let retry_buffer = self.subchannel.retry_buffer.clone();
+        // Spans follow the tracing subscriber alone; metrics need a provider.
         #[cfg(feature = "opentelemetry")]
-        let telemetry = match &self.meter_provider {
-            Some(provider) => {
-                crate::telemetry::Telemetry::new(&*provider.0, &canonical, self.trace_context)
-            }
-            None => crate::telemetry::Telemetry::default(),
-        };
+        let telemetry = crate::telemetry::Telemetry::new(
+            self.meter_provider
+                .as_ref()
+                .map(|p| &*p.0 as &dyn opentelemetry::metrics::MeterProvider),
+            &canonical,
+            self.trace_context,
+        );
         #[cfg(not(feature = "opentelemetry"))]
         let telemetry = {
             let _ = canonical;

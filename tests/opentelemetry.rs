@@ -876,3 +876,23 @@ async fn zone_share(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn spans_need_only_a_tracing_subscriber_not_a_meter_provider() {
+    let b = backends(240, 1, free_port()).await;
+    // Every test sets the global subscriber first (`meters`).
+    let _ = meters();
+    let channel = support::connect_serving(LbChannel::builder(list(&b)), 1).await;
+    let spans = traced(async {
+        let mut client = EchoClient::new(channel.clone());
+        unary(&mut client).await.expect("the call answers");
+    })
+    .await;
+    let attempts = attempts_of_one_call(&spans, &traceparents(&b));
+    assert_eq!(attempts.len(), 1);
+    let seen = traceparents(&b);
+    assert!(
+        seen.len() == 1 && seen[0] != "-",
+        "the server got one: {seen:?}"
+    );
+}

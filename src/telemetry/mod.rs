@@ -6,9 +6,10 @@
 //! events, and the trace context sent on every attempt (W3C `traceparent`,
 //! `grpc-trace-bin`, or both).
 //!
-//! Without the feature, or without a provider, [`Telemetry`] holds nothing
-//! and every hook is an empty inline function: the request path pays one
-//! `Option` check per call and per attempt.
+//! Spans follow the tracing subscriber alone, with or without a meter
+//! provider; metrics need the provider. Without the feature, [`Telemetry`]
+//! holds nothing and every hook is an empty inline function; with it but
+//! with neither a provider nor a subscriber, a call pays one check.
 
 #[cfg(feature = "opentelemetry")]
 mod events;
@@ -21,8 +22,10 @@ use std::sync::Arc;
 /// The channel's telemetry, shared by its calls and subchannels.
 #[derive(Clone, Default)]
 pub(crate) struct Telemetry {
+    /// With the feature on, always present: spans follow the tracing
+    /// subscriber alone; instruments only with a meter provider.
     #[cfg(feature = "opentelemetry")]
-    inner: Option<Arc<otel::Instruments>>,
+    inner: Option<Arc<otel::Shared>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -132,17 +135,28 @@ impl AttemptTelemetry {
 }
 
 impl Telemetry {
-    /// Instruments from `provider`, labelled with `target`; attempts send
-    /// their trace context in `headers`.
+    /// A channel's telemetry for `target`: spans for a tracing subscriber,
+    /// whose attempts send their trace context in `headers`, and the
+    /// instruments from `provider`, when given.
     #[cfg(feature = "opentelemetry")]
     pub(crate) fn new(
-        provider: &dyn opentelemetry::metrics::MeterProvider,
+        provider: Option<&dyn opentelemetry::metrics::MeterProvider>,
         target: &str,
         headers: TraceContext,
     ) -> Self {
         Self {
-            inner: Some(Arc::new(otel::Instruments::new(provider, target, headers))),
+            inner: Some(Arc::new(otel::Shared {
+                target: target.into(),
+                trace_context: headers,
+                instruments: provider.map(|p| otel::Instruments::new(p, target)),
+            })),
         }
+    }
+
+    /// The instruments, with a meter provider.
+    #[cfg(feature = "opentelemetry")]
+    fn instruments(&self) -> Option<&otel::Instruments> {
+        self.inner.as_ref()?.instruments.as_ref()
     }
 
     pub(crate) fn is_on(&self) -> bool {
@@ -165,9 +179,8 @@ impl Telemetry {
     ) -> Option<CallTelemetry> {
         #[cfg(feature = "opentelemetry")]
         {
-            self.inner
-                .as_ref()
-                .map(|i| CallTelemetry::start(i.clone(), method, deadline))
+            let shared = self.inner.as_ref()?;
+            CallTelemetry::start(shared.clone(), method, deadline)
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
@@ -187,11 +200,9 @@ impl Telemetry {
     ) -> Option<AttemptTelemetry> {
         #[cfg(feature = "opentelemetry")]
         {
-            self.inner.as_ref().map(|i| {
-                let parent = replay.span();
-                let deadline = replay.deadline();
-                AttemptTelemetry::start(i.clone(), method, endpoint, attempt, parent, deadline)
-            })
+            let shared = self.inner.as_ref()?;
+            let (parent, deadline) = (replay.span(), replay.deadline());
+            AttemptTelemetry::start(shared.clone(), method, endpoint, attempt, parent, deadline)
         }
         #[cfg(not(feature = "opentelemetry"))]
         {
@@ -203,7 +214,7 @@ impl Telemetry {
     /// A94: a connection attempt to an endpoint in `locality` ended.
     pub(crate) fn connection_attempt(&self, locality: Option<&str>, ok: bool) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.connection_attempt(locality, ok);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -213,7 +224,7 @@ impl Telemetry {
     /// A94: a connection closed for `reason` (A94's disconnect error).
     pub(crate) fn disconnection(&self, locality: Option<&str>, reason: &str) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.disconnection(locality, reason);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -223,7 +234,7 @@ impl Telemetry {
     /// A94: `delta` more (or fewer) connections are open.
     pub(crate) fn open_connections(&self, locality: Option<&str>, tls: bool, delta: i64) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.open_connections(locality, tls, delta);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -233,7 +244,7 @@ impl Telemetry {
     /// healthlb's own: endpoints ejected now, and whether panic mode runs.
     pub(crate) fn ejected(&self, ejected: usize, panic: bool) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.ejected(ejected, panic);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -243,7 +254,7 @@ impl Telemetry {
     /// healthlb's own: an endpoint was ejected, by `algorithm`.
     pub(crate) fn ejection(&self, algorithm: &str) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.ejection(algorithm);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -253,7 +264,7 @@ impl Telemetry {
     /// healthlb's own: a retry or hedge the token bucket refused.
     pub(crate) fn retry_throttled(&self) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.retry_throttled();
         }
     }
@@ -261,7 +272,7 @@ impl Telemetry {
     /// healthlb's own: whether resolution is failing now.
     pub(crate) fn resolution_failing(&self, failing: bool) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.inner {
+        if let Some(i) = self.instruments() {
             i.resolution_failing(failing);
         }
         #[cfg(not(feature = "opentelemetry"))]
@@ -271,7 +282,7 @@ impl Telemetry {
     /// healthlb's own: the share of calls that stays in the client's zone.
     pub(crate) fn zone_local_share(&self, share: Option<f64>) {
         #[cfg(feature = "opentelemetry")]
-        if let (Some(i), Some(share)) = (&self.inner, share) {
+        if let (Some(i), Some(share)) = (self.instruments(), share) {
             i.zone_local_share(share);
         }
         #[cfg(not(feature = "opentelemetry"))]

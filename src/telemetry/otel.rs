@@ -48,10 +48,27 @@ const SCOPE: &str = "healthlb";
 /// methods it doesn't know, to bound cardinality.
 const MAX_METHODS: usize = 1000;
 
+/// What one channel's telemetry shares: the target and the trace-context
+/// headers for spans, which follow the tracing subscriber alone, and the
+/// instruments when a meter provider was given.
+pub(crate) struct Shared {
+    /// The canonical target, for spans.
+    pub(crate) target: Arc<str>,
+    /// Which headers carry an attempt's trace context.
+    pub(crate) trace_context: TraceContext,
+    pub(crate) instruments: Option<Instruments>,
+}
+
+impl Shared {
+    /// Whether a call or attempt records anything: metrics, or spans for a
+    /// subscriber.
+    fn records(&self) -> bool {
+        self.instruments.is_some() || tracing::dispatcher::has_been_set()
+    }
+}
+
 pub(crate) struct Instruments {
     target: KeyValue,
-    /// Which headers carry an attempt's trace context.
-    trace_context: TraceContext,
     /// Each method's label, made once: a label's value is shared, not
     /// copied, on every record.
     methods: std::sync::RwLock<std::collections::HashMap<Box<str>, KeyValue>>,
@@ -73,11 +90,7 @@ pub(crate) struct Instruments {
 }
 
 impl Instruments {
-    pub(crate) fn new(
-        provider: &dyn MeterProvider,
-        target: &str,
-        trace_context: TraceContext,
-    ) -> Self {
+    pub(crate) fn new(provider: &dyn MeterProvider, target: &str) -> Self {
         let meter = provider.meter(SCOPE);
         let seconds = |name: &'static str, what: &'static str| {
             meter
@@ -104,7 +117,6 @@ impl Instruments {
         };
         Self {
             target: KeyValue::new("grpc.target", opentelemetry::StringValue::from(Arc::<str>::from(target))),
-            trace_context,
             methods: Default::default(),
             attempt_started: counter(
                 "grpc.client.attempt.started",
@@ -315,8 +327,9 @@ fn record_status(span: &tracing::Span, code: Code) {
 
 /// A call, from `LbChannel::call` to its status.
 pub(crate) struct CallTelemetry {
-    instruments: Arc<Instruments>,
-    method: KeyValue,
+    shared: Arc<Shared>,
+    /// Its `grpc.method` label, with instruments.
+    method: Option<KeyValue>,
     started: Instant,
     span: tracing::Span,
     /// The call's deadline: a call dropped past it ended there.
@@ -325,11 +338,16 @@ pub(crate) struct CallTelemetry {
 }
 
 impl CallTelemetry {
+    /// `None` when there is nothing to record: no instruments, and no
+    /// subscriber for spans.
     pub(crate) fn start(
-        instruments: Arc<Instruments>,
+        shared: Arc<Shared>,
         path: &str,
         deadline: Option<tokio::time::Instant>,
-    ) -> Self {
+    ) -> Option<Self> {
+        if !shared.records() {
+            return None;
+        }
         // No span without a subscriber: with tracing's `log` feature on
         // (kube turns it on), even a disabled span formats log records.
         let span = if !tracing::dispatcher::has_been_set() {
@@ -341,20 +359,20 @@ impl CallTelemetry {
                 otel.kind = "client",
                 rpc.system = "grpc",
                 rpc.method = path,
-                grpc.target = %instruments.target.value,
+                grpc.target = %shared.target,
                 grpc.status = Empty,
                 otel.status_code = Empty,
                 otel.status_description = Empty,
             )
         };
-        Self {
-            method: instruments.method(path),
-            instruments,
+        Some(Self {
+            method: shared.instruments.as_ref().map(|i| i.method(path)),
+            shared,
             started: Instant::now(),
             span,
             deadline,
             done: false,
-        }
+        })
     }
 
     /// Makes the call's span the parent of the spans of `replay`'s
@@ -370,10 +388,11 @@ impl CallTelemetry {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let labels = self.instruments.labels(&self.method, code);
-        self.instruments
-            .call_duration
-            .record(self.started.elapsed().as_secs_f64(), &labels);
+        if let (Some(i), Some(method)) = (&self.shared.instruments, &self.method) {
+            let labels = i.labels(method, code);
+            i.call_duration
+                .record(self.started.elapsed().as_secs_f64(), &labels);
+        }
         record_status(&self.span, code);
     }
 }
@@ -388,8 +407,9 @@ impl Drop for CallTelemetry {
 
 /// One attempt, from leaving for an endpoint to its status.
 pub(crate) struct AttemptTelemetry {
-    instruments: Arc<Instruments>,
-    method: KeyValue,
+    shared: Arc<Shared>,
+    /// Its `grpc.method` label, with instruments.
+    method: Option<KeyValue>,
     started: Instant,
     span: tracing::Span,
     /// The call's deadline: an attempt dropped past it ended there.
@@ -401,23 +421,30 @@ pub(crate) struct AttemptTelemetry {
 }
 
 impl AttemptTelemetry {
+    /// `None` when there is nothing to record: no instruments, and no
+    /// subscriber for spans.
     pub(crate) fn start(
-        instruments: Arc<Instruments>,
+        shared: Arc<Shared>,
         path: &str,
         endpoint: SocketAddr,
         attempt: crate::telemetry::Attempt,
         parent: Option<&tracing::Span>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Self {
+    ) -> Option<Self> {
+        if parent.is_none() && !shared.records() {
+            return None;
+        }
         let crate::telemetry::Attempt {
             previous,
             transparent,
             delayed,
         } = attempt;
-        let method = instruments.method(path);
-        instruments
-            .attempt_started
-            .add(1, &[method.clone(), instruments.target.clone()]);
+        let method = shared.instruments.as_ref().map(|i| {
+            let method = i.method(path);
+            i.attempt_started
+                .add(1, &[method.clone(), i.target.clone()]);
+            method
+        });
         let span = if parent.is_none() && !tracing::dispatcher::has_been_set() {
             tracing::Span::none()
         } else {
@@ -448,8 +475,8 @@ impl AttemptTelemetry {
         if delayed && !span.is_disabled() {
             tracing::debug!(parent: &span, "Delayed LB pick complete");
         }
-        Self {
-            instruments,
+        Some(Self {
+            shared,
             method,
             started: Instant::now(),
             span,
@@ -457,7 +484,7 @@ impl AttemptTelemetry {
             received: Messages::default(),
             sent: Arc::default(),
             done: false,
-        }
+        })
     }
 
     /// This attempt's trace context, in the headers the channel sends,
@@ -472,7 +499,7 @@ impl AttemptTelemetry {
         if !sc.is_valid() {
             return TraceHeaders::default();
         }
-        let (w3c, bin) = match self.instruments.trace_context {
+        let (w3c, bin) = match self.shared.trace_context {
             TraceContext::W3c => (true, false),
             TraceContext::GrpcTraceBin => (false, true),
             TraceContext::Both => (true, true),
@@ -520,14 +547,15 @@ impl AttemptTelemetry {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let i = &self.instruments;
-        let labels = i.labels(&self.method, code);
-        i.attempt_duration
-            .record(self.started.elapsed().as_secs_f64(), &labels);
-        i.attempt_sent
-            .record(self.sent.load(Ordering::Relaxed), &labels);
-        i.attempt_rcvd
-            .record(self.received.frames.payload(), &labels);
+        if let (Some(i), Some(method)) = (&self.shared.instruments, &self.method) {
+            let labels = i.labels(method, code);
+            i.attempt_duration
+                .record(self.started.elapsed().as_secs_f64(), &labels);
+            i.attempt_sent
+                .record(self.sent.load(Ordering::Relaxed), &labels);
+            i.attempt_rcvd
+                .record(self.received.frames.payload(), &labels);
+        }
         record_status(&self.span, code);
     }
 }
