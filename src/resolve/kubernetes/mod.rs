@@ -66,6 +66,9 @@ pub struct EndpointSlices {
     slices: BTreeMap<String, EndpointSlice>,
     /// A relist in progress: it replaces `slices` once whole.
     relist: Option<BTreeMap<String, EndpointSlice>>,
+    /// The API server's address, when healthlb built the client, for
+    /// errors: kube's own say "client error (Connect)" and no more.
+    api_server: Option<String>,
 }
 
 impl std::fmt::Debug for EndpointSlices {
@@ -115,6 +118,7 @@ impl EndpointSlices {
             events: None,
             slices: BTreeMap::new(),
             relist: None,
+            api_server: None,
         }
     }
 
@@ -123,18 +127,19 @@ impl EndpointSlices {
     async fn start(&mut self) -> Result<(), SourceError> {
         let client = match &self.client {
             Some(client) => client.clone(),
-            None => match Client::try_default().await {
-                Ok(client) => {
-                    self.client = Some(client.clone());
-                    client
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "no Kubernetes API to ask: neither a pod's service account nor a kubeconfig works ({e})"
+            None => {
+                let no_api = |e: &(dyn std::error::Error + 'static)| {
+                    format!(
+                        "no Kubernetes API to ask: neither a pod's service account nor a kubeconfig works ({})",
+                        crate::connection::chain(e)
                     )
-                    .into());
-                }
-            },
+                };
+                let config = kube::Config::infer().await.map_err(|e| no_api(&e))?;
+                self.api_server = Some(config.cluster_url.to_string());
+                let client = Client::try_from(config).map_err(|e| no_api(&e))?;
+                self.client = Some(client.clone());
+                client
+            }
         };
         let namespace = self
             .namespace
@@ -207,9 +212,15 @@ impl EndpointSource for EndpointSlices {
                 }
                 Err(e) => {
                     let namespace = self.namespace.as_deref().unwrap_or_default();
+                    let at = self
+                        .api_server
+                        .as_deref()
+                        .map(|url| format!(" at {url}"))
+                        .unwrap_or_default();
                     return Some(Err(format!(
-                        "watching the EndpointSlices of {namespace}/{}: {e}",
-                        self.service
+                        "watching the EndpointSlices of {namespace}/{}{at}: {}",
+                        self.service,
+                        crate::connection::chain(&e)
                     )
                     .into()));
                 }
