@@ -22,6 +22,9 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use support::echo::pb::EchoRequest;
 use support::echo::pb::echo_client::EchoClient;
 use support::echo::{backends, free_port};
+use tracing::Level;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 
 const RETRY: &str = r#"{"methodConfig": [{"name": [{"service": "echo.Echo"}],
@@ -38,8 +41,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tracers = SdkTracerProvider::builder()
         .with_simple_exporter(spans.clone())
         .build();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(tracers.tracer("example")));
+    // healthlb's spans and message events (debug) and your own at info;
+    // without a filter, h2's and tower's trace-level spans go out too.
+    let only = Targets::new()
+        .with_default(Level::INFO)
+        .with_target("healthlb", Level::DEBUG);
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracers.tracer("example"))
+            .with_filter(only),
+    );
     tracing::subscriber::set_global_default(subscriber)?;
 
     let b = backends(2, 3, free_port()).await;
@@ -106,14 +117,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    println!("spans:");
-    // Only healthlb's: h2 has spans of its own at trace level.
-    let ours = |name: &str| name.starts_with("Sent.") || name.starts_with("Attempt.");
-    for span in spans
-        .get_finished_spans()?
-        .into_iter()
-        .filter(|s| ours(&s.name))
-    {
+    let finished = spans.get_finished_spans()?;
+    println!("spans: {} exported", finished.len());
+    for span in finished {
         let attrs: Vec<String> = span
             .attributes
             .iter()

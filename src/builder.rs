@@ -187,8 +187,9 @@ impl Builder {
     /// as grpc-go's `opentelemetry.DialOption` takes one; and gRFC A72's
     /// call and attempt spans through `tracing`, with each attempt's trace
     /// context sent to the server (see [`Builder::trace_context`]). See the
-    /// README, "OpenTelemetry". Feature `opentelemetry`. Default: none,
-    /// nothing recorded, no span.
+    /// README, "OpenTelemetry". Feature `opentelemetry`. Default: none, no
+    /// metric recorded. Spans don't need it: they open whenever a `tracing`
+    /// subscriber records them, as `tracing-opentelemetry`'s layer does.
     #[cfg(feature = "opentelemetry")]
     pub fn meter_provider<P>(mut self, provider: P) -> Self
     where
@@ -201,9 +202,9 @@ impl Builder {
     /// Which headers carry each attempt's trace context to the server, as
     /// gRFC A72's propagators: W3C `traceparent`, gRPC's binary
     /// `grpc-trace-bin` (what servers with gRPC's OpenCensus plugin read),
-    /// or both during a migration. Only with a
-    /// [`meter_provider`](Builder::meter_provider) and a `tracing` layer that
-    /// records OpenTelemetry spans. Feature `opentelemetry`. Default:
+    /// or both during a migration. Sent when a `tracing` layer records
+    /// OpenTelemetry spans, with or without a
+    /// [`meter_provider`](Builder::meter_provider). Feature `opentelemetry`. Default:
     /// [`TraceContext::W3c`](crate::TraceContext::W3c).
     #[cfg(feature = "opentelemetry")]
     pub fn trace_context(mut self, headers: crate::telemetry::TraceContext) -> Self {
@@ -300,12 +301,18 @@ impl Builder {
     /// Fails calls at once with UNAVAILABLE when no endpoint is SERVING,
     /// instead of waiting `ready_timeout`. Default: false, as gRPC's
     /// wait-for-ready is off but its picker queues calls while connecting.
+    ///
+    /// Either way, while resolution is failing with no endpoint to offer
+    /// (gRPC's TRANSIENT_FAILURE) a call fails at once with the resolver's
+    /// error, unless its method is wait-for-ready (`waitForReady` in the
+    /// service config); see [`LbChannel::resolution`](crate::LbChannel::resolution).
     pub fn fail_fast(mut self, enabled: bool) -> Self {
         self.fail_fast = enabled;
         self
     }
 
-    /// How long [`connect`](Self::connect) waits for a SERVING endpoint;
+    /// How long [`connect`](Self::connect) waits for the first set to settle
+    /// and an endpoint of it to be SERVING;
     /// above zero ([`build`](Self::build) refuses zero, as it does every
     /// duration). Default: [`defaults::CONNECT_DEADLINE`].
     pub fn connect_deadline(mut self, d: Duration) -> Self {
@@ -314,9 +321,10 @@ impl Builder {
     }
 
     /// A deadline for each call: the shorter of this and the call's own
-    /// (`grpc-timeout`) applies, until the response begins, as with tonic.
-    /// A call that carries none gets a `grpc-timeout` header with this one,
-    /// so the server knows it too. Default: none.
+    /// (`grpc-timeout`) applies. It holds for the whole call, after the
+    /// response headers too: a stream still open at its deadline ends with
+    /// DEADLINE_EXCEEDED. A call that carries none gets a `grpc-timeout`
+    /// header with this one, so the server knows it too. Default: none.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self

@@ -2,8 +2,8 @@
 //! changing set of [`Endpoints`].
 //!
 //! Every source of endpoints plugs into one seam, [`EndpointSource`]: DNS
-//! and SRV (`dns_source.rs`), fixed lists, and a user's own registry. A
-//! [`Resolver`] runs one background task per source (`driver.rs`). It
+//! and SRV, fixed lists, the Kubernetes API, and a user's own registry. A
+//! [`Resolver`] runs one background task per source. It
 //! publishes the full endpoint set each time it changes — sorted, one entry
 //! per address — and nothing when a refresh finds the same set.
 //!

@@ -8,24 +8,24 @@
 //! `grpc.health.v1.Health/Watch` stream on the very connection that carries
 //! the calls.
 //!
-//! Each subchannel runs one background task (`task.rs`) that owns its
+//! Each subchannel runs one background task that owns its
 //! connections:
 //!
-//! - **Connect** (`connect.rs`, `active.rs`): TCP, TLS when configured, the
+//! - **Connect**: TCP, TLS when configured, the
 //!   HTTP/2 handshake, and the first health answer, all within
 //!   `connect_timeout`. A failed attempt is retried with gRPC's backoff
 //!   (1 s × 1.6 ± 20 %, at most 120 s) and asks the resolver to re-resolve.
-//! - **Health** (`health.rs`): the Watch stream, per gRFC A17.
-//! - **Liveness** (`liveness.rs`): a probe after `liveness_interval` of
+//! - **Health**: the Watch stream, per gRFC A17.
+//! - **Liveness**: a probe after `liveness_interval` of
 //!   silence closes a connection whose peer stopped answering. See
 //!   [`SubchannelConfig`] for why a probe and not HTTP/2 pings.
-//! - **Stream limits** (`pool.rs`): when every connection is at the server's
+//! - **Stream limits**: when every connection is at the server's
 //!   SETTINGS_MAX_CONCURRENT_STREAMS, another one opens, up to
 //!   `max_connections_per_endpoint`; extra ones close when idle.
-//! - **Max connection age** (`max_age.rs`): make-before-break recycling,
-//!   with a grace period for calls on the old connection (`drain.rs`).
-//! - **GOAWAY** (`frames.rs` sees it arrive): calls the server accepted
-//!   finish; calls it never saw go to a fresh connection (`replay.rs`).
+//! - **Max connection age**: make-before-break recycling, with a grace
+//!   period for calls on the old connection.
+//! - **GOAWAY**: calls the server accepted finish; calls it never saw go
+//!   to a fresh connection.
 //!   GOAWAY `too_many_pings` doubles the keepalive interval for the
 //!   endpoint's next connections (gRFC A8).
 //!

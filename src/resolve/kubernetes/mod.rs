@@ -5,8 +5,8 @@
 //! from its `resourceVersion` with bookmarks, a resumed watch when one
 //! drops, and a fresh list after `410 Gone`, with backoff after errors.
 //! Here, every slice of the Service (label `kubernetes.io/service-name`)
-//! is kept by name and merged on each event (`slices.rs` reads them as
-//! kube-proxy does). A relist replaces the kept slices only once it is
+//! is kept by name and merged on each event, its endpoints read as
+//! kube-proxy reads them. A relist replaces the kept slices only once it is
 //! whole; until then, and while the API fails, the last good set stays.
 //!
 //! The client is kube's default: in a pod, its service account (needs
