@@ -117,7 +117,7 @@ impl fmt::Display for LbChannel {
             f,
             "{}: {}; {how}",
             self.calls.target,
-            self.calls.picker.summary()
+            self.calls.picker.states()
         )
     }
 }

@@ -308,11 +308,18 @@ async fn an_unreachable_api_fails_calls_saying_so() {
     let mut client = EchoClient::new(channel);
     let err = call(&mut client).await.expect_err("no endpoint");
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(
-        err.message().contains("EndpointSlices of default/echo"),
-        "{}",
-        err.message()
-    );
+    for what in ["EndpointSlices of default/echo", "Connection refused"] {
+        assert!(err.message().contains(what), "{what}: {}", err.message());
+    }
+
+    let config = kube::Config::new(url.parse().unwrap());
+    let err =
+        healthlb::resolve::kubernetes::node_zone(kube::Client::try_from(config).unwrap(), "node-1")
+            .await
+            .expect_err("no API");
+    for what in ["Node \"node-1\"", "Connection refused"] {
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
 }
 
 #[tokio::test]

@@ -290,7 +290,7 @@ async fn the_channel_says_how_resolution_is_going_and_fails_calls_at_once_in_tra
     assert!(
         line.starts_with("registry:echo: ")
             && line.contains("failing for")
-            && line.contains("the registry answered 503"),
+            && line.matches("the registry answered 503").count() == 1,
         "{line}"
     );
 

@@ -154,12 +154,17 @@ pub(crate) fn build<T>(
     if ramp_end.is_none() {
         rotation.since.clear();
     }
+    let by_state = Snapshot::summarize(labels.iter().map(String::as_str), None);
     Built {
         snapshot: Snapshot {
             ready: rotation.ready,
             since: rotation.since,
             groups,
-            summary: Snapshot::summarize(labels.iter().map(String::as_str), note),
+            note_at: by_state.len(),
+            summary: match note {
+                Some(note) => format!("{by_state} ({note})"),
+                None => by_state,
+            },
             failing: None,
             settled: false,
         },

@@ -43,6 +43,7 @@ impl<S: Clone> Picked<S> {
             since: Vec::new(),
             groups: Vec::new(),
             summary: String::new(),
+            note_at: 0,
             failing: None,
             settled: false,
         });

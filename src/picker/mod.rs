@@ -104,6 +104,7 @@ impl<T: Candidate> Picker<T> {
                 ready: Vec::new(),
                 since: Vec::new(),
                 groups: Vec::new(),
+                note_at: summary.len(),
                 summary,
                 failing: None,
                 settled: false,
@@ -125,6 +126,7 @@ impl<T: Candidate> Picker<T> {
             ready: Vec::new(),
             since: Vec::new(),
             groups: Vec::new(),
+            note_at: summary.len(),
             summary,
             failing: None,
             settled: false,
@@ -203,6 +205,12 @@ impl<T: Candidate> Picker<T> {
     /// The summary of the current snapshot.
     pub(crate) fn summary(&self) -> String {
         self.snapshot.load().summary.clone()
+    }
+
+    /// The summary's endpoint states, without its note on resolution.
+    pub(crate) fn states(&self) -> String {
+        let snapshot = self.snapshot.load();
+        snapshot.summary[..snapshot.note_at].to_owned()
     }
 
     /// Wakes on every publish from now on.

@@ -21,6 +21,9 @@ pub(crate) struct Snapshot<T = Arc<Pool>> {
     pub(crate) groups: Vec<Group>,
     /// "3 endpoints: 2 NOT_SERVING, 1 connect refused".
     pub(crate) summary: String,
+    /// Where `summary`'s closing note (why there is nothing) begins; its
+    /// length when there is none.
+    pub(crate) note_at: usize,
     /// Why the channel is in TRANSIENT_FAILURE, if it is: resolution
     /// failed with nothing to offer. A call that is not wait-for-ready
     /// fails at once with it.

@@ -41,7 +41,7 @@ pub enum ResolveStatus {
 ///
 /// ```text
 /// dns:///echo.prod.svc.cluster.local:50051: resolved 1.2s ago, 3 endpoints, the set last changed 40.0s ago
-/// registry:echo: failing for 3.5s (4 attempts): resolving "registry:echo" failed: the registry answered 503; 0 endpoints
+/// registry:echo: failing for 3.5s (4 attempts): resolving "registry:echo" failed: the registry answered 503, 0 endpoints
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -115,8 +115,9 @@ impl std::fmt::Display for Resolution {
                 error,
             } => write!(
                 f,
-                "failing for {} ({attempts} attempts): {error}",
-                ago(since.elapsed())
+                "failing for {} ({attempts} attempt{}): {error}",
+                ago(since.elapsed()),
+                if *attempts == 1 { "" } else { "s" }
             )?,
         }
         let s = if self.endpoints == 1 { "" } else { "s" };

@@ -246,8 +246,23 @@ impl EndpointSource for EndpointSlices {
 /// # Ok(())
 /// # }
 /// ```
-pub async fn node_zone(client: Client, node: &str) -> Result<Option<String>, kube::Error> {
-    let node = Api::<Node>::all(client).get(node).await?;
+///
+/// # Errors
+///
+/// A [`Resolve`](crate::ErrorKind::Resolve) error naming the Node and
+/// kube's whole cause (`tcp connect error: Connection refused`, `nodes
+/// "node-1" is forbidden`, …) when the API can't be read.
+pub async fn node_zone(client: Client, node: &str) -> Result<Option<String>, crate::Error> {
+    let node = Api::<Node>::all(client).get(node).await.map_err(|e| {
+        crate::Error::new(
+            crate::ErrorKind::Resolve,
+            None,
+            format!(
+                "reading the zone label of Node {node:?}: {}",
+                crate::connection::chain(&e)
+            ),
+        )
+    })?;
     Ok(node
         .metadata
         .labels
