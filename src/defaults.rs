@@ -94,6 +94,22 @@ pub const PEAK_EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Peak EWMA's estimate for an endpoint with no answer yet: 30 ms.
 pub const PEAK_EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
 
+/// Weighted round robin: how often out-of-band load reports are asked
+/// for, 10 s (gRFC A58).
+pub const WRR_OOB_REPORTING_PERIOD: Duration = Duration::from_secs(10);
+
+/// Weighted round robin: how long an endpoint reports before its weight
+/// counts, 10 s (gRFC A58).
+pub const WRR_BLACKOUT_PERIOD: Duration = Duration::from_secs(10);
+
+/// Weighted round robin: how long without a report before a weight is
+/// stale, 3 min (gRFC A58).
+pub const WRR_WEIGHT_EXPIRATION_PERIOD: Duration = Duration::from_secs(180);
+
+/// Weighted round robin: how often weights are worked out again, 1 s
+/// (gRFC A58; at least 100 ms).
+pub const WRR_WEIGHT_UPDATE_PERIOD: Duration = Duration::from_secs(1);
+
 /// How long slow start's ramp lasts: 30 s.
 pub const SLOW_START_WINDOW: Duration = Duration::from_secs(30);
 

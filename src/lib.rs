@@ -16,6 +16,8 @@ mod discover;
 mod error;
 mod load;
 mod metrics;
+#[cfg(feature = "orca")]
+pub mod orca;
 mod outlier;
 mod picker;
 pub mod resolve;
@@ -74,7 +76,8 @@ pub use crate::error::{Error, ErrorKind};
 pub use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
-pub use crate::picker::{Policy, SlowStart};
+pub use crate::load::{ServerWeight, WeightState};
+pub use crate::picker::{Policy, SlowStart, WeightedRoundRobin};
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
 };

@@ -82,6 +82,11 @@ pub struct EndpointStatus {
     /// don't measure it); `None` before its first answer, and with other
     /// policies.
     pub latency_ewma: Option<Duration>,
+    /// With `weighted_round_robin`: the weight its ORCA load reports give
+    /// it and where that stands (not yet usable, usable, stale), as of the
+    /// last weight update while it was in rotation; `None` with other
+    /// policies and before the first update.
+    pub server_weight: Option<crate::ServerWeight>,
     /// The last connection failure: connecting, TLS, the health stream.
     pub last_error: Option<Error>,
     /// The HTTP/2 keepalive interval of its next connection: the configured
@@ -129,6 +134,10 @@ impl EndpointStatus {
             ejection_reason: ejection.map(|(_, reason)| reason),
             consecutive_failures: stats.outcomes.consecutive_failures(),
             latency_ewma: stats.latency.latency(),
+            server_weight: match stats.load_reports {
+                crate::load::LoadReports::Off => None,
+                _ => stats.server_load.last_scheduled(),
+            },
             last_error: sub.last_error(),
             http2_keep_alive_interval: sub.http2_keep_alive_interval(),
         }
@@ -155,6 +164,9 @@ impl fmt::Display for EndpointStatus {
         }
         if !self.in_rotation {
             f.write_str(", out of rotation")?;
+        }
+        if let Some(w) = self.server_weight {
+            write!(f, ", weight {:.1} ({})", w.weight, w.state.label())?;
         }
         write!(
             f,

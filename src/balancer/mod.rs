@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 mod snapshot;
+mod weights;
 mod zones;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use self::snapshot::Seen;
 use self::zones::{Decision, Placed};
 use crate::call::AppliedConfig;
 use crate::connection::ProbeRate;
+use crate::load::LoadReports;
 use crate::outlier::{Ejections, Ejector, OutlierDetection};
 use crate::picker::{Chooser, Picker, Policy, SlowStart};
 use crate::resolve::{Endpoints, ResolveStatus, Resolver};
@@ -79,6 +81,8 @@ pub(crate) struct Balancer {
     ready_timeout: std::time::Duration,
     /// How fast the endpoints' latency estimates forget (peak EWMA).
     latency_decay: Option<std::time::Duration>,
+    /// Weighted round robin's settings, when it runs.
+    wrr: Option<crate::picker::WeightedRoundRobin>,
     /// The cap on liveness probes, over every subchannel.
     probe_rate: Arc<ProbeRate>,
     outputs: Outputs,
@@ -171,6 +175,10 @@ impl Balancer {
                 Policy::PeakEwma { decay, .. } => Some(decay),
                 _ => None,
             },
+            wrr: match policy {
+                Policy::WeightedRoundRobin(wrr) => Some(wrr),
+                _ => None,
+            },
             outputs: Outputs {
                 picker: picker.clone(),
                 endpoints: endpoints.clone(),
@@ -215,6 +223,7 @@ impl Balancer {
         let first = resolved.borrow_and_update().clone();
         self.apply(&mut subchannels, &first, &changed, &mut ejector);
         let mut ramp_end = self.publish(&subchannels, &ejector);
+        let mut reweigh_at = weights::next_update(self.wrr.as_ref(), Instant::now());
         loop {
             // The next timed event: an interval, a return, a ramp's end.
             let wake = [ejector.next_wake(), ramp_end].into_iter().flatten().min();
@@ -224,8 +233,19 @@ impl Balancer {
                     None => std::future::pending().await,
                 }
             };
+            let reweigh = async {
+                match reweigh_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut stopped => break,
+                () = reweigh => {
+                    self.reweigh();
+                    reweigh_at = weights::next_update(self.wrr.as_ref(), Instant::now());
+                    continue;
+                }
                 result = resolved.changed() => {
                     if result.is_err() {
                         return Some("its resolver task stopped".to_owned());
@@ -275,6 +295,19 @@ impl Balancer {
         None
     }
 
+    /// Weighted round robin: works the weights out for the current
+    /// snapshot.
+    fn reweigh(&self) {
+        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+        self.reweigh_with(&zones.0);
+    }
+
+    fn reweigh_with(&self, placed: &BTreeMap<SocketAddr, Placed>) {
+        if let Some(wrr) = &self.wrr {
+            weights::reweigh(&self.outputs.picker, wrr, &self.target, &self.telemetry, placed);
+        }
+    }
+
     /// Starts subchannels for new endpoints and drops those that left.
     fn apply(
         &self,
@@ -307,6 +340,16 @@ impl Balancer {
                 target: Some(self.target.clone()),
                 judge: ejector.judge(),
                 latency_decay: self.latency_decay,
+                load_reports: match &self.wrr {
+                    Some(wrr) if wrr.enable_oob_load_report => LoadReports::OutOfBand {
+                        period: wrr.oob_reporting_period,
+                        penalty: wrr.error_utilization_penalty,
+                    },
+                    Some(wrr) => LoadReports::PerCall {
+                        penalty: wrr.error_utilization_penalty,
+                    },
+                    None => LoadReports::Off,
+                },
                 probe_rate: Some(self.probe_rate.clone()),
                 telemetry: self.telemetry.clone(),
             };
@@ -395,6 +438,7 @@ impl Balancer {
                 .values()
                 .all(|sub| !matches!(sub.state(), crate::subchannel::SubchannelState::Connecting));
         self.outputs.picker.publish(snapshot);
+        self.reweigh();
         // After the snapshot: "not in rotation" means no new pick finds it.
         for (addr, sub) in subchannels {
             sub.set_in_rotation(built.in_rotation.binary_search(addr).is_ok());

@@ -167,6 +167,7 @@ pub(crate) fn build<T>(
             },
             failing: None,
             settled: false,
+            generation: 0,
         },
         in_rotation: rotation.in_rotation,
         serving: rotation.serving,

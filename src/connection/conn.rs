@@ -35,8 +35,9 @@ pub(crate) struct Origin {
 /// balancer's own streams, and how it is used.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Role {
-    /// It carries the endpoint's health Watch.
-    pub(crate) watch: bool,
+    /// The long-lived streams it carries for the balancer: the health
+    /// Watch, ORCA's out-of-band reports.
+    pub(crate) watches: usize,
     /// It runs a liveness probe.
     pub(crate) probe: bool,
     /// It is an extra connection, closed when idle.
@@ -186,12 +187,12 @@ impl Conn {
     }
 
     /// How many calls may be open at once: the server's limit less the
-    /// slots kept for the health Watch and the liveness probe, so those
-    /// never wait behind calls. Under a limit too small for both, only the
-    /// Watch's slot is kept.
+    /// slots kept for the balancer's streams and the liveness probe, so
+    /// those never wait behind calls. Under a limit too small for all, only
+    /// the streams' slots are kept.
     pub(crate) fn capacity(&self) -> usize {
         let max = self.max_streams();
-        let watch = usize::from(self.role.watch);
+        let watch = self.role.watches;
         let kept = watch + usize::from(self.role.probe);
         match max.saturating_sub(kept) {
             0 => max.saturating_sub(watch),
@@ -202,7 +203,7 @@ impl Conn {
     /// Whether a liveness probe would get a stream slot now, rather than
     /// queue behind calls.
     pub(crate) fn probe_has_slot(&self) -> bool {
-        self.in_flight() + usize::from(self.role.watch) < self.max_streams()
+        self.in_flight() + self.role.watches < self.max_streams()
     }
 
     /// Counts a call in, if a slot is free. False, and not counted, when the

@@ -19,7 +19,9 @@
 //! - `conn.rs`: the established connection that calls and the subchannel
 //!   share: readiness, stream slots, the balancer's own requests.
 //! - `health.rs`: the `grpc.health.v1.Health/Watch` stream a connection
-//!   carries (gRFC A17).
+//!   carries (gRFC A17), and `load_reports.rs`: ORCA's out-of-band load
+//!   reports (gRFC A51); both are a `watched.rs` stream, reopened with
+//!   backoff.
 //! - `liveness.rs`: the probe that notices a silent peer.
 //! - `drain.rs`: a connection that takes no new calls finishes the ones it
 //!   has, then closes.
@@ -35,17 +37,20 @@ pub(crate) mod frames;
 mod health;
 mod io;
 mod liveness;
+mod load_reports;
 mod ping;
 mod stream;
 #[cfg(feature = "tls")]
 mod tls;
 mod transport_errors;
+mod watched;
 
 pub(crate) use self::conn::{Conn, Origin, Role, Slots, grpc_status, prepare};
 pub(crate) use self::dial::{Dialer, Driver, Ended, GoAway, Http2Settings};
 pub(crate) use self::drain::drain;
 pub use self::health::HealthStatus;
 pub(crate) use self::health::{HealthEvent, HealthWatch};
+pub(crate) use self::load_reports::{LoadEvent, LoadReportStream};
 pub(crate) use self::liveness::{Liveness, Probe, ProbeRate, probe};
 pub(crate) use self::stream::{
     Answered, Incoming, Link, NotOpened, Opening, Stopped, finish_request,

@@ -139,7 +139,7 @@ impl Pinger {
     fn idle(&self) -> bool {
         self.conn
             .upgrade()
-            .is_none_or(|conn| conn.in_flight() == 0 && !conn.role.watch)
+            .is_none_or(|conn| conn.in_flight() == 0 && conn.role.watches == 0)
     }
 
     fn send_ping(&mut self, now: Instant) -> bool {

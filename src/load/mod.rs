@@ -4,10 +4,19 @@
 //!
 //! - Calls in flight: an atomic the request path counts in and out.
 //! - `peak_ewma.rs`: the latency estimate peak EWMA reads.
+//! - `server_load.rs`: the weight the endpoint's own ORCA load reports
+//!   give it, for weighted round robin; `report.rs` reads a report, and
+//!   `orca_proto.rs` holds the whole messages.
 
+pub(crate) mod orca_proto;
 mod peak_ewma;
+pub(crate) mod report;
+mod server_load;
 
 pub(crate) use self::peak_ewma::{DEFAULT_DECAY, Ewma, now_ns};
+pub(crate) use self::report::Report;
+pub use self::server_load::{ServerWeight, WeightState};
+pub(crate) use self::server_load::{LoadReports, ServerLoad};
 
 /// Something a call can be routed to, as the policies see it.
 pub(crate) trait Candidate: Clone {

@@ -134,6 +134,27 @@ pub(crate) const METRICS: &[Described] = &[
         "With a client zone set: the share of calls that lands in the client's zone, with zone-aware routing on or off (1 all, 0 none).",
     ),
     described(
+        "healthlb_wrr_rr_fallback_total",
+        "counter",
+        "",
+        "target",
+        "weighted_round_robin: weight updates with fewer than two usable weights, which fell back to round robin (gRFC A78's rr_fallback).",
+    ),
+    described(
+        "healthlb_wrr_endpoint_weight_not_yet_usable_total",
+        "counter",
+        "",
+        "target",
+        "weighted_round_robin: endpoints, at each weight update, with no report yet or still in their blackout period.",
+    ),
+    described(
+        "healthlb_wrr_endpoint_weight_stale_total",
+        "counter",
+        "",
+        "target",
+        "weighted_round_robin: endpoints, at each weight update, whose last report is older than the expiration period.",
+    ),
+    described(
         "healthlb_resolution_failing",
         "gauge",
         "",

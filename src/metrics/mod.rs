@@ -71,6 +71,30 @@ pub(crate) fn zone_local_share(target: &str, share: Option<f64>) {
     let _ = (target, share);
 }
 
+/// Weighted round robin's update fell back to round robin (gRFC A78's
+/// `rr_fallback`).
+pub(crate) fn wrr_fell_back(target: &str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_wrr_rr_fallback_total", "target" => target.to_owned()).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = target;
+}
+
+/// Weighted round robin's update: how many endpoints had a weight not yet
+/// usable, and how many a stale one.
+pub(crate) fn wrr_weights(target: &str, not_yet_usable: usize, stale: usize) {
+    #[cfg(feature = "metrics")]
+    {
+        let target = target.to_owned();
+        metrics::counter!("healthlb_wrr_endpoint_weight_not_yet_usable_total", "target" => target.clone())
+            .increment(not_yet_usable as u64);
+        metrics::counter!("healthlb_wrr_endpoint_weight_stale_total", "target" => target)
+            .increment(stale as u64);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, not_yet_usable, stale);
+}
+
 /// Whether resolution is failing now.
 pub(crate) fn resolution_failing(target: &str, failing: bool) {
     #[cfg(feature = "metrics")]

@@ -46,6 +46,7 @@ impl<S: Clone> Picked<S> {
             note_at: 0,
             failing: None,
             settled: false,
+            generation: 0,
         });
         Some(Self {
             picker: Arc::new(picker),

@@ -26,6 +26,7 @@ mod policy;
 mod round_robin;
 mod sample;
 mod snapshot;
+mod weighted_round_robin;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -39,6 +40,8 @@ pub use self::policy::{Policy, SlowStart};
 use self::round_robin::RoundRobin;
 use self::sample::{random_below, random_fraction};
 pub(crate) use self::snapshot::{Group, Snapshot};
+pub(crate) use self::weighted_round_robin::{Made, Schedule, Schedules};
+pub use self::weighted_round_robin::WeightedRoundRobin;
 use crate::load::Candidate;
 use crate::subchannel::Pool;
 
@@ -54,6 +57,8 @@ pub(crate) enum Chooser {
     RoundRobin,
     LeastRequest(LeastRequest),
     PeakEwma(PeakEwma),
+    /// The balancer's schedules choose.
+    WeightedRoundRobin,
 }
 
 impl From<&Policy> for Chooser {
@@ -66,6 +71,7 @@ impl From<&Policy> for Chooser {
             Policy::PeakEwma { default_rtt, .. } => Chooser::PeakEwma(PeakEwma {
                 default_rtt_ns: default_rtt.as_nanos() as f64,
             }),
+            Policy::WeightedRoundRobin(_) => Chooser::WeightedRoundRobin,
         }
     }
 }
@@ -73,7 +79,7 @@ impl From<&Policy> for Chooser {
 impl Choose for Chooser {
     fn choose<T: Candidate>(&self, ready: &[T], weight: &impl Fn(usize) -> f64) -> Option<usize> {
         match self {
-            Chooser::RoundRobin => None,
+            Chooser::RoundRobin | Chooser::WeightedRoundRobin => None,
             Chooser::LeastRequest(policy) => policy.choose(ready, weight),
             Chooser::PeakEwma(policy) => policy.choose(ready, weight),
         }
@@ -90,6 +96,10 @@ pub(crate) struct Picker<T = Arc<Pool>> {
     /// The order of round robin, and every policy's fallback.
     round_robin: RoundRobin,
     slow_start: Option<SlowStart>,
+    /// Weighted round robin's schedules, for the current snapshot.
+    schedules: weighted_round_robin::Published,
+    /// The last snapshot's generation.
+    generation: std::sync::atomic::AtomicU64,
     /// Why the balancer stopped for good, if it did (a panic, its resolver
     /// gone): no snapshot will come again.
     stopped: OnceLock<String>,
@@ -108,11 +118,14 @@ impl<T: Candidate> Picker<T> {
                 summary,
                 failing: None,
                 settled: false,
+                generation: 0,
             }),
             published: watch::channel(0).0,
             chooser,
             round_robin: RoundRobin::default(),
             slow_start,
+            schedules: Default::default(),
+            generation: Default::default(),
             stopped: OnceLock::new(),
         }
     }
@@ -130,6 +143,7 @@ impl<T: Candidate> Picker<T> {
             summary,
             failing: None,
             settled: false,
+            generation: 0,
         });
     }
 
@@ -153,7 +167,9 @@ impl<T: Candidate> Picker<T> {
         self.slow_start
     }
 
-    pub(crate) fn publish(&self, snapshot: Snapshot<T>) {
+    pub(crate) fn publish(&self, mut snapshot: Snapshot<T>) {
+        use std::sync::atomic::Ordering;
+        snapshot.generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.snapshot.store(Arc::new(snapshot));
         self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -188,6 +204,12 @@ impl<T: Candidate> Picker<T> {
         };
         let choose = |start: usize, end: usize| {
             let ready = &snapshot.ready[start..end];
+            if let Chooser::WeightedRoundRobin = self.chooser
+                && let Some(index) = self.schedules.pick(snapshot.generation, start, end)
+                && ready[index - start].can_take_call()
+            {
+                return Some(index);
+            }
             let weight = |i: usize| weight(start + i);
             let index = self
                 .chooser
@@ -211,6 +233,17 @@ impl<T: Candidate> Picker<T> {
     pub(crate) fn states(&self) -> String {
         let snapshot = self.snapshot.load();
         snapshot.summary[..snapshot.note_at].to_owned()
+    }
+
+    /// The current snapshot, for the balancer's weighted round robin.
+    pub(crate) fn current(&self) -> Arc<Snapshot<T>> {
+        self.snapshot.load_full()
+    }
+
+    /// Publishes weighted round robin's schedules, made for the snapshot
+    /// of their generation.
+    pub(crate) fn schedule(&self, schedules: Schedules) {
+        self.schedules.store(schedules);
     }
 
     /// Wakes on every publish from now on.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::weighted_round_robin::WeightedRoundRobin;
 use crate::Error;
 use crate::defaults;
 use crate::service_config::json::{Field, invalid, single};
@@ -36,6 +37,12 @@ pub enum Policy {
         /// 30 ms.
         default_rtt: Duration,
     },
+    /// `weighted_round_robin` (gRFC A58): round robin weighted by what the
+    /// endpoints' ORCA load reports say, qps ÷ utilization, so a pod that
+    /// serves a call at less cost gets more of them. Servers must send the
+    /// reports: see [`crate::orca`] (feature `orca`) for tonic servers, or
+    /// grpc-go's and grpc-java's `orca` packages.
+    WeightedRoundRobin(WeightedRoundRobin),
 }
 
 impl Policy {
@@ -54,12 +61,19 @@ impl Policy {
         }
     }
 
+    /// `weighted_round_robin` with gRFC A58's defaults: per-call reports,
+    /// a 10 s blackout, weights stale after 3 min, worked out every second.
+    pub fn weighted_round_robin() -> Self {
+        Policy::WeightedRoundRobin(WeightedRoundRobin::default())
+    }
+
     /// The policy's name in the service config.
     pub fn name(&self) -> &'static str {
         match self {
             Policy::RoundRobin => "round_robin",
             Policy::LeastRequest { .. } => "least_request_experimental",
             Policy::PeakEwma { .. } => "peak_ewma",
+            Policy::WeightedRoundRobin(_) => "weighted_round_robin",
         }
     }
 
@@ -76,6 +90,7 @@ impl Policy {
                 Err(Error::invalid_config("peak_ewma.decay must be above zero"))
             }
             Policy::PeakEwma { .. } => Ok(()),
+            Policy::WeightedRoundRobin(wrr) => wrr.validate(),
         }
     }
 }
@@ -214,6 +229,44 @@ impl Policy {
                     default_rtt = d.duration()?;
                 }
                 Policy::PeakEwma { decay, default_rtt }
+            }
+            "weighted_round_robin" => {
+                config.known(
+                    o,
+                    &[
+                        "enableOobLoadReport",
+                        "oobReportingPeriod",
+                        "blackoutPeriod",
+                        "weightExpirationPeriod",
+                        "weightUpdatePeriod",
+                        "errorUtilizationPenalty",
+                        "slowStart",
+                    ],
+                );
+                let mut wrr = WeightedRoundRobin::default();
+                if let Some(b) = config.get(o, "enableOobLoadReport") {
+                    wrr.enable_oob_load_report = b.boolean()?;
+                }
+                let durations = [
+                    ("oobReportingPeriod", &mut wrr.oob_reporting_period),
+                    ("blackoutPeriod", &mut wrr.blackout_period),
+                    ("weightExpirationPeriod", &mut wrr.weight_expiration_period),
+                    ("weightUpdatePeriod", &mut wrr.weight_update_period),
+                ];
+                for (name, slot) in durations {
+                    if let Some(d) = config.get(o, name) {
+                        *slot = d.duration()?;
+                    }
+                }
+                if let Some(p) = config.get(o, "errorUtilizationPenalty") {
+                    wrr.error_utilization_penalty = p.number()?;
+                    if wrr.error_utilization_penalty < 0.0 {
+                        return Err(invalid(&p.path, "must be 0 or more"));
+                    }
+                }
+                wrr.validate()
+                    .map_err(|e| invalid(&config.path, format!("is not valid: {e}")))?;
+                Policy::WeightedRoundRobin(wrr)
             }
             _ => return Ok(None),
         };

@@ -31,6 +31,9 @@ pub(crate) struct Snapshot<T = Arc<Pool>> {
     /// The first set has settled: resolved, and no endpoint of it still
     /// connecting (each SERVING, not serving, or failed to connect).
     pub(crate) settled: bool,
+    /// Set by [`Picker::publish`](super::Picker::publish): which publish
+    /// this is, so weighted round robin's schedules match their snapshot.
+    pub(crate) generation: u64,
 }
 
 /// A run of a snapshot's `ready`, and the share of calls up to its end.

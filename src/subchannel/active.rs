@@ -13,7 +13,8 @@ use crate::Error;
 use crate::connection::HealthStatus;
 use crate::connection::chain;
 use crate::connection::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
-use crate::connection::{HealthEvent, HealthWatch};
+use crate::connection::{HealthEvent, HealthWatch, LoadEvent, LoadReportStream};
+use crate::load::{LoadReports, Report};
 use crate::connection::{Liveness, Probe, ProbeRate, probe};
 use crate::deadline::capped;
 
@@ -49,8 +50,9 @@ pub(crate) async fn establish(
     let addr = ctx.shared.endpoint.addr();
     let config = &ctx.config;
     let attempt = async {
+        let oob = matches!(ctx.shared.stats.load_reports, LoadReports::OutOfBand { .. });
         let role = Role {
-            watch: config.health_check,
+            watches: usize::from(config.health_check) + usize::from(oob),
             probe: config.liveness_interval.is_some(),
             extra: false,
         };
@@ -114,7 +116,7 @@ pub(crate) async fn establish_extra(ctx: Arc<Ctx>) -> Result<Active, Error> {
     let config = &ctx.config;
     let attempt = async {
         let role = Role {
-            watch: false,
+            watches: 0,
             probe: config.liveness_interval.is_some(),
             extra: true,
         };
@@ -255,6 +257,9 @@ pub(crate) struct Active {
     pub(crate) conn: Arc<Conn>,
     pub(crate) driver: Driver,
     pub(crate) health: Option<HealthWatch>,
+    /// ORCA's out-of-band reports, on the endpoint's first connection when
+    /// weighted round robin asks for them.
+    load: Option<OutOfBand>,
     liveness: Liveness,
     goaway_reported: bool,
 }
@@ -269,9 +274,10 @@ impl Active {
             conn,
             driver,
             health,
+            load,
             ..
         } = self;
-        drop(health);
+        drop((health, load));
         crate::connection::drain(conn, driver, grace)
     }
 
@@ -287,6 +293,14 @@ impl Active {
                 config.backoff,
             )
         });
+        let stats = &ctx.shared.stats;
+        if let LoadReports::OutOfBand { period, penalty } = stats.load_reports {
+            active.load = Some(OutOfBand {
+                stream: LoadReportStream::start(active.conn.clone(), period, config.backoff),
+                stats: stats.clone(),
+                penalty,
+            });
+        }
         active
     }
 
@@ -296,6 +310,7 @@ impl Active {
             conn,
             driver,
             health: None,
+            load: None,
             liveness: Liveness::new(
                 config.liveness_interval,
                 ctx.probe_rate.clone(),
@@ -332,6 +347,46 @@ impl Active {
         {
             return Poll::Ready(ConnEvent::Health(event));
         }
+        if let Some(load) = &mut self.load {
+            load.poll(&self.conn, cx);
+        }
         Poll::Pending
+    }
+}
+
+/// The out-of-band report stream and where its reports go.
+struct OutOfBand {
+    stream: LoadReportStream,
+    stats: Arc<super::stats::Stats>,
+    penalty: f64,
+}
+
+impl OutOfBand {
+    /// Takes in every report that has come; never ready itself.
+    fn poll(&mut self, conn: &Conn, cx: &mut Context<'_>) {
+        // Bounded: a server flooding reports yields the task now and then.
+        for _ in 0..64 {
+            let Poll::Ready(event) = self.stream.poll_event(cx) else {
+                return;
+            };
+            match event {
+                LoadEvent::Report(report) => {
+                    let report = Report {
+                        cpu: report.cpu_utilization,
+                        rps: report.rps_fractional,
+                        eps: report.eps,
+                        application: report.application_utilization,
+                    };
+                    self.stats.server_load.on_report(&report, self.penalty);
+                }
+                LoadEvent::Unimplemented => {
+                    tracing::debug!(endpoint = %conn.addr, "the server sends no out-of-band load reports (UNIMPLEMENTED): weighted round robin gives it the mean weight");
+                }
+                LoadEvent::Ended(why) => {
+                    tracing::debug!(endpoint = %conn.addr, %why, "the out-of-band load report stream ended; it is reopened");
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
     }
 }

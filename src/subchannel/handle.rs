@@ -80,6 +80,7 @@ impl Subchannel {
             outcomes: Outcomes::new(hooks.judge),
             latency: Ewma::new(hooks.latency_decay.unwrap_or(DEFAULT_DECAY)),
             measure_latency: hooks.latency_decay.is_some(),
+            load_reports: hooks.load_reports,
             telemetry: hooks.telemetry.clone(),
             ..Stats::default()
         });

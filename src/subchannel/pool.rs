@@ -196,6 +196,11 @@ impl Pool {
         self.addr
     }
 
+    /// The endpoint's counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
     /// Whether some connection can take a call now, or after a wait for a
     /// slot: SERVING, open, and no GOAWAY seen.
     pub(crate) fn is_ready(&self) -> bool {
@@ -204,7 +209,10 @@ impl Pool {
 
     /// Records whether the endpoint is SERVING.
     pub(crate) fn set_serving(&self, serving: bool) {
-        self.serving.store(serving, Ordering::SeqCst);
+        if !self.serving.swap(serving, Ordering::SeqCst) && serving {
+            // Load reports start over, blackout and all (gRFC A58).
+            self.stats.server_load.restart();
+        }
         self.refresh_hint();
         if !serving {
             // Waiting calls go elsewhere.

@@ -32,6 +32,8 @@ pub(crate) struct Hooks {
     pub(crate) judge: crate::outlier::Judge,
     /// How fast the latency estimate forgets.
     pub(crate) latency_decay: Option<std::time::Duration>,
+    /// Where ORCA load reports come from, for weighted round robin.
+    pub(crate) load_reports: crate::load::LoadReports,
     /// The channel's cap on liveness probes.
     pub(crate) probe_rate: Option<Arc<crate::connection::ProbeRate>>,
     /// gRPC's standard telemetry.

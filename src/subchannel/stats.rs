@@ -33,6 +33,10 @@ pub(crate) struct Stats {
     /// Whether the picker's last snapshot holds it: set by the balancer
     /// after each publish.
     pub(crate) in_rotation: AtomicBool,
+    /// What its ORCA load reports say, for weighted round robin.
+    pub(crate) server_load: crate::load::ServerLoad,
+    /// Where those reports come from, if they are read at all.
+    pub(crate) load_reports: crate::load::LoadReports,
 }
 
 /// How a call on the endpoint ended.
@@ -52,6 +56,12 @@ impl Stats {
     /// Counts a call's end, and tells the outcomes (outlier ejection, the
     /// load-aware policies) what it showed.
     pub(crate) fn ended(&self, end: Ended<'_>) {
+        if let (crate::load::LoadReports::PerCall { penalty }, Ended::Status(_, Some(trailers))) =
+            (self.load_reports, &end)
+            && let Some(report) = crate::load::Report::from_trailers(trailers)
+        {
+            self.server_load.on_report(&report, penalty);
+        }
         let failure = match end {
             Ended::Status(Code::Ok, _) => {
                 self.calls_ok.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,8 @@
 mod events;
 #[cfg(feature = "opentelemetry")]
 mod otel;
+#[cfg(feature = "opentelemetry")]
+mod wrr;
 
 #[cfg(feature = "opentelemetry")]
 use std::sync::Arc;
@@ -149,6 +151,7 @@ impl Telemetry {
                 target: target.into(),
                 trace_context: headers,
                 instruments: provider.map(|p| otel::Instruments::new(p, target)),
+                wrr: provider.map(|p| wrr::Instruments::new(p, target)),
             })),
         }
     }
@@ -277,6 +280,25 @@ impl Telemetry {
         }
         #[cfg(not(feature = "opentelemetry"))]
         let _ = failing;
+    }
+
+    /// gRFC A78: weighted round robin's update had fewer than two usable
+    /// weights, and fell back to round robin.
+    pub(crate) fn wrr_fell_back(&self) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = self.inner.as_ref().and_then(|s| s.wrr.as_ref()) {
+            i.fell_back();
+        }
+    }
+
+    /// gRFC A78: an endpoint's weight at an update, and where it stands.
+    pub(crate) fn wrr_endpoint(&self, locality: Option<&str>, state: crate::load::WeightState, weight: f64) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = self.inner.as_ref().and_then(|s| s.wrr.as_ref()) {
+            i.endpoint(locality, state, weight);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (locality, state, weight);
     }
 
     /// healthlb's own: the share of calls that stays in the client's zone.

@@ -42,7 +42,7 @@ pub(crate) const SIZE_BOUNDS: [f64; 14] = [
 ];
 
 /// The instrumentation scope.
-const SCOPE: &str = "healthlb";
+pub(super) const SCOPE: &str = "healthlb";
 
 /// The most distinct methods labelled; past it, `other`, as A66 labels
 /// methods it doesn't know, to bound cardinality.
@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     /// Which headers carry an attempt's trace context.
     pub(crate) trace_context: TraceContext,
     pub(crate) instruments: Option<Instruments>,
+    /// gRFC A78's, with a meter provider.
+    pub(crate) wrr: Option<super::wrr::Instruments>,
 }
 
 impl Shared {

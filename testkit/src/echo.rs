@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
+use healthlb::orca::{CallMetricsRecorder, OpenRcaService, OrcaLayer, ServerMetricsRecorder};
 use tonic_health::server::HealthReporter;
 
 pub mod pb {
@@ -76,6 +77,10 @@ pub struct Counters {
     pub bidi_mode: Mutex<BidiMode>,
     /// Bidi calls whose whole request stream, up to its end, was read.
     pub bidi_read_whole: AtomicU64,
+    /// With ORCA on: each unary call reports this cost per call, in
+    /// thousandths, as its utilization: qps × cost (0: the call reports
+    /// nothing of its own).
+    pub cost_milli: AtomicU64,
 }
 
 /// How a bidi call answers.
@@ -165,6 +170,7 @@ impl Counters {
 struct EchoImpl {
     name: Arc<str>,
     counters: Arc<Counters>,
+    orca: Option<ServerMetricsRecorder>,
 }
 
 impl EchoImpl {
@@ -223,6 +229,16 @@ impl Echo for EchoImpl {
             tokio::time::sleep(Duration::from_micros(delay)).await;
         }
         unfinished.1 = true;
+        let cost = self.counters.cost_milli.load(Ordering::Relaxed);
+        if let (Some(server), Some(call), true) =
+            (&self.orca, CallMetricsRecorder::of(&request), cost > 0)
+        {
+            // What a pod that spends `cost` per call reports: its qps, and
+            // qps × cost as its utilization; the weight is 1 / cost.
+            let qps = server.measured_qps().max(1.0);
+            call.set_qps(qps);
+            call.set_application_utilization(qps * cost as f64 / 1000.0);
+        }
         let every = self.counters.fail_every.load(Ordering::Relaxed);
         if every > 0 && seq.is_multiple_of(every) {
             return Err(self.injected());
@@ -377,6 +393,18 @@ pub struct Options {
     /// SETTINGS_INITIAL_WINDOW_SIZE: how much a client may send on a
     /// stream before the server reads; hyper's default when `None`.
     pub stream_window: Option<u32>,
+    /// ORCA load reports: per call through healthlb's `OrcaLayer`, and out
+    /// of band through its `OpenRcaService` when `oob_interval` is set
+    /// (its minimum interval). Off by default.
+    pub orca: Option<OrcaOptions>,
+}
+
+/// How a backend reports its load.
+#[derive(Debug, Clone, Default)]
+pub struct OrcaOptions {
+    /// Serve `OpenRcaService`, sending at least this often; without it a
+    /// client asking for out-of-band reports gets UNIMPLEMENTED.
+    pub oob_interval: Option<Duration>,
 }
 
 impl Default for Options {
@@ -388,6 +416,7 @@ impl Default for Options {
             tls: None,
             max_concurrent_streams: None,
             stream_window: None,
+            orca: None,
         }
     }
 }
@@ -396,6 +425,8 @@ pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub counters: Arc<Counters>,
+    /// The server's ORCA metrics, with `Options::orca`.
+    pub orca: Option<ServerMetricsRecorder>,
     reporter: Option<HealthReporter>,
     shutdown: Option<oneshot::Sender<()>>,
     kill: Option<oneshot::Sender<()>>,
@@ -424,10 +455,13 @@ impl Backend {
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let (kill, kill_rx) = oneshot::channel::<()>();
         let (done_tx, done) = oneshot::channel();
+        let orca = options.orca.as_ref().map(|_| ServerMetricsRecorder::new());
         let echo = EchoImpl {
             name: name.clone(),
             counters: counters.clone(),
+            orca: orca.clone(),
         };
+        let server_orca = orca.clone();
         let checks = counters.clone();
         let thread_name = format!("backend-{name}");
         std::thread::Builder::new()
@@ -447,14 +481,19 @@ impl Backend {
                         }
                     };
                     let _ = bound_tx.send(Ok(listener.local_addr().expect("local addr")));
-                    let mut builder = Server::builder().layer(tower::util::MapRequestLayer::new(
+                    let counting = tower::util::MapRequestLayer::new(
                         move |request: http::Request<_>| {
                             if request.uri().path() == "/grpc.health.v1.Health/Check" {
                                 checks.health_checks.fetch_add(1, Ordering::Relaxed);
                             }
                             request
                         },
-                    ));
+                    );
+                    // Without ORCA the layer is an identity.
+                    let reports = tower::util::option_layer(server_orca.clone().map(OrcaLayer::new));
+                    let mut builder = Server::builder().layer(
+                        tower::ServiceBuilder::new().layer(counting).layer(reports),
+                    );
                     if let Some(age) = options.max_connection_age {
                         builder = builder.max_connection_age(age);
                     }
@@ -468,6 +507,14 @@ impl Backend {
                         builder = builder.tls_config(tls).expect("server TLS config");
                     }
                     let mut router = builder.add_service(EchoServer::new(echo));
+                    if let (Some(recorder), Some(interval)) = (
+                        server_orca,
+                        options.orca.as_ref().and_then(|o| o.oob_interval),
+                    ) {
+                        router = router.add_service(
+                            OpenRcaService::new(recorder).min_report_interval(interval),
+                        );
+                    }
                     if options.health {
                         router = router.add_service(health_service);
                     }
@@ -493,6 +540,7 @@ impl Backend {
             name,
             addr,
             counters,
+            orca,
             reporter: Some(reporter),
             shutdown: Some(shutdown),
             kill: Some(kill),

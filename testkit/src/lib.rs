@@ -9,6 +9,27 @@ pub use hickory_server;
 
 pub mod dns;
 pub mod echo;
+
+/// cncf/xds's ORCA messages and service, generated from the protos
+/// vendored in `proto/xds`: the reference healthlb's own types are held
+/// against.
+pub mod xds {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    pub mod data {
+        pub mod orca {
+            pub mod v3 {
+                tonic::include_proto!("xds.data.orca.v3");
+            }
+        }
+    }
+    pub mod service {
+        pub mod orca {
+            pub mod v3 {
+                tonic::include_proto!("xds.service.orca.v3");
+            }
+        }
+    }
+}
 pub mod hostile;
 pub mod kube_api;
 pub mod proxy;
