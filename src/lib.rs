@@ -36,6 +36,7 @@ mod timer;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::load::bench::LoadReportReader;
     pub use crate::metrics::bench::PerCall;
     pub use crate::picker::bench::Picked;
 
@@ -73,10 +74,10 @@ pub use crate::call::ResponseFuture;
 pub use crate::channel::LbChannel;
 pub use crate::discover::Discover;
 pub use crate::error::{Error, ErrorKind};
+pub use crate::load::{ServerWeight, WeightState};
 pub use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
-pub use crate::load::{ServerWeight, WeightState};
 pub use crate::picker::{Policy, SlowStart, WeightedRoundRobin};
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,

@@ -185,4 +185,64 @@ async fn calls_streams_and_ejections_are_counted() {
         5.0,
         "{text}"
     );
+
+    // weighted_round_robin: A78's counters, through the facade. pod-184
+    // reports a cost per call until it stops; pod-185 never does.
+    let mut orca = Vec::new();
+    for n in [184, 185] {
+        let options = support::echo::Options {
+            orca: Some(support::echo::OrcaOptions::default()),
+            ..Default::default()
+        };
+        orca.push(Backend::start_with(&format!("pod-{n}"), loopback(n, port), options).await);
+    }
+    orca[0].counters.cost_milli.store(1000, Ordering::SeqCst);
+    let wrr = healthlb::WeightedRoundRobin::default()
+        .blackout_period(Duration::ZERO)
+        .weight_update_period(Duration::from_millis(100))
+        .weight_expiration_period(Duration::from_millis(400));
+    let target = format!("ipv4:{},{}", orca[0].addr, orca[1].addr);
+    let weighted = support::connect_serving(
+        LbChannel::builder(target.clone()).policy(healthlb::Policy::WeightedRoundRobin(wrr)),
+        2,
+    )
+    .await;
+    let first = |state: healthlb::WeightState| {
+        weighted.endpoints()[0]
+            .server_weight
+            .is_some_and(|w| w.state == state)
+    };
+    let mut client = EchoClient::new(weighted.clone());
+    for _ in 0..200 {
+        if first(healthlb::WeightState::Usable) {
+            break;
+        }
+        client
+            .unary(EchoRequest {
+                message: "w".into(),
+            })
+            .await
+            .expect("ok");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        first(healthlb::WeightState::Usable),
+        "{}",
+        weighted.endpoints()[0]
+    );
+    orca[0].counters.cost_milli.store(0, Ordering::SeqCst);
+    let stale = support::wait_for(Duration::from_secs(5), || {
+        first(healthlb::WeightState::Stale)
+    })
+    .await;
+    assert!(stale.is_some(), "{}", weighted.endpoints()[0]);
+    let text = handle.render();
+    let target = format!("target=\"{target}\"");
+    for name in [
+        "healthlb_wrr_rr_fallback_total",
+        "healthlb_wrr_endpoint_weight_not_yet_usable_total",
+        "healthlb_wrr_endpoint_weight_stale_total",
+    ] {
+        assert!(sum(&text, name, &[&target]) >= 1.0, "{name}: {text}");
+    }
 }

@@ -896,3 +896,82 @@ async fn spans_need_only_a_tracing_subscriber_not_a_meter_provider() {
         "the server got one: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn weighted_round_robin_records_a78s_four_metrics() {
+    use healthlb::{Policy, WeightState, WeightedRoundRobin};
+    use support::echo::{Options, OrcaOptions, loopback};
+    let port = free_port();
+    let mut b = Vec::new();
+    for n in [215, 216] {
+        let options = Options {
+            orca: Some(OrcaOptions::default()),
+            ..Options::default()
+        };
+        b.push(Backend::start_with(&format!("b{n}"), loopback(n, port), options).await);
+    }
+    // b215 reports a cost per call; b216 reports none.
+    b[0].counters.cost_milli.store(1000, Ordering::SeqCst);
+    let wrr = WeightedRoundRobin::default()
+        .blackout_period(Duration::ZERO)
+        .weight_update_period(Duration::from_millis(100))
+        .weight_expiration_period(Duration::from_millis(400));
+    let (provider, exporter) = meters();
+    let channel = LbChannel::builder(list(&b))
+        .policy(Policy::WeightedRoundRobin(wrr))
+        .meter_provider(provider.clone());
+    let channel = support::connect_serving(channel, 2).await;
+    let mut client = EchoClient::new(channel.clone());
+    let state_of_first =
+        |channel: &LbChannel| channel.endpoints()[0].server_weight.map(|w| w.state);
+    for _ in 0..200 {
+        if state_of_first(&channel) == Some(WeightState::Usable) {
+            break;
+        }
+        unary(&mut client).await.expect("ok");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        state_of_first(&channel),
+        Some(WeightState::Usable),
+        "{}",
+        channel.endpoints()[0]
+    );
+    // b215 stops reporting: stale after 400 ms.
+    b[0].counters.cost_milli.store(0, Ordering::SeqCst);
+    let stale = support::wait_for(Duration::from_secs(5), || {
+        state_of_first(&channel) == Some(WeightState::Stale)
+    })
+    .await;
+    assert!(stale.is_some(), "{}", channel.endpoints()[0]);
+
+    let m = collect(&provider, &exporter);
+    let labels = BTreeSet::from(["grpc.target".to_owned(), "grpc.lb.locality".to_owned()]);
+    for (name, unit) in [
+        ("grpc.lb.wrr.rr_fallback", "{update}"),
+        ("grpc.lb.wrr.endpoint_weight_not_yet_usable", "{endpoint}"),
+        ("grpc.lb.wrr.endpoint_weight_stale", "{endpoint}"),
+    ] {
+        let (got, points) = &m[name];
+        assert_eq!(got, unit, "{name}");
+        assert_eq!(label_names(points), labels, "{name}");
+        // One usable weight at most, b216 never usable, b215 stale: each
+        // was counted at some update.
+        assert!(
+            points.iter().map(|p| p.value).sum::<f64>() >= 1.0,
+            "{name}: {points:?}"
+        );
+    }
+    let (unit, weights) = &m["grpc.lb.wrr.endpoint_weights"];
+    assert_eq!(unit, "{weight}");
+    assert_eq!(label_names(weights), labels);
+    assert!(
+        weights.iter().map(|p| p.count).sum::<u64>() >= 2,
+        "{weights:?}"
+    );
+    // b215's usable weight, 1.0, was among those recorded.
+    assert!(
+        weights.iter().map(|p| p.value).sum::<f64>() >= 1.0,
+        "{weights:?}"
+    );
+}

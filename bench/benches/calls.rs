@@ -106,6 +106,16 @@ fn main() {
             );
         }
     }
+    // What weighted round robin pays per call to read the call's ORCA
+    // report from its trailers.
+    let report = per_call(|n| instructions(&format!("{ORCA_REPORT}:1:{n}:0")));
+    let _ = writeln!(
+        table,
+        "\nReading one per-call ORCA load report (`endpoint-load-metrics-bin`, {} bytes of base64) from a call's trailers: {report:.0} instructions.",
+        report_trailers()
+            .get("endpoint-load-metrics-bin")
+            .map_or(0, |v| v.len())
+    );
     println!("\n{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
@@ -189,6 +199,41 @@ fn syscalls(spec: &str) -> u64 {
         .unwrap_or_else(|| panic!("no syscall count from strace: {summary}"))
 }
 
+/// The child that reads per-call ORCA reports instead of making calls.
+const ORCA_REPORT: &str = "orca report";
+
+/// Trailers with a typical per-call report: the scalars weighted round
+/// robin reads, plus a named metric and a request cost it skips.
+fn report_trailers() -> http::HeaderMap {
+    use prost::Message;
+    let report = healthlb::orca::OrcaLoadReport {
+        cpu_utilization: 0.42,
+        mem_utilization: 0.3,
+        rps_fractional: 812.5,
+        eps: 1.5,
+        application_utilization: 0.37,
+        named_metrics: [("queue_depth".to_owned(), 4.0)].into(),
+        request_cost: [("db_reads".to_owned(), 3.0)].into(),
+        ..Default::default()
+    };
+    let value = tonic::metadata::MetadataValue::from_bytes(&report.encode_to_vec());
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert_bin("endpoint-load-metrics-bin", value);
+    let mut trailers = metadata.into_headers();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers
+}
+
+/// Reads the report in `report_trailers` `n` times, as each call's end does.
+fn read_reports(n: usize) {
+    let trailers = report_trailers();
+    let reader = healthlb::internals::LoadReportReader::default();
+    for _ in 0..n {
+        reader.read(std::hint::black_box(&trailers));
+    }
+    assert!(reader.weight() > 0.0, "the report reads");
+}
+
 /// The measured child: `NAME:CONCURRENCY:CALLS:PORT`. Builds the contender,
 /// warms it up, makes `CALLS` calls from `CONCURRENCY` callers, exits.
 fn run_calls(spec: &str) {
@@ -200,6 +245,10 @@ fn run_calls(spec: &str) {
         .and_then(|p| p.parse().ok())
         .expect("CONCURRENCY");
     let name = parts.next().expect("NAME").to_owned();
+    if name == ORCA_REPORT {
+        read_reports(calls);
+        return;
+    }
     let addrs: Vec<SocketAddr> = (0..4).map(|i| servers::addr(i, port)).collect();
     if std::env::var("HEALTHLB_CALLS_SUBSCRIBER").is_ok_and(|v| v == "1") {
         let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::new());

@@ -1,5 +1,6 @@
 //! Pick cost: `poll_ready` + `call` through healthlb's picker, for each
-//! policy (round robin, least request, peak EWMA), over 1, 10, 100, 1000
+//! policy (round robin, least request, peak EWMA, weighted round robin
+//! with weights 1 to 4), over 1, 10, 100, 1000
 //! and 10,000 SERVING endpoints, against no-op services, next to tower's
 //! `p2c::Balance` (the balancer under tonic's `balance_list`) over the same
 //! services. healthlb's cost must be flat in the number of endpoints. The
@@ -60,6 +61,10 @@ fn pick(c: &mut Criterion) {
         ("healthlb", Policy::RoundRobin),
         ("healthlb_least_request", Policy::least_request(2)),
         ("healthlb_peak_ewma", Policy::peak_ewma()),
+        (
+            "healthlb_weighted_round_robin",
+            Policy::weighted_round_robin(),
+        ),
     ];
     for n in [1usize, 10, 100, 1000, 10_000] {
         for (name, policy) in &policies {

@@ -304,7 +304,13 @@ impl Balancer {
 
     fn reweigh_with(&self, placed: &BTreeMap<SocketAddr, Placed>) {
         if let Some(wrr) = &self.wrr {
-            weights::reweigh(&self.outputs.picker, wrr, &self.target, &self.telemetry, placed);
+            weights::reweigh(
+                &self.outputs.picker,
+                wrr,
+                &self.target,
+                &self.telemetry,
+                placed,
+            );
         }
     }
 

@@ -48,7 +48,8 @@ pub(super) fn reweigh(
         ramped(&mut weights, ramp, &snapshot.since, Instant::now());
     }
     let n = snapshot.ready.len();
-    let mut ranges: Vec<(usize, usize)> = snapshot.groups.iter().map(|g| (g.start, g.end)).collect();
+    let mut ranges: Vec<(usize, usize)> =
+        snapshot.groups.iter().map(|g| (g.start, g.end)).collect();
     if !ranges.contains(&(0, n)) {
         ranges.push((0, n));
     }
@@ -83,7 +84,10 @@ fn ramped(weights: &mut [f64], ramp: SlowStart, since: &[Instant], now: Instant)
 }
 
 /// When the balancer works the weights out next: every update period.
-pub(super) fn next_update(wrr: Option<&WeightedRoundRobin>, last: tokio::time::Instant) -> Option<tokio::time::Instant> {
+pub(super) fn next_update(
+    wrr: Option<&WeightedRoundRobin>,
+    last: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
     let period: Duration = wrr?.update_period();
     Some(last + period)
 }
@@ -96,7 +100,11 @@ mod tests {
     fn a_ramp_scales_weights_and_gives_the_mean_to_those_without() {
         let ramp = SlowStart::new(Duration::from_secs(10));
         let now = Instant::now();
-        let since = [now - Duration::from_secs(20), now - Duration::from_secs(5), now];
+        let since = [
+            now - Duration::from_secs(20),
+            now - Duration::from_secs(5),
+            now,
+        ];
         let mut weights = [4.0, 2.0, 0.0];
         ramped(&mut weights, ramp, &since, now);
         assert_eq!(weights[0], 4.0);

@@ -50,8 +50,8 @@ pub(crate) use self::dial::{Dialer, Driver, Ended, GoAway, Http2Settings};
 pub(crate) use self::drain::drain;
 pub use self::health::HealthStatus;
 pub(crate) use self::health::{HealthEvent, HealthWatch};
-pub(crate) use self::load_reports::{LoadEvent, LoadReportStream};
 pub(crate) use self::liveness::{Liveness, Probe, ProbeRate, probe};
+pub(crate) use self::load_reports::{LoadEvent, LoadReportStream};
 pub(crate) use self::stream::{
     Answered, Incoming, Link, NotOpened, Opening, Stopped, finish_request,
 };

@@ -8,6 +8,8 @@
 //!   give it, for weighted round robin; `report.rs` reads a report, and
 //!   `orca_proto.rs` holds the whole messages.
 
+#[cfg(feature = "internals")]
+pub(crate) mod bench;
 pub(crate) mod orca_proto;
 mod peak_ewma;
 pub(crate) mod report;
@@ -15,8 +17,8 @@ mod server_load;
 
 pub(crate) use self::peak_ewma::{DEFAULT_DECAY, Ewma, now_ns};
 pub(crate) use self::report::Report;
-pub use self::server_load::{ServerWeight, WeightState};
 pub(crate) use self::server_load::{LoadReports, ServerLoad};
+pub use self::server_load::{ServerWeight, WeightState};
 
 /// Something a call can be routed to, as the policies see it.
 pub(crate) trait Candidate: Clone {

@@ -128,7 +128,11 @@ pub(crate) fn base64_encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let n = chunk.len();
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=n {
             out.push(char::from(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize]));
@@ -174,7 +178,12 @@ mod tests {
     fn garbage_is_no_report() {
         // A double cut short, a varint that never ends, a length past the end,
         // wire type 7.
-        for wire in [&[0x09, 1, 2][..], &[0x18, 0xff, 0xff], &[0x22, 9, 1], &[0x0f]] {
+        for wire in [
+            &[0x09, 1, 2][..],
+            &[0x18, 0xff, 0xff],
+            &[0x22, 9, 1],
+            &[0x0f],
+        ] {
             assert_eq!(Report::decode(wire), None, "{wire:?}");
         }
     }

@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::report::Report;
 use super::peak_ewma::now_ns;
+use super::report::Report;
 
 /// Where an endpoint's weight stands, as gRFC A78 counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +133,12 @@ impl ServerLoad {
 
     /// The weight to schedule with at `now`, 0 when it is not usable, and
     /// why.
-    pub(crate) fn weight(&self, now: u64, expiration: Duration, blackout: Duration) -> (f64, WeightState) {
+    pub(crate) fn weight(
+        &self,
+        now: u64,
+        expiration: Duration,
+        blackout: Duration,
+    ) -> (f64, WeightState) {
         let last = self.last_update.load(Ordering::Relaxed);
         if last == 0 {
             return (0.0, WeightState::NotYetUsable);
@@ -146,7 +151,10 @@ impl ServerLoad {
         if !blackout.is_zero() && (since == 0 || now.saturating_sub(since) < nanos(blackout)) {
             return (0.0, WeightState::NotYetUsable);
         }
-        (f64::from_bits(self.weight.load(Ordering::Relaxed)), WeightState::Usable)
+        (
+            f64::from_bits(self.weight.load(Ordering::Relaxed)),
+            WeightState::Usable,
+        )
     }
 }
 
@@ -171,9 +179,15 @@ mod tests {
     fn the_weight_is_qps_over_utilization_with_errors_penalised() {
         let load = ServerLoad::default();
         let (forever, none) = (Duration::from_secs(3600), Duration::ZERO);
-        assert_eq!(load.weight(now_ns(), forever, none), (0.0, WeightState::NotYetUsable));
+        assert_eq!(
+            load.weight(now_ns(), forever, none),
+            (0.0, WeightState::NotYetUsable)
+        );
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        assert_eq!(load.weight(now_ns(), forever, none), (200.0, WeightState::Usable));
+        assert_eq!(
+            load.weight(now_ns(), forever, none),
+            (200.0, WeightState::Usable)
+        );
         // 10 errors a second at 100 qps, penalty 2: 100 / (0.5 + 0.1 × 2).
         load.on_report(&report(100.0, 0.5, 10.0), 2.0);
         let (weight, _) = load.weight(now_ns(), forever, none);
@@ -202,15 +216,31 @@ mod tests {
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
         let start = now_ns();
         let at = |s: u64| start + s * 1_000_000_000;
-        assert_eq!(load.weight(at(5), expiration, blackout).1, WeightState::NotYetUsable);
-        assert_eq!(load.weight(at(11), expiration, blackout), (200.0, WeightState::Usable));
-        assert_eq!(load.weight(at(181), expiration, blackout), (0.0, WeightState::Stale));
+        assert_eq!(
+            load.weight(at(5), expiration, blackout).1,
+            WeightState::NotYetUsable
+        );
+        assert_eq!(
+            load.weight(at(11), expiration, blackout),
+            (200.0, WeightState::Usable)
+        );
+        assert_eq!(
+            load.weight(at(181), expiration, blackout),
+            (0.0, WeightState::Stale)
+        );
         // Reports again after going stale: a fresh blackout.
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        assert_eq!(load.weight(now_ns() + 1_000_000_000, expiration, blackout).1, WeightState::NotYetUsable);
+        assert_eq!(
+            load.weight(now_ns() + 1_000_000_000, expiration, blackout)
+                .1,
+            WeightState::NotYetUsable
+        );
         // Turning SERVING again restarts the blackout too.
         load.restart();
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        assert_eq!(load.weight(now_ns(), expiration, blackout).1, WeightState::NotYetUsable);
+        assert_eq!(
+            load.weight(now_ns(), expiration, blackout).1,
+            WeightState::NotYetUsable
+        );
     }
 }

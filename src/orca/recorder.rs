@@ -58,7 +58,11 @@ impl ServerMetricsRecorder {
     }
 
     fn with(&self, f: impl FnOnce(&mut Set)) {
-        f(&mut self.inner.set.lock().unwrap_or_else(PoisonError::into_inner));
+        f(&mut self
+            .inner
+            .set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner));
     }
 
     /// CPU utilization, as a fraction of the CPU available (may exceed 1).
@@ -122,7 +126,11 @@ impl ServerMetricsRecorder {
 
     /// qps and eps over the last whole window, rolling it when it's over.
     fn rates(&self) -> (f64, f64) {
-        let mut rates = self.inner.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rates = self
+            .inner
+            .rates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let calls = self.inner.calls.load(Ordering::Relaxed);
         let errors = self.inner.errors.load(Ordering::Relaxed);
@@ -149,7 +157,11 @@ impl ServerMetricsRecorder {
     /// where none were set.
     pub fn snapshot(&self) -> OrcaLoadReport {
         let (qps, eps) = self.rates();
-        let set = self.inner.set.lock().unwrap_or_else(PoisonError::into_inner);
+        let set = self
+            .inner
+            .set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut report = set.report.clone();
         if !set.qps_set {
             report.rps_fractional = qps;
@@ -250,7 +262,11 @@ impl CallMetricsRecorder {
     /// The call's report: its own values over the server's, when it has
     /// a server recorder.
     pub(super) fn report(&self, server: Option<&ServerMetricsRecorder>) -> OrcaLoadReport {
-        let (call, Fields(set)) = self.report.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (call, Fields(set)) = self
+            .report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let Some(server) = server else {
             return call;
         };
@@ -262,7 +278,11 @@ impl CallMetricsRecorder {
         };
         pick(CPU, call.cpu_utilization, &mut report.cpu_utilization);
         pick(MEM, call.mem_utilization, &mut report.mem_utilization);
-        pick(APP, call.application_utilization, &mut report.application_utilization);
+        pick(
+            APP,
+            call.application_utilization,
+            &mut report.application_utilization,
+        );
         pick(QPS, call.rps_fractional, &mut report.rps_fractional);
         pick(EPS, call.eps, &mut report.eps);
         merge(&mut report.utilization, call.utilization);

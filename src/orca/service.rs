@@ -9,9 +9,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use http::{Request, Response};
+use tonic::Status;
 use tonic::body::Body;
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
-use tonic::Status;
 
 use super::recorder::ServerMetricsRecorder;
 use super::{OrcaLoadReport, OrcaLoadReportRequest};
@@ -101,13 +101,18 @@ impl ServerStreamingService<OrcaLoadReportRequest> for Streams {
             .unwrap_or_default();
         let interval = asked.max(self.0.min_interval);
         let recorder = self.0.recorder.clone();
-        let reports = futures::stream::unfold(
-            (recorder, tokio::time::interval(interval)),
-            |(recorder, mut ticks)| async move {
+        let mut ticks = tokio::time::interval(interval);
+        // A stalled server sends late, never in a burst.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reports =
+            futures::stream::unfold((recorder, ticks), |(recorder, mut ticks)| async move {
                 ticks.tick().await;
                 Some((Ok(recorder.snapshot()), (recorder, ticks)))
-            },
-        );
-        Box::pin(async move { Ok(tonic::Response::new(Box::pin(reports) as Self::ResponseStream)) })
+            });
+        Box::pin(async move {
+            Ok(tonic::Response::new(
+                Box::pin(reports) as Self::ResponseStream
+            ))
+        })
     }
 }

@@ -37,6 +37,7 @@ impl<S: Clone> Picked<S> {
     /// A picker over `services`, all SERVING; `None` if there are none.
     pub fn new(services: Vec<S>, policy: &crate::Policy) -> Option<Self> {
         let first = Ready(services.first()?.clone());
+        let n = services.len();
         let picker = Picker::new(String::new(), super::Chooser::from(policy), None);
         picker.publish(Snapshot {
             ready: services.into_iter().map(Ready).collect(),
@@ -48,6 +49,15 @@ impl<S: Clone> Picked<S> {
             settled: false,
             generation: 0,
         });
+        if let crate::Policy::WeightedRoundRobin(_) = policy {
+            // Weights 1 to 4 in turn, as reports from unlike pods would give.
+            let weights: Vec<f64> = (0..n).map(|i| (i % 4 + 1) as f64).collect();
+            let (schedule, _) = super::Schedule::new(0, n, &weights);
+            picker.schedule(super::Schedules {
+                generation: picker.current().generation,
+                groups: vec![schedule],
+            });
+        }
         Some(Self {
             picker: Arc::new(picker),
             picked: None,

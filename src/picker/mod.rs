@@ -40,8 +40,8 @@ pub use self::policy::{Policy, SlowStart};
 use self::round_robin::RoundRobin;
 use self::sample::{random_below, random_fraction};
 pub(crate) use self::snapshot::{Group, Snapshot};
-pub(crate) use self::weighted_round_robin::{Made, Schedule, Schedules};
 pub use self::weighted_round_robin::WeightedRoundRobin;
+pub(crate) use self::weighted_round_robin::{Made, Schedule, Schedules};
 use crate::load::Candidate;
 use crate::subchannel::Pool;
 

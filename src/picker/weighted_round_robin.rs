@@ -223,7 +223,10 @@ impl Published {
     pub(crate) fn pick(&self, generation: u64, start: usize, end: usize) -> Option<usize> {
         let schedules = self.0.load();
         let schedules = schedules.as_ref().filter(|s| s.generation == generation)?;
-        let group = schedules.groups.iter().find(|g| g.start == start && g.end == end)?;
+        let group = schedules
+            .groups
+            .iter()
+            .find(|g| g.start == start && g.end == end)?;
         Some(start + group.next())
     }
 }

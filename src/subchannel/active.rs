@@ -14,9 +14,9 @@ use crate::connection::HealthStatus;
 use crate::connection::chain;
 use crate::connection::{Conn, Dialer, Driver, Ended, GoAway, Http2Settings, Role};
 use crate::connection::{HealthEvent, HealthWatch, LoadEvent, LoadReportStream};
-use crate::load::{LoadReports, Report};
 use crate::connection::{Liveness, Probe, ProbeRate, probe};
 use crate::deadline::capped;
+use crate::load::{LoadReports, Report};
 
 /// What a subchannel's connections are made with.
 pub(crate) struct Ctx {

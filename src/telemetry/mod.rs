@@ -28,6 +28,9 @@ pub(crate) struct Telemetry {
     /// subscriber alone; instruments only with a meter provider.
     #[cfg(feature = "opentelemetry")]
     inner: Option<Arc<otel::Shared>>,
+    /// gRFC A78's instruments, with a meter provider.
+    #[cfg(feature = "opentelemetry")]
+    wrr: Option<Arc<wrr::Instruments>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -151,8 +154,8 @@ impl Telemetry {
                 target: target.into(),
                 trace_context: headers,
                 instruments: provider.map(|p| otel::Instruments::new(p, target)),
-                wrr: provider.map(|p| wrr::Instruments::new(p, target)),
             })),
+            wrr: provider.map(|p| Arc::new(wrr::Instruments::new(p, target))),
         }
     }
 
@@ -286,15 +289,20 @@ impl Telemetry {
     /// weights, and fell back to round robin.
     pub(crate) fn wrr_fell_back(&self) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = self.inner.as_ref().and_then(|s| s.wrr.as_ref()) {
+        if let Some(i) = &self.wrr {
             i.fell_back();
         }
     }
 
     /// gRFC A78: an endpoint's weight at an update, and where it stands.
-    pub(crate) fn wrr_endpoint(&self, locality: Option<&str>, state: crate::load::WeightState, weight: f64) {
+    pub(crate) fn wrr_endpoint(
+        &self,
+        locality: Option<&str>,
+        state: crate::load::WeightState,
+        weight: f64,
+    ) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = self.inner.as_ref().and_then(|s| s.wrr.as_ref()) {
+        if let Some(i) = &self.wrr {
             i.endpoint(locality, state, weight);
         }
         #[cfg(not(feature = "opentelemetry"))]

@@ -57,8 +57,6 @@ pub(crate) struct Shared {
     /// Which headers carry an attempt's trace context.
     pub(crate) trace_context: TraceContext,
     pub(crate) instruments: Option<Instruments>,
-    /// gRFC A78's, with a meter provider.
-    pub(crate) wrr: Option<super::wrr::Instruments>,
 }
 
 impl Shared {

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use healthlb::orca::{CallMetricsRecorder, OpenRcaService, OrcaLayer, ServerMetricsRecorder};
 use tokio::sync::oneshot;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
-use healthlb::orca::{CallMetricsRecorder, OpenRcaService, OrcaLayer, ServerMetricsRecorder};
 use tonic_health::server::HealthReporter;
 
 pub mod pb {
@@ -81,6 +81,11 @@ pub struct Counters {
     /// thousandths, as its utilization: qps × cost (0: the call reports
     /// nothing of its own).
     pub cost_milli: AtomicU64,
+    /// Unary calls are served one at a time, each taking this long, in
+    /// ms (0: at once, side by side): a pod with a fixed capacity.
+    pub service_ms: AtomicU64,
+    /// The one lane `service_ms` calls queue for.
+    pub lane: tokio::sync::Mutex<()>,
 }
 
 /// How a bidi call answers.
@@ -227,6 +232,11 @@ impl Echo for EchoImpl {
         let delay = self.counters.delay_us.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
+        let service = self.counters.service_ms.load(Ordering::Relaxed);
+        if service > 0 {
+            let _lane = self.counters.lane.lock().await;
+            tokio::time::sleep(Duration::from_millis(service)).await;
         }
         unfinished.1 = true;
         let cost = self.counters.cost_milli.load(Ordering::Relaxed);
@@ -481,19 +491,18 @@ impl Backend {
                         }
                     };
                     let _ = bound_tx.send(Ok(listener.local_addr().expect("local addr")));
-                    let counting = tower::util::MapRequestLayer::new(
-                        move |request: http::Request<_>| {
+                    let counting =
+                        tower::util::MapRequestLayer::new(move |request: http::Request<_>| {
                             if request.uri().path() == "/grpc.health.v1.Health/Check" {
                                 checks.health_checks.fetch_add(1, Ordering::Relaxed);
                             }
                             request
-                        },
-                    );
+                        });
                     // Without ORCA the layer is an identity.
-                    let reports = tower::util::option_layer(server_orca.clone().map(OrcaLayer::new));
-                    let mut builder = Server::builder().layer(
-                        tower::ServiceBuilder::new().layer(counting).layer(reports),
-                    );
+                    let reports =
+                        tower::util::option_layer(server_orca.clone().map(OrcaLayer::new));
+                    let mut builder = Server::builder()
+                        .layer(tower::ServiceBuilder::new().layer(counting).layer(reports));
                     if let Some(age) = options.max_connection_age {
                         builder = builder.max_connection_age(age);
                     }
