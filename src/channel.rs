@@ -95,16 +95,18 @@ impl fmt::Debug for LbChannel {
         f.debug_struct("LbChannel")
             .field("target", &self.calls.target)
             .field("endpoints", &self.calls.picker.summary())
+            .field("policy", &self.calls.picker.describe())
             .field("resolution", &self.resolution.borrow().to_string())
             .finish_non_exhaustive()
     }
 }
 
 impl fmt::Display for LbChannel {
-    /// One line: the endpoints by state, then how resolution is going.
+    /// One line: the endpoints by state, how resolution is going, and the
+    /// policy (with ring hash, its header and ring).
     ///
     /// ```text
-    /// dns:///echo.prod.svc.cluster.local:50051: 3 endpoints: 3 SERVING; resolved 1.2s ago, 3 endpoints, the set last changed 40.0s ago
+    /// dns:///echo.prod.svc.cluster.local:50051: 3 endpoints: 3 SERVING; resolved 1.2s ago, 3 endpoints, the set last changed 40.0s ago; policy ring_hash_experimental on x-user, a ring of 1026 entries over 3 endpoints
     /// ```
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let resolution = self.resolution.borrow();
@@ -115,9 +117,10 @@ impl fmt::Display for LbChannel {
             .unwrap_or(&how);
         write!(
             f,
-            "{}: {}; {how}",
+            "{}: {}; {how}; policy {}",
             self.calls.target,
-            self.calls.picker.states()
+            self.calls.picker.states(),
+            self.calls.picker.describe()
         )
     }
 }
@@ -230,6 +233,7 @@ impl LbChannel {
             until,
             fail_fast: self.calls.fail_fast,
             wait_for_ready: true,
+            hash: None,
         };
         match self.calls.wait_pick(wait, &[]).await {
             Ok(_) => Ok(()),

@@ -38,7 +38,7 @@ mod timer;
 pub mod internals {
     pub use crate::load::bench::LoadReportReader;
     pub use crate::metrics::bench::PerCall;
-    pub use crate::picker::bench::Picked;
+    pub use crate::picker::bench::{Picked, ring_build};
 
     /// Runs the resolver's answer handling on a raw DNS message; how many
     /// endpoints it kept.
@@ -78,7 +78,7 @@ pub use crate::load::{ServerWeight, WeightState};
 pub use crate::outlier::{
     ConsecutiveFailures, FailurePercentageEjection, OutlierDetection, SuccessRateEjection,
 };
-pub use crate::picker::{Policy, SlowStart, WeightedRoundRobin};
+pub use crate::picker::{Policy, RingHash, SlowStart, WeightedRoundRobin};
 pub use crate::service_config::{
     HedgingPolicy, MethodConfig, MethodName, RetryPolicy, RetryThrottling, ServiceConfig,
 };

@@ -108,14 +108,17 @@ fn main() {
     }
     // What weighted round robin pays per call to read the call's ORCA
     // report from its trailers.
-    let report = per_call(|n| instructions(&format!("{ORCA_REPORT}:1:{n}:0")));
-    let _ = writeln!(
-        table,
-        "\nReading one per-call ORCA load report (`endpoint-load-metrics-bin`, {} bytes of base64) from a call's trailers: {report:.0} instructions.",
-        report_trailers()
+    let _ = writeln!(table);
+    for (name, full) in [(ORCA_SCALARS, false), (ORCA_REPORT, true)] {
+        let report = per_call(|n| instructions(&format!("{name}:1:{n}:0")));
+        let size = report_trailers(full)
             .get("endpoint-load-metrics-bin")
-            .map_or(0, |v| v.len())
-    );
+            .map_or(0, |v| v.len());
+        let _ = writeln!(
+            table,
+            "Reading one per-call ORCA load report ({name}: `endpoint-load-metrics-bin`, {size} bytes of base64) from a call's trailers: {report:.0} instructions."
+        );
+    }
     println!("\n{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/healthlb-bench");
     let _ = std::fs::create_dir_all(&dir);
@@ -199,23 +202,27 @@ fn syscalls(spec: &str) -> u64 {
         .unwrap_or_else(|| panic!("no syscall count from strace: {summary}"))
 }
 
-/// The child that reads per-call ORCA reports instead of making calls.
-const ORCA_REPORT: &str = "orca report";
+/// The children that read per-call ORCA reports instead of making calls:
+/// one with two named maps, and one of the scalars alone.
+const ORCA_REPORT: &str = "orca report with maps";
+const ORCA_SCALARS: &str = "orca report of scalars";
 
-/// Trailers with a typical per-call report: the scalars weighted round
-/// robin reads, plus a named metric and a request cost it skips.
-fn report_trailers() -> http::HeaderMap {
+/// Trailers with a per-call report: the scalars weighted round robin
+/// reads, and with `full` a named metric and a request cost it skips.
+fn report_trailers(full: bool) -> http::HeaderMap {
     use prost::Message;
-    let report = healthlb::orca::OrcaLoadReport {
+    let mut report = healthlb::orca::OrcaLoadReport {
         cpu_utilization: 0.42,
         mem_utilization: 0.3,
         rps_fractional: 812.5,
         eps: 1.5,
         application_utilization: 0.37,
-        named_metrics: [("queue_depth".to_owned(), 4.0)].into(),
-        request_cost: [("db_reads".to_owned(), 3.0)].into(),
         ..Default::default()
     };
+    if full {
+        report.named_metrics = [("queue_depth".to_owned(), 4.0)].into();
+        report.request_cost = [("db_reads".to_owned(), 3.0)].into();
+    }
     let value = tonic::metadata::MetadataValue::from_bytes(&report.encode_to_vec());
     let mut metadata = tonic::metadata::MetadataMap::new();
     metadata.insert_bin("endpoint-load-metrics-bin", value);
@@ -225,8 +232,8 @@ fn report_trailers() -> http::HeaderMap {
 }
 
 /// Reads the report in `report_trailers` `n` times, as each call's end does.
-fn read_reports(n: usize) {
-    let trailers = report_trailers();
+fn read_reports(n: usize, full: bool) {
+    let trailers = report_trailers(full);
     let reader = healthlb::internals::LoadReportReader::default();
     for _ in 0..n {
         reader.read(std::hint::black_box(&trailers));
@@ -245,8 +252,8 @@ fn run_calls(spec: &str) {
         .and_then(|p| p.parse().ok())
         .expect("CONCURRENCY");
     let name = parts.next().expect("NAME").to_owned();
-    if name == ORCA_REPORT {
-        read_reports(calls);
+    if name == ORCA_REPORT || name == ORCA_SCALARS {
+        read_reports(calls, name == ORCA_REPORT);
         return;
     }
     let addrs: Vec<SocketAddr> = (0..4).map(|i| servers::addr(i, port)).collect();

@@ -1,6 +1,6 @@
 //! Pick cost: `poll_ready` + `call` through healthlb's picker, for each
 //! policy (round robin, least request, peak EWMA, weighted round robin
-//! with weights 1 to 4), over 1, 10, 100, 1000
+//! with weights 1 to 4, ring hash with a new key each call), over 1, 10, 100, 1000
 //! and 10,000 SERVING endpoints, against no-op services, next to tower's
 //! `p2c::Balance` (the balancer under tonic's `balance_list`) over the same
 //! services. healthlb's cost must be flat in the number of endpoints. The
@@ -65,6 +65,10 @@ fn pick(c: &mut Criterion) {
             "healthlb_weighted_round_robin",
             Policy::weighted_round_robin(),
         ),
+        (
+            "healthlb_ring_hash",
+            Policy::ring_hash("x-user").expect("a header"),
+        ),
     ];
     for n in [1usize, 10, 100, 1000, 10_000] {
         for (name, policy) in &policies {
@@ -88,6 +92,19 @@ fn pick(c: &mut Criterion) {
     group.finish();
 }
 
+/// Building gRFC A42's ring (4096 entries at most, the default cap) over
+/// N endpoints, as the balancer does when the endpoint set changes.
+fn ring_build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ring_build");
+    let config = healthlb::RingHash::new("x-user").expect("a header");
+    for n in [4usize, 100, 1000, 10_000] {
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| black_box(healthlb::internals::ring_build(n, &config)))
+        });
+    }
+    group.finish();
+}
+
 /// The `metrics` feature's work per unary call (frame counting of request
 /// and response, three counter increments), into a Prometheus recorder.
 fn metrics_per_call(c: &mut Criterion) {
@@ -103,5 +120,5 @@ fn metrics_per_call(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pick, metrics_per_call);
+criterion_group!(benches, pick, ring_build, metrics_per_call);
 criterion_main!(benches);

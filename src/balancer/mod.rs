@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+mod ring;
 mod snapshot;
 mod weights;
 mod zones;
@@ -83,6 +84,8 @@ pub(crate) struct Balancer {
     latency_decay: Option<std::time::Duration>,
     /// Weighted round robin's settings, when it runs.
     wrr: Option<crate::picker::WeightedRoundRobin>,
+    /// Ring hash with bounded load: the channel's calls in flight.
+    ring_in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// The cap on liveness probes, over every subchannel.
     probe_rate: Arc<ProbeRate>,
     outputs: Outputs,
@@ -153,11 +156,13 @@ impl Balancer {
             zone,
             telemetry,
         } = spec;
-        let picker = Arc::new(Picker::new(
+        let picker = Picker::new(
             format!("0 endpoints ({target} is being resolved)"),
             Chooser::from(&policy),
             slow_start,
-        ));
+        );
+        let (picker, ring_in_flight) = ring::hashing(picker, &policy);
+        let picker = Arc::new(picker);
         crate::metrics::policy(&target, policy.name(), outlier_detection.is_some());
         let ejector = Ejector::new(target.clone(), outlier_detection, telemetry.clone());
         let ejections = ejector.published();
@@ -179,6 +184,7 @@ impl Balancer {
                 Policy::WeightedRoundRobin(wrr) => Some(wrr),
                 _ => None,
             },
+            ring_in_flight,
             outputs: Outputs {
                 picker: picker.clone(),
                 endpoints: endpoints.clone(),
@@ -298,19 +304,10 @@ impl Balancer {
     /// Weighted round robin: works the weights out for the current
     /// snapshot.
     fn reweigh(&self) {
-        let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
-        self.reweigh_with(&zones.0);
-    }
-
-    fn reweigh_with(&self, placed: &BTreeMap<SocketAddr, Placed>) {
         if let Some(wrr) = &self.wrr {
-            weights::reweigh(
-                &self.outputs.picker,
-                wrr,
-                &self.target,
-                &self.telemetry,
-                placed,
-            );
+            let zones = self.zones.lock().unwrap_or_else(|e| e.into_inner());
+            let picker = &self.outputs.picker;
+            weights::reweigh(picker, wrr, &self.target, &self.telemetry, &zones.0);
         }
     }
 
@@ -356,6 +353,7 @@ impl Balancer {
                     },
                     None => LoadReports::Off,
                 },
+                channel_in_flight: self.ring_in_flight.clone(),
                 probe_rate: Some(self.probe_rate.clone()),
                 telemetry: self.telemetry.clone(),
             };
@@ -372,6 +370,14 @@ impl Balancer {
         if added + removed > 0 {
             info!(target = %self.target, added, removed, endpoints = subchannels.len(), "endpoint set changed");
         }
+        let in_flight = self.ring_in_flight.clone();
+        ring::rebuild(
+            &self.outputs.picker,
+            &self.target,
+            subchannels,
+            set,
+            in_flight,
+        );
         self.probe_rate.set_endpoints(subchannels.len());
         ejector.retain(subchannels.keys().copied());
     }
@@ -449,6 +455,7 @@ impl Balancer {
         for (addr, sub) in subchannels {
             sub.set_in_rotation(built.in_rotation.binary_search(addr).is_ok());
         }
+        ring::reshare(&self.outputs.picker, &built.in_rotation);
         self.outputs.endpoints.store(Arc::new(
             subchannels.values().map(Subchannel::handle).collect(),
         ));

@@ -144,6 +144,7 @@ pub(crate) async fn run(
         replay,
         fail_fast: plan.fail_fast,
         wait_for_ready: plan.wait_for_ready,
+        hash: plan.hash,
         tried: Mutex::new(Vec::new()),
         track: plan.policy.is_some(),
         linger: hedge.is_some(),
@@ -165,6 +166,8 @@ pub(super) struct Call {
     pub(super) fail_fast: bool,
     /// Waits even in TRANSIENT_FAILURE.
     pub(super) wait_for_ready: bool,
+    /// Ring hash: the call's key, the same for each attempt.
+    pub(super) hash: Option<u64>,
     /// The call's deadline: no attempt waits past it.
     pub(super) deadline: Option<Instant>,
     /// The endpoints this call's attempts went to.
@@ -215,6 +218,7 @@ impl Call {
                         until,
                         fail_fast: self.fail_fast,
                         wait_for_ready: self.wait_for_ready,
+                        hash: self.hash,
                     };
                     match boxed(self.shared.wait_pick(wait, &tried)).await {
                         Ok((pool, waited)) => {

@@ -22,6 +22,8 @@ pub(crate) struct Wait {
     pub(crate) fail_fast: bool,
     /// Even while the channel is in TRANSIENT_FAILURE.
     pub(crate) wait_for_ready: bool,
+    /// Ring hash: the call's key.
+    pub(crate) hash: Option<u64>,
 }
 
 /// The request path's part of a channel, shared by its clones.
@@ -62,15 +64,20 @@ impl Calls {
             until,
             fail_fast,
             wait_for_ready,
+            hash,
         } = wait;
         let mut published = self.picker.subscribe();
         let started = Instant::now();
         let limit = crate::deadline::rounded(until.saturating_duration_since(started));
         let mut waited = false;
         loop {
-            if let Some(conn) = self.picker.pick_avoiding(tried) {
+            if let Some((conn, walked)) = self.picker.pick_avoiding(tried, hash) {
                 if waited {
                     crate::metrics::pick_wait(&self.target, started.elapsed());
+                }
+                if let Some(walked) = walked {
+                    crate::metrics::ring_hash_walked(&self.target, walked.label());
+                    self.telemetry.ring_hash_walked(walked.label());
                 }
                 return Ok((conn, waited));
             }

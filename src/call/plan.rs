@@ -23,6 +23,8 @@ pub(crate) struct Plan {
     pub(crate) wait_for_ready: bool,
     /// The call's deadline: no attempt waits past it.
     pub(crate) deadline: Option<Instant>,
+    /// Ring hash: the call's key, from its request header.
+    pub(crate) hash: Option<u64>,
     /// The service config in force when the call was made, and the index
     /// of the method's `methodConfig` entry, when that entry has a retry
     /// or hedging policy. Shared: a call copies no policy.
@@ -53,6 +55,7 @@ impl Calls {
         });
         let plan = Plan {
             deadline: deadline.map(|d| d.at),
+            hash: self.picker.request_hash(request.headers()),
             fail_fast: entry
                 .and_then(|m| m.wait_for_ready)
                 .map_or(self.fail_fast, |wait| !wait),

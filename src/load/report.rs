@@ -26,10 +26,20 @@ pub(crate) struct Report {
 impl Report {
     /// The report in `trailers`, if there is one that reads.
     pub(crate) fn from_trailers(trailers: &HeaderMap) -> Option<Report> {
-        let value = trailers.get(TRAILER)?;
-        let mut buf = [0u8; 256];
-        let bytes = base64_decode(value.as_bytes(), &mut buf)?;
-        Report::decode(bytes)
+        static NAME: http::HeaderName = http::HeaderName::from_static(TRAILER);
+        let text = trailers.get(&NAME)?.as_bytes();
+        // On the stack up to 170 characters (a report of the scalars is 60,
+        // one with two named maps 120); longer ones go to the heap.
+        let mut small = [0u8; 128];
+        let mut large = Vec::new();
+        let buf = match text.len() / 4 * 3 + 2 {
+            n if n <= small.len() => &mut small[..],
+            n => {
+                large.resize(n, 0);
+                &mut large[..]
+            }
+        };
+        Report::decode(base64_decode(text, buf)?)
     }
 
     /// Reads the wire form of an `OrcaLoadReport`; `None` if it is not one.
@@ -79,16 +89,36 @@ impl Report {
 
 fn varint(wire: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
+    let mut shift = 0;
+    while shift < 64 {
         let (&byte, rest) = wire.split_first()?;
         *wire = rest;
         value |= u64::from(byte & 0x7f) << shift;
         if byte < 0x80 {
             return Some(value);
         }
+        shift += 7;
     }
     None
 }
+
+/// Base64's standard alphabet, a table per place in a group of 4
+/// characters: each character's 6 bits shifted into place, or `BAD` for
+/// a character outside it, so a group decodes with 4 loads and 3 ORs.
+const BAD: u32 = 1 << 31;
+
+const fn table(shift: u32) -> [u32; 256] {
+    let mut table = [BAD; 256];
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut i = 0;
+    while i < 64 {
+        table[alphabet[i] as usize] = (i as u32) << shift;
+        i += 1;
+    }
+    table
+}
+
+static PLACES: [[u32; 256]; 4] = [table(18), table(12), table(6), table(0)];
 
 /// Decodes base64, standard alphabet, padded or not (gRPC accepts both),
 /// into `out`; `None` if it isn't base64 or doesn't fit.
@@ -97,27 +127,36 @@ fn base64_decode<'a>(text: &[u8], out: &'a mut [u8]) -> Option<&'a [u8]> {
         [rest @ .., b'=', b'='] | [rest @ .., b'='] => rest,
         _ => text,
     };
-    let mut len = 0;
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for &c in text {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            *out.get_mut(len)? = (acc >> bits) as u8;
-            len += 1;
-        }
+    let tail = match text.len() % 4 {
+        0 => 0,
+        2 => 1,
+        3 => 2,
+        _ => return None,
+    };
+    let len = text.len() / 4 * 3 + tail;
+    let out = out.get_mut(..len)?;
+    let mut chunks = text.chunks_exact(4);
+    let mut bad = 0;
+    for (quad, bytes) in (&mut chunks).zip(out.chunks_exact_mut(3)) {
+        let n = PLACES[0][quad[0] as usize]
+            | PLACES[1][quad[1] as usize]
+            | PLACES[2][quad[2] as usize]
+            | PLACES[3][quad[3] as usize];
+        bad |= n;
+        bytes[0] = (n >> 16) as u8;
+        bytes[1] = (n >> 8) as u8;
+        bytes[2] = n as u8;
     }
-    Some(&out[..len])
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let n = rest
+            .iter()
+            .enumerate()
+            .fold(0, |n, (i, c)| n | PLACES[i][*c as usize]);
+        bad |= n;
+        out[len - tail..].copy_from_slice(&n.to_be_bytes()[1..1 + tail]);
+    }
+    (bad & BAD == 0).then_some(out)
 }
 
 /// Encodes `bytes` as base64, standard alphabet, without padding, as
@@ -172,6 +211,30 @@ mod tests {
         );
         assert_eq!(report.utilization(), 0.75);
         assert_eq!(Report::decode(&[]), Some(Report::default()));
+    }
+
+    #[test]
+    fn a_report_reads_from_its_trailer_padded_or_not() {
+        let full = OrcaLoadReport {
+            cpu_utilization: 0.5,
+            named_metrics: [("queue".to_owned(), 9.0)].into(),
+            rps_fractional: 10.0,
+            application_utilization: 0.125,
+            ..OrcaLoadReport::default()
+        };
+        let wire = full.encode_to_vec();
+        let want = Report::decode(&wire);
+        assert!(want.is_some());
+        let text = base64_encode(&wire);
+        let padded = format!("{text}{}", "=".repeat((4 - text.len() % 4) % 4));
+        for value in [text, padded] {
+            let mut trailers = HeaderMap::new();
+            trailers.insert(TRAILER, value.parse().unwrap());
+            assert_eq!(Report::from_trailers(&trailers), want, "{value}");
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert(TRAILER, "not base64!".parse().unwrap());
+        assert_eq!(Report::from_trailers(&trailers), None);
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::peak_ewma::now_ns;
 use super::report::Report;
 
 /// Where an endpoint's weight stands, as gRFC A78 counts it.
@@ -50,7 +49,7 @@ pub(crate) enum LoadReports {
     OutOfBand { period: Duration, penalty: f64 },
 }
 
-/// An endpoint's weight from its reports. Times are [`now_ns`] values; 0
+/// An endpoint's weight from its reports. Times are `load::now_ns` values; 0
 /// is never.
 #[derive(Debug, Default)]
 pub(crate) struct ServerLoad {
@@ -61,6 +60,10 @@ pub(crate) struct ServerLoad {
     /// When the reports began, since the endpoint last turned SERVING or
     /// went stale.
     non_empty_since: AtomicU64,
+    /// A usable report came since the balancer last looked. The request
+    /// path reads no clock: the balancer dates reports when it looks, to
+    /// within its update period.
+    fresh: std::sync::atomic::AtomicBool,
     /// The last weight update's verdict, for status: the weight's bits
     /// and its state (0 before the first update).
     scheduled: AtomicU64,
@@ -92,12 +95,8 @@ impl ServerLoad {
         if !weight.is_finite() || weight <= 0.0 {
             return;
         }
-        let now = now_ns().max(1);
         self.weight.store(weight.to_bits(), Ordering::Relaxed);
-        self.last_update.store(now, Ordering::Relaxed);
-        let _ = self
-            .non_empty_since
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.fresh.store(true, Ordering::Release);
     }
 
     /// The endpoint turned SERVING: its reports start over, blackout and
@@ -132,13 +131,20 @@ impl ServerLoad {
     }
 
     /// The weight to schedule with at `now`, 0 when it is not usable, and
-    /// why.
+    /// why. Reports that came since the last look are dated `now`.
     pub(crate) fn weight(
         &self,
         now: u64,
         expiration: Duration,
         blackout: Duration,
     ) -> (f64, WeightState) {
+        let now = now.max(1);
+        if self.fresh.swap(false, Ordering::Acquire) {
+            self.last_update.store(now, Ordering::Relaxed);
+            let _ =
+                self.non_empty_since
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
         let last = self.last_update.load(Ordering::Relaxed);
         if last == 0 {
             return (0.0, WeightState::NotYetUsable);
@@ -179,18 +185,19 @@ mod tests {
     fn the_weight_is_qps_over_utilization_with_errors_penalised() {
         let load = ServerLoad::default();
         let (forever, none) = (Duration::from_secs(3600), Duration::ZERO);
+        let now = 1_000_000;
         assert_eq!(
-            load.weight(now_ns(), forever, none),
+            load.weight(now, forever, none),
             (0.0, WeightState::NotYetUsable)
         );
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
         assert_eq!(
-            load.weight(now_ns(), forever, none),
+            load.weight(now, forever, none),
             (200.0, WeightState::Usable)
         );
         // 10 errors a second at 100 qps, penalty 2: 100 / (0.5 + 0.1 × 2).
         load.on_report(&report(100.0, 0.5, 10.0), 2.0);
-        let (weight, _) = load.weight(now_ns(), forever, none);
+        let (weight, _) = load.weight(now, forever, none);
         assert!((weight - 100.0 / 0.7).abs() < 1e-9, "{weight}");
         // Application utilization wins over CPU.
         load.on_report(
@@ -202,45 +209,35 @@ mod tests {
             },
             1.0,
         );
-        assert_eq!(load.weight(now_ns(), forever, none).0, 400.0);
+        assert_eq!(load.weight(now, forever, none).0, 400.0);
         // No qps, or no utilization: ignored, the last weight stays.
         load.on_report(&report(0.0, 0.5, 0.0), 1.0);
         load.on_report(&report(100.0, 0.0, 0.0), 1.0);
-        assert_eq!(load.weight(now_ns(), forever, none).0, 400.0);
+        assert_eq!(load.weight(now, forever, none).0, 400.0);
     }
 
     #[test]
     fn blackout_then_usable_then_stale_then_blackout_again() {
         let load = ServerLoad::default();
         let (expiration, blackout) = (Duration::from_secs(180), Duration::from_secs(10));
+        let at = |s: u64| 1_000 + s * 1_000_000_000;
+        let state = |s: u64| load.weight(at(s), expiration, blackout);
+        // First seen at 0 s: blacked out for 10 s.
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        let start = now_ns();
-        let at = |s: u64| start + s * 1_000_000_000;
-        assert_eq!(
-            load.weight(at(5), expiration, blackout).1,
-            WeightState::NotYetUsable
-        );
-        assert_eq!(
-            load.weight(at(11), expiration, blackout),
-            (200.0, WeightState::Usable)
-        );
-        assert_eq!(
-            load.weight(at(181), expiration, blackout),
-            (0.0, WeightState::Stale)
-        );
+        assert_eq!(state(0).1, WeightState::NotYetUsable);
+        load.on_report(&report(100.0, 0.5, 0.0), 1.0);
+        assert_eq!(state(5).1, WeightState::NotYetUsable);
+        assert_eq!(state(11), (200.0, WeightState::Usable));
+        // Nothing since 5 s: stale from 185 s.
+        assert_eq!(state(184).1, WeightState::Usable);
+        assert_eq!(state(186), (0.0, WeightState::Stale));
         // Reports again after going stale: a fresh blackout.
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        assert_eq!(
-            load.weight(now_ns() + 1_000_000_000, expiration, blackout)
-                .1,
-            WeightState::NotYetUsable
-        );
+        assert_eq!(state(190).1, WeightState::NotYetUsable);
+        assert_eq!(state(201).1, WeightState::Usable);
         // Turning SERVING again restarts the blackout too.
         load.restart();
         load.on_report(&report(100.0, 0.5, 0.0), 1.0);
-        assert_eq!(
-            load.weight(now_ns(), expiration, blackout).1,
-            WeightState::NotYetUsable
-        );
+        assert_eq!(state(202).1, WeightState::NotYetUsable);
     }
 }

@@ -155,6 +155,13 @@ pub(crate) const METRICS: &[Described] = &[
         "weighted_round_robin: endpoints, at each weight update, whose last report is older than the expiration period.",
     ),
     described(
+        "healthlb_ring_hash_walked_total",
+        "counter",
+        "",
+        "target, reason (not_in_rotation, overloaded)",
+        "ring_hash: calls that went past their key's first endpoint on the ring, and why.",
+    ),
+    described(
         "healthlb_resolution_failing",
         "gauge",
         "",

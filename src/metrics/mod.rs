@@ -95,6 +95,16 @@ pub(crate) fn wrr_weights(target: &str, not_yet_usable: usize, stale: usize) {
     let _ = (target, not_yet_usable, stale);
 }
 
+/// Ring hash: a call went past its key's first endpoint, and why
+/// (`not_in_rotation`, `overloaded`).
+pub(crate) fn ring_hash_walked(target: &str, reason: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("healthlb_ring_hash_walked_total", "target" => target.to_owned(), "reason" => reason)
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (target, reason);
+}
+
 /// Whether resolution is failing now.
 pub(crate) fn resolution_failing(target: &str, failing: bool) {
     #[cfg(feature = "metrics")]

@@ -31,6 +31,8 @@ pub struct Picked<S> {
     picker: Arc<Picker<Ready<S>>>,
     picked: Option<Ready<S>>,
     first: Ready<S>,
+    /// Ring hash: the next call's key, a new one each call (xorshift).
+    hashes: u64,
 }
 
 impl<S: Clone> Picked<S> {
@@ -49,6 +51,24 @@ impl<S: Clone> Picked<S> {
             settled: false,
             generation: 0,
         });
+        if let crate::Policy::RingHash(config) = policy {
+            let members = (0..n)
+                .map(|i| super::Member {
+                    endpoint: Ready(first.0.clone()),
+                    key: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255).into(),
+                    weight: 1,
+                })
+                .collect();
+            let ring = super::Ring::build(members, config, None);
+            let picker = picker.hashing(config.clone());
+            picker.set_ring(ring);
+            return Some(Self {
+                picker: Arc::new(picker),
+                picked: None,
+                first,
+                hashes: 0x9E37_79B9_7F4A_7C15,
+            });
+        }
         if let crate::Policy::WeightedRoundRobin(_) = policy {
             // Weights 1 to 4 in turn, as reports from unlike pods would give.
             let weights: Vec<f64> = (0..n).map(|i| (i % 4 + 1) as f64).collect();
@@ -62,8 +82,22 @@ impl<S: Clone> Picked<S> {
             picker: Arc::new(picker),
             picked: None,
             first,
+            hashes: 0,
         })
     }
+}
+
+/// Builds gRFC A42's ring over `n` endpoints of weight 1 with `config`;
+/// its entries.
+pub fn ring_build(n: usize, config: &crate::RingHash) -> usize {
+    let members = (0..n)
+        .map(|i| super::Member {
+            endpoint: Ready(()),
+            key: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255).into(),
+            weight: 1,
+        })
+        .collect();
+    super::Ring::build(members, config, None).len()
 }
 
 impl<S, R> tower::Service<R> for Picked<S>
@@ -75,6 +109,15 @@ where
     type Future = S::Future;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        if self.hashes != 0 {
+            // Ring hash: what a call with a key does, a key per call.
+            self.hashes ^= self.hashes << 13;
+            self.hashes ^= self.hashes >> 7;
+            self.hashes ^= self.hashes << 17;
+            let ring = self.picker.ring();
+            self.picked = ring.and_then(|r| r.pick(self.hashes, |_| false).map(|(p, _)| p.clone()));
+            return Poll::Ready(Ok(()));
+        }
         self.picked = self.picker.pick();
         Poll::Ready(Ok(()))
     }

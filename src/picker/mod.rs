@@ -23,10 +23,12 @@ pub(crate) mod bench;
 mod least_request;
 mod peak_ewma;
 mod policy;
+mod ring_hash;
 mod round_robin;
 mod sample;
 mod snapshot;
 mod weighted_round_robin;
+mod xxhash;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -37,6 +39,8 @@ use tokio::sync::watch;
 use self::least_request::LeastRequest;
 use self::peak_ewma::PeakEwma;
 pub use self::policy::{Policy, SlowStart};
+pub use self::ring_hash::RingHash;
+pub(crate) use self::ring_hash::{Member, Ring, Walked};
 use self::round_robin::RoundRobin;
 use self::sample::{random_below, random_fraction};
 pub(crate) use self::snapshot::{Group, Snapshot};
@@ -59,6 +63,8 @@ pub(crate) enum Chooser {
     PeakEwma(PeakEwma),
     /// The balancer's schedules choose.
     WeightedRoundRobin,
+    /// The ring chooses, by each call's key: only with the call.
+    RingHash,
 }
 
 impl From<&Policy> for Chooser {
@@ -72,6 +78,7 @@ impl From<&Policy> for Chooser {
                 default_rtt_ns: default_rtt.as_nanos() as f64,
             }),
             Policy::WeightedRoundRobin(_) => Chooser::WeightedRoundRobin,
+            Policy::RingHash(_) => Chooser::RingHash,
         }
     }
 }
@@ -79,7 +86,7 @@ impl From<&Policy> for Chooser {
 impl Choose for Chooser {
     fn choose<T: Candidate>(&self, ready: &[T], weight: &impl Fn(usize) -> f64) -> Option<usize> {
         match self {
-            Chooser::RoundRobin | Chooser::WeightedRoundRobin => None,
+            Chooser::RoundRobin | Chooser::WeightedRoundRobin | Chooser::RingHash => None,
             Chooser::LeastRequest(policy) => policy.choose(ready, weight),
             Chooser::PeakEwma(policy) => policy.choose(ready, weight),
         }
@@ -100,6 +107,9 @@ pub(crate) struct Picker<T = Arc<Pool>> {
     schedules: weighted_round_robin::Published,
     /// The last snapshot's generation.
     generation: std::sync::atomic::AtomicU64,
+    /// Ring hash's ring, over every endpoint, and its settings.
+    ring: arc_swap::ArcSwapOption<Ring<T>>,
+    ring_config: Option<RingHash>,
     /// Why the balancer stopped for good, if it did (a panic, its resolver
     /// gone): no snapshot will come again.
     stopped: OnceLock<String>,
@@ -126,6 +136,8 @@ impl<T: Candidate> Picker<T> {
             slow_start,
             schedules: Default::default(),
             generation: Default::default(),
+            ring: Default::default(),
+            ring_config: None,
             stopped: OnceLock::new(),
         }
     }
@@ -145,6 +157,54 @@ impl<T: Candidate> Picker<T> {
             settled: false,
             generation: 0,
         });
+    }
+
+    /// Ring hash's settings, for a channel that hashes.
+    pub(crate) fn hashing(mut self, config: RingHash) -> Self {
+        self.ring_config = Some(config);
+        self
+    }
+
+    /// Ring hash: the key of a call with `headers`, or a random one when
+    /// it has none (gRFC A76); `None` under other policies.
+    pub(crate) fn request_hash(&self, headers: &http::HeaderMap) -> Option<u64> {
+        let config = self.ring_config.as_ref()?;
+        Some(config.request_hash(headers).unwrap_or_else(rand::random))
+    }
+
+    /// Ring hash's settings, if it runs.
+    pub(crate) fn ring_config(&self) -> Option<&RingHash> {
+        self.ring_config.as_ref()
+    }
+
+    /// Publishes a new ring.
+    pub(crate) fn set_ring(&self, ring: Ring<T>) {
+        self.ring.store(Some(Arc::new(ring)));
+    }
+
+    /// The ring, if one is published.
+    pub(crate) fn ring(&self) -> Option<Arc<Ring<T>>> {
+        self.ring.load_full()
+    }
+
+    /// The policy as people read it: its name, and the ring's size.
+    pub(crate) fn describe(&self) -> String {
+        let name = match self.chooser {
+            Chooser::RoundRobin => "round_robin",
+            Chooser::LeastRequest(_) => "least_request_experimental",
+            Chooser::PeakEwma(_) => "peak_ewma",
+            Chooser::WeightedRoundRobin => "weighted_round_robin",
+            Chooser::RingHash => "ring_hash_experimental",
+        };
+        match (self.ring.load().as_ref(), &self.ring_config) {
+            (Some(ring), Some(config)) => format!(
+                "{name} on {}, a ring of {} entries over {} endpoints",
+                config.request_hash_header,
+                ring.len(),
+                ring.members().len()
+            ),
+            _ => name.to_owned(),
+        }
     }
 
     /// Why the balancer stopped for good, if it did.
@@ -177,6 +237,10 @@ impl<T: Candidate> Picker<T> {
     /// The policy's choice among the endpoints that can take a call, if
     /// any can.
     pub(crate) fn pick(&self) -> Option<T> {
+        if let Chooser::RingHash = self.chooser {
+            // Only the call knows its key.
+            return None;
+        }
         let snapshot = self.snapshot.load();
         if snapshot.ready.is_empty() {
             return None;
@@ -256,7 +320,28 @@ impl Picker<Arc<Pool>> {
     /// The policy's choice, unless it is one of `tried`: then any other
     /// endpoint that can take a call, from a random start. Only a retry or
     /// a hedge has a `tried`, so the O(n) look is off the common path.
-    pub(crate) fn pick_avoiding(&self, tried: &[Arc<Pool>]) -> Option<Arc<Pool>> {
+    pub(crate) fn pick_avoiding(
+        &self,
+        tried: &[Arc<Pool>],
+        hash: Option<u64>,
+    ) -> Option<(Arc<Pool>, Option<Walked>)> {
+        if let Chooser::RingHash = self.chooser {
+            let ring = self.ring.load();
+            let hash = hash.unwrap_or_else(rand::random);
+            let in_rotation = |p: &Arc<Pool>| {
+                p.stats()
+                    .in_rotation
+                    .load(std::sync::atomic::Ordering::Acquire)
+            };
+            let (pool, walked) = ring.as_ref()?.pick(hash, |p| {
+                !in_rotation(p) || tried.iter().any(|t| Arc::ptr_eq(t, p))
+            })?;
+            return Some((pool.clone(), walked));
+        }
+        self.pick_unhashed(tried).map(|pool| (pool, None))
+    }
+
+    fn pick_unhashed(&self, tried: &[Arc<Pool>]) -> Option<Arc<Pool>> {
         let first = self.pick()?;
         let was_tried = |c: &Arc<Pool>| tried.iter().any(|t| Arc::ptr_eq(t, c));
         if !was_tried(&first) {

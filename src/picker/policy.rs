@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::ring_hash::RingHash;
 use super::weighted_round_robin::WeightedRoundRobin;
 use crate::Error;
 use crate::defaults;
@@ -43,6 +44,11 @@ pub enum Policy {
     /// reports: see [`crate::orca`] (feature `orca`) for tonic servers, or
     /// grpc-go's and grpc-java's `orca` packages.
     WeightedRoundRobin(WeightedRoundRobin),
+    /// `ring_hash_experimental` (gRFC A42, A76): the same value of a request
+    /// header to the same endpoint, while it can take calls; the next on
+    /// the ring while it can't; optionally bounded in load (Envoy's
+    /// `hash_balance_factor`).
+    RingHash(RingHash),
 }
 
 impl Policy {
@@ -67,6 +73,13 @@ impl Policy {
         Policy::WeightedRoundRobin(WeightedRoundRobin::default())
     }
 
+    /// `ring_hash_experimental` on the value of the request header
+    /// `header`, with gRFC A42's ring sizes; an invalid or binary (`-bin`)
+    /// header name is refused.
+    pub fn ring_hash(header: impl AsRef<str>) -> Result<Self, Error> {
+        Ok(Policy::RingHash(RingHash::new(header)?))
+    }
+
     /// The policy's name in the service config.
     pub fn name(&self) -> &'static str {
         match self {
@@ -74,6 +87,7 @@ impl Policy {
             Policy::LeastRequest { .. } => "least_request_experimental",
             Policy::PeakEwma { .. } => "peak_ewma",
             Policy::WeightedRoundRobin(_) => "weighted_round_robin",
+            Policy::RingHash(_) => "ring_hash_experimental",
         }
     }
 
@@ -91,6 +105,7 @@ impl Policy {
             }
             Policy::PeakEwma { .. } => Ok(()),
             Policy::WeightedRoundRobin(wrr) => wrr.validate(),
+            Policy::RingHash(ring) => ring.validate(),
         }
     }
 }
@@ -267,6 +282,36 @@ impl Policy {
                 wrr.validate()
                     .map_err(|e| invalid(&config.path, format!("is not valid: {e}")))?;
                 Policy::WeightedRoundRobin(wrr)
+            }
+            "ring_hash_experimental" | "ring_hash" => {
+                config.known(
+                    o,
+                    &[
+                        "minRingSize",
+                        "maxRingSize",
+                        "requestHashHeader",
+                        "hashBalanceFactor",
+                        "entriesPerWeight",
+                    ],
+                );
+                let header = config.require(o, "requestHashHeader")?;
+                let mut ring = RingHash::new(header.string()?)
+                    .map_err(|e| invalid(&header.path, e.to_string()))?;
+                if let Some(n) = config.get(o, "minRingSize") {
+                    ring.min_ring_size = n.whole(1, 8 * 1024 * 1024)?;
+                }
+                if let Some(n) = config.get(o, "maxRingSize") {
+                    ring.max_ring_size = n.whole(1, 8 * 1024 * 1024)?;
+                }
+                if let Some(n) = config.get(o, "entriesPerWeight") {
+                    ring.entries_per_weight = Some(n.whole(1, 8 * 1024 * 1024)?);
+                }
+                if let Some(f) = config.get(o, "hashBalanceFactor") {
+                    ring.hash_balance_factor = Some(f.number()?);
+                }
+                ring.validate()
+                    .map_err(|e| invalid(&config.path, format!("is not valid: {e}")))?;
+                Policy::RingHash(ring)
             }
             _ => return Ok(None),
         };

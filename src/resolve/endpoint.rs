@@ -18,6 +18,8 @@ pub struct Endpoint {
     for_zones: Option<Arc<[Arc<str>]>>,
     priority: Option<u16>,
     weight: Option<u16>,
+    /// Its place on a hash ring, when not its address (gRFC A76).
+    hash_key: Option<Arc<str>>,
 }
 
 // === impl Endpoint ===
@@ -32,6 +34,7 @@ impl Endpoint {
             for_zones: None,
             priority: None,
             weight: None,
+            hash_key: None,
         }
     }
 
@@ -64,6 +67,14 @@ impl Endpoint {
     /// registries give it.
     pub fn with_weight(mut self, weight: u16) -> Self {
         self.weight = Some(weight);
+        self
+    }
+
+    /// Its hash key for ring hash (gRFC A76's `hash_key` attribute): where
+    /// it sits on the ring. Default: its address. A stable name (a
+    /// StatefulSet pod's) keeps its keys on it when its address changes.
+    pub fn with_hash_key(mut self, key: impl Into<Arc<str>>) -> Self {
+        self.hash_key = Some(key.into());
         self
     }
 
@@ -110,6 +121,11 @@ impl Endpoint {
     /// Its weight: the SRV weight, or what its source gave.
     pub fn weight(&self) -> Option<u16> {
         self.weight
+    }
+
+    /// Its hash key for ring hash, if its source gave one.
+    pub fn hash_key(&self) -> Option<&str> {
+        self.hash_key.as_deref()
     }
 }
 

@@ -81,6 +81,7 @@ impl Subchannel {
             latency: Ewma::new(hooks.latency_decay.unwrap_or(DEFAULT_DECAY)),
             measure_latency: hooks.latency_decay.is_some(),
             load_reports: hooks.load_reports,
+            channel_in_flight: hooks.channel_in_flight.clone(),
             telemetry: hooks.telemetry.clone(),
             ..Stats::default()
         });

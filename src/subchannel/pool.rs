@@ -299,6 +299,9 @@ impl Pool {
             return Err(NoSlot::Limited);
         }
         slot.counted = true;
+        if let Some(all) = &self.stats.channel_in_flight {
+            all.fetch_add(1, Ordering::Relaxed);
+        }
         // Counted first, then checked (SeqCst both): once a NOT_SERVING
         // endpoint shows no call in flight, none follows.
         if !self.serving.load(Ordering::SeqCst) {
@@ -436,6 +439,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if self.counted {
             self.endpoint.calls_in_flight.fetch_sub(1, Ordering::SeqCst);
+            if let Some(all) = &self.endpoint.channel_in_flight {
+                all.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         self.conn.call_ended(!self.quiet);
     }

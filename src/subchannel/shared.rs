@@ -34,6 +34,8 @@ pub(crate) struct Hooks {
     pub(crate) latency_decay: Option<std::time::Duration>,
     /// Where ORCA load reports come from, for weighted round robin.
     pub(crate) load_reports: crate::load::LoadReports,
+    /// Ring hash with bounded load: the channel's calls in flight.
+    pub(crate) channel_in_flight: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// The channel's cap on liveness probes.
     pub(crate) probe_rate: Option<Arc<crate::connection::ProbeRate>>,
     /// gRPC's standard telemetry.

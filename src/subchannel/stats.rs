@@ -37,6 +37,9 @@ pub(crate) struct Stats {
     pub(crate) server_load: crate::load::ServerLoad,
     /// Where those reports come from, if they are read at all.
     pub(crate) load_reports: crate::load::LoadReports,
+    /// Ring hash with bounded load: the channel's calls in flight, which
+    /// this endpoint's calls count in and out of too.
+    pub(crate) channel_in_flight: Option<std::sync::Arc<AtomicUsize>>,
 }
 
 /// How a call on the endpoint ended.

@@ -16,7 +16,7 @@ mod events;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 #[cfg(feature = "opentelemetry")]
-mod wrr;
+mod policies;
 
 #[cfg(feature = "opentelemetry")]
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub(crate) struct Telemetry {
     inner: Option<Arc<otel::Shared>>,
     /// gRFC A78's instruments, with a meter provider.
     #[cfg(feature = "opentelemetry")]
-    wrr: Option<Arc<wrr::Instruments>>,
+    policies: Option<Arc<policies::Instruments>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -155,7 +155,7 @@ impl Telemetry {
                 trace_context: headers,
                 instruments: provider.map(|p| otel::Instruments::new(p, target)),
             })),
-            wrr: provider.map(|p| Arc::new(wrr::Instruments::new(p, target))),
+            policies: provider.map(|p| Arc::new(policies::Instruments::new(p, target))),
         }
     }
 
@@ -285,11 +285,21 @@ impl Telemetry {
         let _ = failing;
     }
 
+    /// Ring hash: a call went past its key's first endpoint, for `reason`.
+    pub(crate) fn ring_hash_walked(&self, reason: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        if let Some(i) = &self.policies {
+            i.walked(reason);
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = reason;
+    }
+
     /// gRFC A78: weighted round robin's update had fewer than two usable
     /// weights, and fell back to round robin.
     pub(crate) fn wrr_fell_back(&self) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.wrr {
+        if let Some(i) = &self.policies {
             i.fell_back();
         }
     }
@@ -302,7 +312,7 @@ impl Telemetry {
         weight: f64,
     ) {
         #[cfg(feature = "opentelemetry")]
-        if let Some(i) = &self.wrr {
+        if let Some(i) = &self.policies {
             i.endpoint(locality, state, weight);
         }
         #[cfg(not(feature = "opentelemetry"))]

@@ -86,6 +86,9 @@ pub struct Counters {
     pub service_ms: AtomicU64,
     /// The one lane `service_ms` calls queue for.
     pub lane: tokio::sync::Mutex<()>,
+    /// Unary calls being served right now, and the most at once.
+    pub unary_in_flight: AtomicU64,
+    pub max_unary_in_flight: AtomicU64,
 }
 
 /// How a bidi call answers.
@@ -103,11 +106,23 @@ pub enum BidiMode {
     AnswerAfter(u64),
 }
 
-/// Counts a unary call as cancelled if it is dropped unfinished.
+/// Counts a unary call as cancelled if it is dropped unfinished, and in
+/// flight while it lives.
 struct Unfinished<'a>(&'a Counters, bool);
+
+impl<'a> Unfinished<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        let now = counters.unary_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counters
+            .max_unary_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(counters, false)
+    }
+}
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
+        self.0.unary_in_flight.fetch_sub(1, Ordering::SeqCst);
         if !self.1 {
             self.0.cancelled.fetch_add(1, Ordering::SeqCst);
         }
@@ -213,7 +228,7 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>
 impl Echo for EchoImpl {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let seq = self.counters.unary.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut unfinished = Unfinished(&self.counters, false);
+        let mut unfinished = Unfinished::new(&self.counters);
         let now = Instant::now();
         self.counters.first_unary.lock().unwrap().get_or_insert(now);
         *self.counters.last_unary.lock().unwrap() = Some(now);

@@ -96,7 +96,9 @@ fn port_of(slice: &EndpointSlice, port: &ServicePort) -> Option<u16> {
 fn endpoint(addr: SocketAddr, e: &SliceEndpoint) -> Endpoint {
     let mut endpoint = Endpoint::new(addr);
     if let Some(name) = e.target_ref.as_ref().and_then(|r| r.name.as_deref()) {
-        endpoint = endpoint.with_hostname(name);
+        // The pod's name is its place on a hash ring: a StatefulSet pod
+        // that comes back on a new IP keeps its keys.
+        endpoint = endpoint.with_hostname(name).with_hash_key(name);
     }
     if let Some(zone) = &e.zone {
         endpoint = endpoint.with_zone(zone.as_str());

@@ -1,8 +1,9 @@
-//! gRFC A78's metrics of weighted round robin, recorded each time the
-//! balancer works the weights out: `grpc.lb.wrr.rr_fallback`,
-//! `grpc.lb.wrr.endpoint_weight_not_yet_usable`,
+//! The policies' own instruments: gRFC A78's of weighted round robin,
+//! recorded each time the balancer works the weights out
+//! (`grpc.lb.wrr.rr_fallback`, `grpc.lb.wrr.endpoint_weight_not_yet_usable`,
 //! `grpc.lb.wrr.endpoint_weight_stale` and `grpc.lb.wrr.endpoint_weights`,
-//! labelled with the target and the endpoint's locality (its zone).
+//! labelled with the target and the endpoint's locality, its zone), and
+//! ring hash's `grpc.lb.ring_hash.walked`.
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider};
@@ -12,6 +13,9 @@ use crate::load::WeightState;
 
 pub(crate) struct Instruments {
     target: KeyValue,
+    /// Ring hash's, beside weighted round robin's: the other policy with
+    /// instruments of its own.
+    walked: Counter<u64>,
     fallback: Counter<u64>,
     not_yet_usable: Counter<u64>,
     stale: Counter<u64>,
@@ -30,6 +34,11 @@ impl Instruments {
         };
         Self {
             target: KeyValue::new("grpc.target", target.to_owned()),
+            walked: counter(
+                "grpc.lb.ring_hash.walked",
+                "{call}",
+                "healthlb: calls that went past their key's first endpoint on the ring, by reason (not_in_rotation, overloaded).",
+            ),
             fallback: counter(
                 "grpc.lb.wrr.rr_fallback",
                 "{update}",
@@ -58,6 +67,14 @@ impl Instruments {
             self.target.clone(),
             KeyValue::new("grpc.lb.locality", locality.unwrap_or_default().to_owned()),
         ]
+    }
+
+    pub(crate) fn walked(&self, reason: &'static str) {
+        let labels = [
+            self.target.clone(),
+            KeyValue::new("grpc.lb.ring_hash.reason", reason),
+        ];
+        self.walked.add(1, &labels);
     }
 
     pub(crate) fn fell_back(&self) {
