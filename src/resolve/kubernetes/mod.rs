@@ -84,7 +84,9 @@ impl std::fmt::Debug for EndpointSlices {
 
 impl EndpointSlices {
     /// The endpoints of `service` in `namespace` on `port`, through
-    /// `client`.
+    /// `client`. Errors carry kube's whole cause but not the API server's
+    /// address, which a `kube::Client` doesn't tell; `kubernetes:///`
+    /// targets, whose client healthlb builds, name it.
     pub fn new(
         client: Client,
         namespace: impl Into<String>,
