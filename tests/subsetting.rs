@@ -59,7 +59,20 @@ async fn each_client_balances_over_its_own_stable_subset() {
     dns.zone()
         .set_a(HOST, &ipv4s(all.iter().map(|b| b.addr)), 1);
 
-    // One set in code, one in a service config, with different seeds.
+    // One set in code, one in a service config, with seeds that give
+    // different subsets. The addresses' port is new each run, and any two
+    // seeds pick the same 3 of 8 one time in 56: so the second seed is the
+    // first after 1 whose subset differs, and both channels must keep
+    // exactly what random subsetting ranks for their seed.
+    let addrs: Vec<SocketAddr> = all.iter().map(|b| b.addr).collect();
+    let ranked = |seed| -> BTreeSet<SocketAddr> {
+        healthlb::internals::random_subset(&addrs, 3, seed)
+            .into_iter()
+            .collect()
+    };
+    let other_seed = (2..100)
+        .find(|seed| ranked(*seed) != ranked(1))
+        .expect("a seed with another subset");
     let by_builder = LbChannel::builder(dns.target(HOST, port))
         .resolution(|r| r.subset_size(3).subset_seed(1))
         .connect()
@@ -71,13 +84,19 @@ async fn each_client_balances_over_its_own_stable_subset() {
                 "childPolicy": [{"round_robin": {}}]}}]}"#,
         )
         .expect("a valid config")
-        .resolution(|r| r.subset_seed(2))
+        .resolution(|r| r.subset_seed(other_seed))
         .connect()
         .await
         .expect("connects");
     all_serving(&by_builder, 3).await;
     all_serving(&by_config, 3).await;
     let first = subset(&by_builder);
+    assert_eq!(first, ranked(1), "seed 1's subset");
+    assert_eq!(
+        subset(&by_config),
+        ranked(other_seed),
+        "seed {other_seed}'s subset"
+    );
     assert_ne!(first, subset(&by_config), "other seeds, other subsets");
 
     // Calls go round robin over the subset, and nowhere else.
