@@ -131,19 +131,26 @@ fn per_call(count: impl Fn(usize) -> u64) -> f64 {
     long.saturating_sub(short) as f64 / (LONG - SHORT) as f64
 }
 
-/// User-space instructions the child executed, by callgrind.
-fn instructions(spec: &str) -> u64 {
-    let out = std::env::temp_dir().join(format!("healthlb-callgrind-{}", std::process::id()));
+/// This binary's child for `spec` under valgrind's `tool`: its stderr,
+/// where the tool writes its totals.
+fn under_valgrind(tool: &str, spec: &str) -> String {
+    let out = std::env::temp_dir().join(format!("healthlb-{tool}-{}", std::process::id()));
     let output = Command::new("valgrind")
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(format!("--tool={tool}"))
+        .arg(format!("--{tool}-out-file={}", out.display()))
         .arg(std::env::current_exe().expect("this binary"))
         .env("HEALTHLB_CALLS", spec)
         .output()
         .expect("valgrind runs");
     let _ = std::fs::remove_file(&out);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{spec} under callgrind: {stderr}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{spec} under {tool}: {stderr}");
+    stderr
+}
+
+/// User-space instructions the child executed, by callgrind.
+fn instructions(spec: &str) -> u64 {
+    let stderr = under_valgrind("callgrind", spec);
     // "==123== Collected : 4567890"
     stderr
         .lines()
@@ -157,17 +164,7 @@ fn instructions(spec: &str) -> u64 {
 
 /// Heap blocks the child allocated, every thread, by valgrind's dhat.
 fn mallocs(spec: &str) -> u64 {
-    let out = std::env::temp_dir().join(format!("healthlb-dhat-{}", std::process::id()));
-    let output = Command::new("valgrind")
-        .arg("--tool=dhat")
-        .arg(format!("--dhat-out-file={}", out.display()))
-        .arg(std::env::current_exe().expect("this binary"))
-        .env("HEALTHLB_CALLS", spec)
-        .output()
-        .expect("valgrind runs");
-    let _ = std::fs::remove_file(&out);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{spec} under dhat: {stderr}");
+    let stderr = under_valgrind("dhat", spec);
     // "==123== Total:     4,567 bytes in 89 blocks"
     stderr
         .lines()

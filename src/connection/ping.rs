@@ -112,15 +112,7 @@ impl Pinger {
                 state: KeepAliveState::Init,
                 sleep: Box::pin(tokio::time::sleep(settings.interval)),
             }),
-            bdp: adaptive_window.map(|window| Bdp {
-                window,
-                max_bandwidth: 0.0,
-                rtt: 0.0,
-                ping_delay: Duration::from_millis(100),
-                stable_count: 0,
-                bytes_at: 0,
-                next_at: now,
-            }),
+            bdp: adaptive_window.map(|window| Bdp::new(window, now)),
             signals,
             epoch,
             conn,
@@ -270,6 +262,19 @@ impl Pinger {
 // === impl Bdp ===
 
 impl Bdp {
+    /// Starting at `window`, the first sample due at `now`.
+    fn new(window: u32, now: Instant) -> Self {
+        Self {
+            window,
+            max_bandwidth: 0.0,
+            rtt: 0.0,
+            ping_delay: Duration::from_millis(100),
+            stable_count: 0,
+            bytes_at: 0,
+            next_at: now,
+        }
+    }
+
     /// The new window, when `bytes` read over `rtt` call for one.
     fn calculate(&mut self, bytes: u64, rtt: Duration) -> Option<u32> {
         if self.window == BDP_LIMIT {
@@ -318,15 +323,7 @@ mod tests {
     use super::*;
 
     fn bdp(window: u32) -> Bdp {
-        Bdp {
-            window,
-            max_bandwidth: 0.0,
-            rtt: 0.0,
-            ping_delay: Duration::from_millis(100),
-            stable_count: 0,
-            bytes_at: 0,
-            next_at: Instant::now(),
-        }
+        Bdp::new(window, Instant::now())
     }
 
     #[test]

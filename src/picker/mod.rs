@@ -97,7 +97,8 @@ impl Choose for Chooser {
 #[derive(Debug)]
 pub(crate) struct Picker<T = Arc<Pool>> {
     snapshot: ArcSwap<Snapshot<T>>,
-    /// Bumped after every publish, to wake calls waiting for an endpoint.
+    /// Bumped at every publish, to wake calls waiting for an endpoint:
+    /// the count is the snapshot's generation.
     published: watch::Sender<u64>,
     chooser: Chooser,
     /// The order of round robin, and every policy's fallback.
@@ -105,8 +106,6 @@ pub(crate) struct Picker<T = Arc<Pool>> {
     slow_start: Option<SlowStart>,
     /// Weighted round robin's schedules, for the current snapshot.
     schedules: weighted_round_robin::Published,
-    /// The last snapshot's generation.
-    generation: std::sync::atomic::AtomicU64,
     /// Ring hash's ring, over every endpoint, and its settings.
     ring: arc_swap::ArcSwapOption<Ring<T>>,
     ring_config: Option<RingHash>,
@@ -135,7 +134,6 @@ impl<T: Candidate> Picker<T> {
             round_robin: RoundRobin::default(),
             slow_start,
             schedules: Default::default(),
-            generation: Default::default(),
             ring: Default::default(),
             ring_config: None,
             stopped: OnceLock::new(),
@@ -228,10 +226,13 @@ impl<T: Candidate> Picker<T> {
     }
 
     pub(crate) fn publish(&self, mut snapshot: Snapshot<T>) {
-        use std::sync::atomic::Ordering;
-        snapshot.generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.snapshot.store(Arc::new(snapshot));
-        self.published.send_modify(|n| *n = n.wrapping_add(1));
+        // The publish count is the snapshot's generation; it is stored
+        // before the count's watchers wake.
+        self.published.send_modify(|n| {
+            *n = n.wrapping_add(1);
+            snapshot.generation = *n;
+            self.snapshot.store(Arc::new(snapshot));
+        });
     }
 
     /// The policy's choice among the endpoints that can take a call, if

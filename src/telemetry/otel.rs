@@ -44,6 +44,20 @@ pub(crate) const SIZE_BOUNDS: [f64; 14] = [
 /// The instrumentation scope.
 pub(super) const SCOPE: &str = "healthlb";
 
+/// A `u64` counter of healthlb's scope on `meter`.
+pub(super) fn counter(
+    meter: &opentelemetry::metrics::Meter,
+    name: &'static str,
+    unit: &'static str,
+    what: &'static str,
+) -> Counter<u64> {
+    meter
+        .u64_counter(name)
+        .with_unit(unit)
+        .with_description(what)
+        .build()
+}
+
 /// The most distinct methods labelled; past it, `other`, as A66 labels
 /// methods it doesn't know, to bound cardinality.
 const MAX_METHODS: usize = 1000;
@@ -108,13 +122,7 @@ impl Instruments {
                 .with_boundaries(SIZE_BOUNDS.to_vec())
                 .build()
         };
-        let counter = |name: &'static str, unit: &'static str, what: &'static str| {
-            meter
-                .u64_counter(name)
-                .with_unit(unit)
-                .with_description(what)
-                .build()
-        };
+        let counter = |name, unit, what| counter(&meter, name, unit, what);
         Self {
             target: KeyValue::new("grpc.target", opentelemetry::StringValue::from(Arc::<str>::from(target))),
             methods: Default::default(),

@@ -25,13 +25,7 @@ pub(crate) struct Instruments {
 impl Instruments {
     pub(crate) fn new(provider: &dyn MeterProvider, target: &str) -> Self {
         let meter = provider.meter(SCOPE);
-        let counter = |name: &'static str, unit: &'static str, what: &'static str| {
-            meter
-                .u64_counter(name)
-                .with_unit(unit)
-                .with_description(what)
-                .build()
-        };
+        let counter = |name, unit, what| super::otel::counter(&meter, name, unit, what);
         Self {
             target: KeyValue::new("grpc.target", target.to_owned()),
             walked: counter(
